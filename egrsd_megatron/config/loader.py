@@ -1,0 +1,124 @@
+"""YAML configs with inheritance and `key=value` overrides, validated against `schema.ExperimentConfig`.
+
+A config file may start with a `defaults:` list of other files (relative to the file, `.yaml` optional),
+merged in order, then the file's own keys on top, then command-line overrides. OmegaConf does the merging
+and type coercion; we check keys ourselves first so an unknown key names the file it came from and the
+closest valid key (OmegaConf's own error names neither).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import ConfigError, ExperimentConfig
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+
+
+def _resolve_path(name: str, base_dir: str) -> str:
+    candidates = [name, name + ".yaml"]
+    for root in (base_dir, CONF_DIR, os.getcwd()):
+        for c in candidates:
+            p = c if os.path.isabs(c) else os.path.join(root, c)
+            if os.path.isfile(p):
+                return os.path.abspath(p)
+    raise ConfigError(f"config file {name!r} not found (looked in {base_dir}, {CONF_DIR} and the current folder)")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for a key that `cls` does not have, naming the file and the closest key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _check_keys(value, tp, where, full + ".")
+
+
+def _load_file(path: str, seen: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
+    """Return [(file, mapping)] in merge order: each default's chain first, then the file itself."""
+    if path in seen:
+        raise ConfigError(f"{path}: circular defaults: {' -> '.join(seen + (path,))}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: 'defaults' must be a list of config files")
+    chain: List[Tuple[str, Dict[str, Any]]] = []
+    for d in defaults:
+        chain += _load_file(_resolve_path(str(d), os.path.dirname(path)), seen + (path,))
+    chain.append((path, data))
+    return chain
+
+
+def _parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    nested: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: Any, data: Dict[str, Any], where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        # OmegaConf says e.g. "Value 'abc' of type 'str' could not be converted to Integer".
+        raise ConfigError(f"{where}: config key '{key}' has the wrong type: {msg}") from None
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load `path` (with its defaults chain), apply `overrides`, validate, return a typed config."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        for file, data in _load_file(_resolve_path(path, os.getcwd())):
+            _check_keys(data, ExperimentConfig, file)
+            cfg = _merge(cfg, data, file)
+    over = _parse_overrides(overrides)
+    _check_keys(over, ExperimentConfig, "command line")
+    cfg = _merge(cfg, over, "command line")
+    try:
+        obj: ExperimentConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    obj.validate()
+    return obj
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)

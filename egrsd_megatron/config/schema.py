@@ -1,0 +1,290 @@
+"""Typed configuration schema: one dataclass per concern, composed into `ExperimentConfig`.
+
+Every CHOSEN knob of ../docs/method.md is a field here with the documented default. YAML files in
+`conf/` and `key=value` overrides are validated against these classes by `config.loader`.
+Section-specific validation (value ranges) lives in `validate()` methods so it runs once, at load time,
+before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) and what to do."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class ModelConfig:
+    # A preset name (qwen3_0.6b ... qwen3_32b, qwen3_tiny, llama_tiny) or "hf" (read `hf_path`/config.json).
+    preset: str = "qwen3_tiny"
+    hf_path: Optional[str] = None       # Hugging Face folder: config.json (+ weights when init_from=hf)
+    init_from: str = "random"           # random | hf | megatron
+    load: Optional[str] = None          # Megatron checkpoint folder when init_from=megatron
+    params_dtype: str = "fp32"          # fp32 | bf16
+    # precision of the transformer compute: fp32 | bf16 | fp8 (fp8 needs Transformer Engine + Hopper)
+    precision: str = "fp32"
+    fp8_format: str = "hybrid"          # hybrid | e4m3
+    fp8_recipe: str = "delayed"         # delayed | tensorwise | blockwise
+    recompute: str = "none"             # none | selective | full
+
+    def validate(self) -> None:
+        _check(self.init_from in ("random", "hf", "megatron"), "model.init_from",
+               f"got {self.init_from!r}; expected one of random, hf, megatron")
+        _check(self.params_dtype in ("fp32", "bf16"), "model.params_dtype",
+               f"got {self.params_dtype!r}; expected fp32 or bf16")
+        _check(self.precision in ("fp32", "bf16", "fp8"), "model.precision",
+               f"got {self.precision!r}; expected fp32, bf16 or fp8")
+        _check(self.fp8_format in ("hybrid", "e4m3"), "model.fp8_format",
+               f"got {self.fp8_format!r}; expected hybrid or e4m3")
+        _check(self.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "model.fp8_recipe",
+               f"got {self.fp8_recipe!r}; expected delayed, tensorwise or blockwise")
+        _check(self.recompute in ("none", "selective", "full"), "model.recompute",
+               f"got {self.recompute!r}; expected none, selective or full")
+        _check(self.init_from != "megatron" or bool(self.load), "model.load",
+               "init_from=megatron needs model.load=<checkpoint folder>")
+        _check(self.init_from != "hf" or bool(self.hf_path), "model.hf_path",
+               "init_from=hf needs model.hf_path=<Hugging Face folder>")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                         # tensor parallel size
+    pp: int = 1                         # pipeline parallel size (data parallel = world / (tp * pp))
+    micro_batch_size: int = 4           # sequences per micro-batch in the training forward/backward
+    distributed_optimizer: bool = False  # Megatron's distributed optimizer (sharded Adam states)
+
+    def validate(self) -> None:
+        for k in ("tp", "pp", "micro_batch_size"):
+            _check(getattr(self, k) >= 1, f"parallel.{k}", f"must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class TokenizerConfig:
+    # "qwen3" builds the exact Qwen3 tokenizer offline; otherwise a Hugging Face tokenizer folder.
+    # None: use model.hf_path's tokenizer.
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None    # jsonl | parquet | datasets folder (load_from_disk)
+    eval_path: Optional[str] = None
+    problem_field: str = "problem"
+    solution_field: str = "solution"    # the privileged context the teacher sees
+    answer_field: str = "answer"
+    max_prompt_tokens: int = 1024
+    on_overlong: str = "skip"           # skip (and count) | fail
+    shuffle: bool = True
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _check(self.on_overlong in ("skip", "fail"), "data.on_overlong",
+               f"got {self.on_overlong!r}; expected skip or fail")
+        _check(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+
+
+@dataclass
+class PromptConfig:
+    thinking: bool = True               # Qwen3 thinking mode on/off in the chat template
+    chat_format: str = "qwen3"          # qwen3 | tokenizer (use the tokenizer's own chat template)
+    system: Optional[str] = None
+    student_template: str = (
+        "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    )
+    teacher_template: str = (
+        "{problem}\n\nHere is a reference solution:\n{solution}\n\n"
+        "After understanding the reference solution, please try to solve this problem using your own "
+        "approach below. Please reason step by step, and put your final answer within \\boxed{{}}."
+    )
+
+    def validate(self) -> None:
+        _check(self.chat_format in ("qwen3", "tokenizer"), "prompt.chat_format",
+               f"got {self.chat_format!r}; expected qwen3 or tokenizer")
+        _check("{problem}" in self.student_template, "prompt.student_template", "must contain {problem}")
+        _check("{problem}" in self.teacher_template and "{solution}" in self.teacher_template,
+               "prompt.teacher_template", "must contain {problem} and {solution}")
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"                  # a registered reward: math | final_number | ...
+    timeout_s: float = 5.0              # per-call bound, enforced from any thread or process
+    num_workers: int = 0                # 0: all cores
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"                  # hf | vllm
+    group_size: int = 8                 # G rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: off
+    max_new_tokens: int = 256
+    stop: List[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check(self.engine in ("hf", "vllm"), "rollout.engine", f"got {self.engine!r}; expected hf or vllm")
+        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class LossConfig:
+    """EGRSD family knobs (docs/method.md). Defaults are the documented CHOSEN values."""
+    name: str = "cl_egrsd"              # grpo | rlsd | egrsd | cl_egrsd | opsd
+    # ratio magnitude
+    eps_w: float = 0.2
+    lam: float = 1.0
+    # entropy gate
+    kind: str = "exp"                   # exp | linear
+    g_min: float = 0.2
+    tau: float = 1.0
+    h_ref: str = "log_vocab"            # log_vocab | quantile:<q>
+    # causal lookahead (cl_egrsd)
+    window: int = 8
+    stat: str = "mean"                  # mean | max
+    # PPO-style clip
+    eps_lo: float = 0.2
+    eps_hi: float = 0.28
+    aggregation: str = "token_mean"     # token_mean | seq_mean_token_mean
+    normalize_std: bool = True          # group advantage divides by the group std
+    # opsd
+    signal: str = "sampled"             # sampled | reverse_kl | jsd
+    beta: float = 0.5
+    # optional k3 KL to a reference policy (0: off)
+    kl_coef: float = 0.0
+
+    NAMES = ("grpo", "rlsd", "egrsd", "cl_egrsd", "opsd")
+
+    def validate(self) -> None:
+        _check(self.name in self.NAMES, "loss.name", f"got {self.name!r}; expected one of {', '.join(self.NAMES)}")
+        _check(self.eps_w >= 0, "loss.eps_w", f"must be >= 0, got {self.eps_w}")
+        _check(0.0 <= self.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {self.lam}")
+        _check(self.kind in ("exp", "linear"), "loss.kind", f"got {self.kind!r}; expected exp or linear")
+        _check(0.0 < self.g_min < 1.0, "loss.g_min", f"must be in (0, 1), got {self.g_min}")
+        _check(self.tau > 0, "loss.tau", f"must be > 0, got {self.tau}")
+        ok_ref = self.h_ref == "log_vocab"
+        if self.h_ref.startswith("quantile:"):
+            try:
+                q = float(self.h_ref.split(":", 1)[1])
+                ok_ref = 0.0 < q <= 1.0
+            except ValueError:
+                ok_ref = False
+        _check(ok_ref, "loss.h_ref", f"got {self.h_ref!r}; expected log_vocab or quantile:<q> with q in (0, 1]")
+        _check(self.window >= 1, "loss.window", f"must be >= 1, got {self.window}")
+        _check(self.stat in ("mean", "max"), "loss.stat", f"got {self.stat!r}; expected mean or max")
+        _check(self.eps_lo >= 0 and self.eps_hi >= 0, "loss.eps_lo/eps_hi", "must be >= 0")
+        _check(self.aggregation in ("token_mean", "seq_mean_token_mean"), "loss.aggregation",
+               f"got {self.aggregation!r}; expected token_mean or seq_mean_token_mean")
+        _check(self.signal in ("sampled", "reverse_kl", "jsd"), "loss.signal",
+               f"got {self.signal!r}; expected sampled, reverse_kl or jsd")
+        _check(0.0 < self.beta < 1.0, "loss.beta", f"must be in (0, 1), got {self.beta}")
+        _check(self.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
+
+    @property
+    def uses_reward(self) -> bool:
+        return self.name != "opsd"
+
+    def __post_init__(self) -> None:
+        # Direct construction (LossConfig(name=...)) validates too; the loader validates again after merge.
+        self.validate()
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "frozen"                # frozen | live | sync
+    sync_every: int = 10                # steps between copies in sync mode
+
+    def validate(self) -> None:
+        _check(self.mode in ("frozen", "live", "sync"), "teacher.mode",
+               f"got {self.mode!r}; expected frozen, live or sync")
+        _check(self.sync_every >= 1, "teacher.sync_every", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0              # global grad-norm clip (0: off)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 8           # prompts per step (x group_size rollouts), across data-parallel ranks
+    ppo_epochs: int = 1                 # optimizer passes over each rollout batch
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    save_every: int = 50
+    keep_last: int = 2
+    resume: str = "auto"                # auto | none | <checkpoint folder>
+    log_every: int = 1
+    sample_every: int = 10              # write sampled rollouts to jsonl every N steps (0: never)
+    eval_every: int = 0                 # validation on data.eval_path every N steps (0: never)
+    eval_samples: int = 32
+    max_nonfinite_in_row: int = 3
+
+    def validate(self) -> None:
+        _check(self.steps >= 0, "train.steps", "must be >= 0")
+        _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None  # W&B when set (needs the `wandb` extra)
+    wandb_run: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=list)
+    k: int = 1
+    temperature: float = 0.6            # Qwen3 thinking-mode sampling (method.md)
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 1024
+    batch_size: int = 16
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for name in self.__dataclass_fields__:
+            section = getattr(self, name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if self.loss.uses_reward:
+            _check(self.rollout.group_size >= 2, "rollout.group_size",
+                   f"loss.name={self.loss.name} uses group-relative advantages and needs >= 2 rollouts "
+                   f"per prompt, got {self.rollout.group_size}")
