@@ -17,6 +17,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "math-verify>=0.8",
+        "pebble>=5.0",  # per-task timeouts with worker replacement (bounded reward scoring)
         "omegaconf>=2.3",
         "numpy",
         "tqdm",
