@@ -1,0 +1,158 @@
+"""The transformers rollout engine: a Hugging Face causal LM, refitted in place, batched with a KV cache.
+
+Prompts are LEFT padded so every row's next token sits in the last column; position ids count only real
+tokens (cumsum of the mask), so padding changes neither positions nor attention. Decoding is one cached
+forward per new token; finished rows keep being fed a pad token (cheaper than re-packing the cache) and
+their extra tokens are dropped. Works on CPU (fp32) and on a GPU when the model is moved there.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
+from .sampling import select_next
+
+log = logging.getLogger(__name__)
+
+
+def build_hf_model(hf_config: Dict[str, Any], weights_dir: Optional[str] = None,
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An AutoModelForCausalLM from a config dict (random init) or from `weights_dir` (safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if weights_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype)
+    else:
+        cfg = dict(hf_config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("hf_config has no 'model_type' (expected e.g. 'qwen3' or 'llama'): pass the "
+                             "dict of a Hugging Face config.json")
+        for k in ("torch_dtype", "dtype", "quantization_config", "transformers_version", "architectures"):
+            cfg.pop(k, None)
+        config = AutoConfig.for_model(model_type, **cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class HFEngine(RolloutEngine):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, max_batch: int = 16,
+                 pad_token_id: int = 0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.pad_token_id = pad_token_id
+        # transformers 5 renamed past_key_values -> cache; keep both working (setup.py allows >= 4.56).
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompts: List[List[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> List[Completion]:
+        check_prompts(prompts, seeds)
+        row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
+        out: List[Completion] = []
+        for start in range(0, len(prompts), self.max_batch):
+            sl = slice(start, start + self.max_batch)
+            out.extend(self._generate_batch(prompts[sl], params, row_seeds[sl]))
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: List[List[int]], params: SamplingParams, seeds: List[int]) -> List[Completion]:
+        from transformers import DynamicCache
+        dev = self.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((B, L), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
+            mask[i, L - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+        stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, pos, cache)
+        new_tokens: List[torch.Tensor] = []
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        last_pos = pos[:, -1]
+        for t in range(params.max_new_tokens):
+            nxt = select_next(logits, params, gens)
+            nxt = torch.where(finished, torch.full_like(nxt, self.pad_token_id), nxt)
+            new_tokens.append(nxt)
+            lengths += (~finished).long()
+            hit = torch.isin(nxt, stop) & ~finished
+            stopped |= hit
+            finished |= hit
+            if bool(finished.all()) or t == params.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
+            last_pos = last_pos + 1
+            logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache)
+
+        gen = torch.stack(new_tokens, dim=1).tolist()
+        result = []
+        for i, p in enumerate(prompts):
+            resp = gen[i][: int(lengths[i])]
+            result.append(Completion(prompt_ids=list(p), response_ids=resp, text=self._decode(resp),
+                                     truncated=not bool(stopped[i])))
+        return result
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1, :].float()
+
+    def _decode(self, ids: List[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---------------------------------------------------------------- refit
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Copy each (HF name, full tensor) into the existing parameter storage (no reallocation).
+
+        Every parameter must be given once (tied weights: either name). An unknown name, a wrong shape, or
+        a missing parameter raises, because a silently stale weight would make rollouts off-policy.
+        """
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        unique = {id(p): n for n, p in self.model.named_parameters()}
+        seen = set()
+        for name, tensor in named_tensors:
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"update_weights: tensor '{name}' is not a parameter of the rollout model "
+                                 f"({type(self.model).__name__}); check the HF name mapping")
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise ValueError(f"update_weights: tensor '{name}' has shape {tuple(tensor.shape)}, the rollout "
+                                 f"model expects {tuple(p.shape)}")
+            p.copy_(tensor.detach().to(device=p.device, dtype=p.dtype))
+            seen.add(id(p))
+        missing = [n for i, n in unique.items() if i not in seen]
+        if missing:
+            raise ValueError(f"update_weights: {len(missing)} parameter(s) were not given, e.g. {missing[:3]}; "
+                             f"the rollout model would keep stale weights")
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+def make_hf_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,
+                   weights_dir: Optional[str] = None) -> HFEngine:
+    """fp32 model on the GPU when one is visible, else on CPU; sub-batches of `rollout.max_batch` rows."""
+    model = build_hf_model(hf_config, weights_dir, dtype=torch.float32)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return HFEngine(model, tokenizer, max_batch=int(getattr(rollout_cfg, "max_batch", 16)),
+                    pad_token_id=int(pad) if pad is not None else 0)
