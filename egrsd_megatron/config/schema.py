@@ -128,6 +128,7 @@ class RolloutConfig:
     top_k: int = 0                      # 0: off
     max_new_tokens: int = 256
     stop: List[str] = field(default_factory=list)
+    max_batch: int = 16                 # hf engine: rows per generation sub-batch (bounds memory)
 
     def validate(self) -> None:
         _check(self.engine in ("hf", "vllm"), "rollout.engine", f"got {self.engine!r}; expected hf or vllm")
