@@ -1,0 +1,140 @@
+"""Training checkpoints: model, optimizer, scheduler, every rank's RNG, data position, step.
+
+Layout (Megatron-LM's per-rank layout, so its tools recognise the model part):
+    <root>/step_00000010/
+        mp_rank_<tp:02d>[_<pp:03d>]/model_optim_rng.pt   model + optimizer + scheduler (+ sync teacher),
+                                                         written by data-parallel rank 0 of each TP x PP
+        rng/rank_<global:05d>.pt                          python, numpy, torch, Megatron tracker RNG
+        trainer_state.json                                step, data sampler position, counters, config
+    <root>/latest                                         names the newest COMPLETE step folder
+Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N`, then
+rewrites `latest` (temp file + rename), then prunes to the last `keep_last`. A crash at any point
+leaves `latest` naming a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..utils import atomic_write_json, atomic_write_text
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def find_latest(root: str) -> Optional[str]:
+    """The folder named by `root/latest`, or None. A tracker naming a missing folder is an error."""
+    tracker = os.path.join(root, "latest")
+    if not os.path.isfile(tracker):
+        return None
+    name = open(tracker).read().strip()
+    path = os.path.join(root, name)
+    if not STEP_RE.match(name) or not os.path.isdir(path):
+        raise FileNotFoundError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
+                                f"point train.resume at a step_XXXXXXXX folder or remove the tracker")
+    return path
+
+
+def save_train_state(root: str, step: int, model: torch.nn.Module, optimizer, scheduler,
+                     trainer_state: Dict[str, Any], keep_last: int,
+                     teacher: Optional[torch.nn.Module] = None) -> str:
+    """Collective: every rank calls it. Returns the final step folder."""
+    from megatron.core import parallel_state as ps
+    final = os.path.join(root, step_dir_name(step))
+    tmp = final + ".tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    if ps.get_data_parallel_rank() == 0:
+        d = os.path.join(tmp, mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                          ps.get_pipeline_model_parallel_world_size()))
+        os.makedirs(d, exist_ok=True)
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "opt_param_scheduler": scheduler.state_dict(), "iteration": step, "checkpoint_version": 3.0}
+        if teacher is not None:
+            payload["teacher"] = teacher.state_dict()
+        torch.save(payload, os.path.join(d, "model_optim_rng.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+    _barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), step_dir_name(step) + "\n")
+        steps = sorted(n for n in os.listdir(root) if STEP_RE.match(n))
+        for old in steps[:-keep_last]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_train_state(path: str, model: torch.nn.Module, optimizer, scheduler,
+                     teacher: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
+
+    The checkpoint must have been written at the same TP x PP (optimizer states are per shard); the
+    data-parallel size may differ only if the world size per shard is unchanged.
+    """
+    from megatron.core import parallel_state as ps
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    d = os.path.join(path, mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                       ps.get_pipeline_model_parallel_world_size()))
+    file = os.path.join(d, "model_optim_rng.pt")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} is missing: the checkpoint {path} was written with a different "
+                                f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
+    payload = torch.load(file, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["opt_param_scheduler"])
+    if teacher is not None and "teacher" in payload:
+        teacher.load_state_dict(payload["teacher"])
+    rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    if os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)

@@ -1,0 +1,1 @@
+"""The training loop. Only entry points (cli, recipes) import this package."""

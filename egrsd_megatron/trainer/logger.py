@@ -1,0 +1,93 @@
+"""Step logging: a console line per step with rate and ETA under a progress bar, TensorBoard scalars
+always, W&B when configured, `metrics.jsonl` (one JSON object per step) and sampled rollouts to jsonl.
+Only global rank 0 logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from ..config import ExperimentConfig, to_dict
+
+
+class StepLogger:
+    def __init__(self, cfg: ExperimentConfig, out_dir: str, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.monotonic()
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        if cfg.logging.wandb_project:
+            import wandb  # optional extra: pip install egrsd_megatron[wandb]
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run,
+                                    config=to_dict(cfg), resume="allow")
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_step(self, step: int, m: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        done = step + 1 - self.start
+        elapsed = time.monotonic() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step - 1) / rate if rate > 0 else float("nan")
+        m = {"step": step + 1, **m, "elapsed_s": elapsed, "eta_s": eta}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step + 1)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(m, step=step + 1)
+        line = (f"step {step + 1}/{self.total} | acc {m.get('accuracy', float('nan')):.3f} "
+                f"| len {m.get('response_length', float('nan')):.1f} | loss {m.get('loss', float('nan')):+.4f} "
+                f"| gate {m.get('gate_mean', float('nan')):.3f} floor {m.get('gate_floor_frac', float('nan')):.3f} "
+                f"| gen {m.get('time/generate', 0):.1f}s teach {m.get('time/teacher', 0):.1f}s "
+                f"train {m.get('time/student', 0):.1f}s opt {m.get('time/optimizer', 0):.1f}s "
+                f"| {m.get('tokens_per_s', 0):.0f} tok/s | ETA {eta:.0f}s")
+        self.bar.write(line)
+        self.bar.update(1)
+
+    def log_eval(self, step: int, m: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step + 1, **{f"val/{k}": v for k, v in m.items()}}) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"val/{k}", v, step + 1)
+        if self.wandb is not None:
+            self.wandb.log({f"val/{k}": v for k, v in m.items()}, step=step + 1)
+        self.bar.write(f"step {step + 1} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                                                                    if isinstance(v, (int, float))))
+
+    def log_samples(self, step: int, records: List[Dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a") as f:
+            for r in records:
+                f.write(json.dumps({"step": step + 1, **r}) + "\n")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,101 @@
+"""The two model passes of a training step, both through Megatron's forward/backward schedule.
+
+1. Teacher pass (forward only, no grad): teacher sequences (teacher prompt + the student's response ids)
+   -> on the last pipeline stage, the teacher logits at the response positions, kept per micro-batch.
+2. Student pass (forward + backward): student sequences -> response logits -> ONE fused `token_stats`
+   call with the teacher logits (student log-prob with grad, teacher log-prob, teacher entropy, and the
+   KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens.
+
+The loss functions return (loss, num_tokens, metrics) with `config.calculate_per_token_loss = True`, so
+Megatron's schedule neither divides by the token count nor by the number of micro-batches: the loss is
+already normalised globally (data-parallel ranks x micro-batches sum to the global token mean).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..losses import LossConfig, policy_loss, token_advantages
+from ..ops.vocab_parallel import token_stats
+from .batch import MicroBatch, gather_positions
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, L, L] bool, True where attention is masked (Megatron's convention)."""
+    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_len: int, ids_attr: str,
+                  loss_func: Callable, forward_only: bool) -> List[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(model.parameters()).device
+    mask = causal_mask(seq_len, device)
+    pos = torch.arange(seq_len, device=device)[None]
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        ids = getattr(mb, ids_attr).to(device)
+        out = chunk(ids, pos.expand(ids.shape[0], -1), mask)
+        return out, partial(loss_func, mb)
+
+    model.config.calculate_per_token_loss = True
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=seq_len,
+        micro_batch_size=micro_batches[0].student_ids.shape[0], forward_only=forward_only)
+
+
+@torch.no_grad()
+def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch]) -> Dict[int, torch.Tensor]:
+    """Return {micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage)."""
+    kept: Dict[int, torch.Tensor] = {}
+
+    def keep(mb: MicroBatch, logits: torch.Tensor):
+        kept[mb.index] = gather_positions(logits, mb.teacher_resp_pos).detach()
+        return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        _run_schedule(teacher, micro_batches, micro_batches[0].teacher_ids.shape[1], "teacher_ids", keep,
+                      forward_only=True)
+    finally:
+        teacher.train(was_training)
+    return kept
+
+
+def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teacher_logits: Dict[int, torch.Tensor],
+                 loss_cfg: LossConfig, *, global_tokens: float, vocab_size: int, tp_group,
+                 old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+                 forward_only: bool = False) -> List[dict]:
+    """Forward + backward over all micro-batches; returns per-micro-batch metric dicts (last stage).
+
+    `old_logprobs` (PPO epochs > 1): the behaviour policy's log-probs per micro-batch; None means
+    on-policy (old = current, detached), the usual single-epoch case. Fills `old_logprobs` when given
+    an empty dict.
+    """
+    kl_mode = {"reverse_kl": "reverse", "jsd": ("jsd", loss_cfg.beta)}.get(loss_cfg.signal) \
+        if loss_cfg.name == "opsd" else None
+
+    def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        resp = gather_positions(logits, mb.student_resp_pos)
+        targets, mask = mb.targets.to(logits.device), mb.mask.to(logits.device)
+        stats = token_stats(resp, teacher_logits[mb.index], targets, group=tp_group, vocab_size=vocab_size,
+                            kl=kl_mode)
+        old = stats.student_logprob.detach()
+        if old_logprobs is not None:
+            old = old_logprobs.setdefault(mb.index, old)
+        adv, weight_metrics = token_advantages(
+            mb.advantages.to(logits.device), stats.student_logprob.detach(), stats.teacher_logprob,
+            stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
+        extra = {"kl": stats.kl} if stats.kl is not None else {}
+        loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg,
+                                    denominator=global_tokens, **extra)
+        metrics = {**weight_metrics, **metrics, "num_tokens": float(mb.num_tokens)}
+        return loss, torch.tensor(mb.num_tokens), metrics
+
+    return _run_schedule(model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids",
+                         loss_func, forward_only=forward_only)

@@ -1,0 +1,50 @@
+"""The teacher pi_T of docs/method.md: the same architecture, scoring with the privileged context.
+
+Modes (`teacher.mode`):
+- frozen: a second model instance holding the INITIAL weights for the whole run (memory: one more
+  copy of this rank's weight shards, no grads or optimizer states). On resume it is rebuilt from the
+  same initial weights, so checkpoints need not carry it.
+- live:   the current student weights (no copy); the teacher pass runs them under no_grad.
+- sync:   a second instance re-copied from the student every `sync_every` steps (saved in checkpoints,
+          since it is not recoverable from the initial weights).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..config import TeacherConfig
+
+
+class Teacher:
+    def __init__(self, cfg: TeacherConfig, student: torch.nn.Module, build: Callable[[], torch.nn.Module]):
+        self.cfg = cfg
+        self.student = student
+        self.copy: Optional[torch.nn.Module] = None
+        if cfg.mode in ("frozen", "sync"):
+            self.copy = build()
+            self.copy.requires_grad_(False)
+            self.sync()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.copy if self.copy is not None else self.student
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return self.cfg.mode == "sync"
+
+    def sync(self) -> None:
+        if self.copy is not None:
+            with torch.no_grad():
+                for dst, src in zip(self.copy.state_dict().values(), self.student.state_dict().values()):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+
+    def after_step(self, step: int) -> bool:
+        """Call after optimizer step `step` (0-based). Returns True when the teacher was re-synced."""
+        if self.cfg.mode == "sync" and (step + 1) % self.cfg.sync_every == 0:
+            self.sync()
+            return True
+        return False
