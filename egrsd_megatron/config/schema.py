@@ -168,7 +168,8 @@ class LossConfig:
 
     def validate(self) -> None:
         _check(self.name in self.NAMES, "loss.name", f"got {self.name!r}; expected one of {', '.join(self.NAMES)}")
-        _check(self.eps_w >= 0, "loss.eps_w", f"must be >= 0, got {self.eps_w}")
+        # eps_w < 1 keeps the ratio weight's floor 1 - eps_w > 0: the FIXED nonzero lower bound on weights.
+        _check(0.0 <= self.eps_w < 1.0, "loss.eps_w", f"must be in [0, 1), got {self.eps_w}")
         _check(0.0 <= self.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {self.lam}")
         _check(self.kind in ("exp", "linear"), "loss.kind", f"got {self.kind!r}; expected exp or linear")
         _check(0.0 < self.g_min < 1.0, "loss.g_min", f"must be in (0, 1), got {self.g_min}")

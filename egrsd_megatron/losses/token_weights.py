@@ -1,0 +1,127 @@
+"""Per-token advantages of the family (all factors stop-gradient):
+
+    d_i        = sign(A_i)
+    rho_t      = clip(exp(d_i * (lT_t - lS_t)), 1 - eps_w, 1 + eps_w)       (ratio magnitude)
+    rho~_t     = (1 - lam) + lam * rho_t                                     (mix, lam = 1 by default)
+    g_t        = gate(H_t)   or   gate(min(H_t, F_t))  for cl_egrsd           (gate.py, lookahead.py)
+    Ahat_{i,t} = A_i * rho~_t * g_t          grpo: rho~ = g = 1;  rlsd: g = 1
+    Ahat_t     = lT_t - lS_t                 opsd, signal=sampled (no reward)
+    Ahat_t     = 0                           opsd, signal=reverse_kl|jsd (the divergence itself is the loss)
+
+rho~ and g are > 0, so sign(Ahat) = sign(A_i), and |rho~ g| lies in [g_min (1 - eps_w), 1 + eps_w].
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from egrsd_megatron.config.schema import LossConfig
+from egrsd_megatron.losses._checks import as_mask, check_b, check_bt, compute_dtype
+from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
+from egrsd_megatron.losses.lookahead import lookahead_entropy
+from egrsd_megatron.losses.registry import loss_spec
+
+# A token counts as "at the floor" when phi(H) <= this, i.e. its gate is within 5% of the gate's range
+# above g_min (exp gate reaches g_min only at H = inf, so an exact test would never fire).
+FLOOR_PHI = 0.05
+# A "transient spike" is a token whose gate the lookahead lifts by at least half the gate's range.
+SPIKE_LIFT = 0.5
+
+
+def _zeros_masked(t: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # detach: every factor of Ahat is stop-gradient; where(): masked garbage (inf/nan) never enters math.
+    t = t.detach().to(dtype)
+    return torch.where(valid, t, torch.zeros_like(t))
+
+
+def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Optional[torch.Tensor],
+                     teacher_logprob: Optional[torch.Tensor], teacher_entropy: Optional[torch.Tensor],
+                     mask: torch.Tensor, cfg: LossConfig, *, vocab_size: Optional[int] = None,
+                     segment_ids: Optional[torch.Tensor] = None, return_metrics: bool = False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
+    """Ahat [B, T] (detached, 0 at masked positions) for `cfg.name`; see the module docstring.
+
+    Needs: advantages [B] unless opsd; student/teacher log-probs for rlsd, egrsd, cl_egrsd and
+    opsd(sampled); teacher_entropy for egrsd and cl_egrsd (optional otherwise: it feeds the metrics).
+    `vocab_size` is |V| for the linear gate with h_ref=log_vocab; `segment_ids` [B, T] marks packed sequences.
+    With `return_metrics=True` also returns python floats (see `_metrics`).
+    """
+    spec = loss_spec(cfg.name)
+    valid = as_mask(mask)
+    shape = valid.shape
+    needs_lp = spec.ratio or (cfg.name == "opsd" and cfg.signal == "sampled")
+    why = f"for loss.name={cfg.name}"
+    check_bt(student_logprob, "student_logprob", shape, required=needs_lp, why=why)
+    check_bt(teacher_logprob, "teacher_logprob", shape, required=needs_lp, why=why)
+    check_bt(teacher_entropy, "teacher_entropy", shape, required=spec.gate, why=why)
+    check_bt(segment_ids, "segment_ids", shape, required=False)
+    if spec.uses_reward:
+        check_b(advantages, "advantages", shape[0], why=why)
+    dtype = compute_dtype(advantages, student_logprob, teacher_logprob, teacher_entropy)
+
+    ls = _zeros_masked(student_logprob, valid, dtype) if student_logprob is not None else None
+    lt = _zeros_masked(teacher_logprob, valid, dtype) if teacher_logprob is not None else None
+    h = _zeros_masked(teacher_entropy, valid, dtype) if teacher_entropy is not None else None
+
+    ones = torch.ones(shape, dtype=dtype, device=valid.device)
+    rho_raw = rho = gate = ones
+    if cfg.name == "opsd":
+        adv_t = (lt - ls) if cfg.signal == "sampled" else torch.zeros_like(ones)
+        a = None
+    else:
+        a = advantages.detach().to(dtype).unsqueeze(1).expand(shape)
+        if spec.ratio:
+            rho_raw = torch.exp(torch.sign(a) * (lt - ls))
+            rho = (1 - cfg.lam) + cfg.lam * rho_raw.clamp(1 - cfg.eps_w, 1 + cfg.eps_w)
+        if spec.gate:
+            h_gate = (lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids)
+                      if spec.lookahead else h)
+            gate = entropy_gate(h_gate, cfg, mask=valid, vocab_size=vocab_size)
+        adv_t = a * rho * gate
+    adv_t = torch.where(valid, adv_t, torch.zeros_like(adv_t))
+    if not return_metrics:
+        return adv_t
+    with torch.no_grad():
+        metrics = _metrics(cfg, valid, a, rho_raw, rho, gate, h, vocab_size, segment_ids, spec.ratio)
+    return adv_t, metrics
+
+
+def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rho_raw: torch.Tensor,
+             rho: torch.Tensor, gate: torch.Tensor, h: Optional[torch.Tensor], vocab_size: Optional[int],
+             segment_ids: Optional[torch.Tensor], has_ratio: bool) -> Dict[str, float]:
+    """Logging metrics over valid tokens, as python floats (one host sync).
+
+    gate_mean, gate_floor_frac (phi <= FLOOR_PHI); ratio_weight_mean and ratio_clip_frac over tokens of
+    sequences with A != 0 (rho is 1 by definition where A = 0); zero_adv_seq_frac over sequences with any
+    valid token; with teacher_entropy: teacher_entropy_mean, teacher_entropy_p90 and spike_count (tokens
+    whose gate the lookahead lifts by >= SPIKE_LIFT of the gate range, computed for every loss name).
+    """
+    f = valid.to(gate.dtype)
+    n = f.sum().clamp_min(1)
+    names = ["gate_mean", "gate_floor_frac"]
+    phi = (gate - cfg.g_min) / (1 - cfg.g_min)
+    vals = [(gate * f).sum() / n, ((phi <= FLOOR_PHI) & valid).to(f.dtype).sum() / n]
+    if a is not None:
+        live = valid & (a != 0)
+        nl = live.to(f.dtype).sum()
+        clipped = (rho_raw < 1 - cfg.eps_w) | (rho_raw > 1 + cfg.eps_w) if has_ratio else torch.zeros_like(live)
+        names += ["ratio_weight_mean", "ratio_clip_frac", "zero_adv_seq_frac"]
+        seq = valid.any(dim=1)
+        vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
+                 (clipped & live).to(f.dtype).sum() / nl.clamp_min(1),
+                 ((a[:, 0] == 0) & seq).to(f.dtype).sum() / seq.to(f.dtype).sum().clamp_min(1)]
+    # spike_count needs the gate; a linear log_vocab gate without vocab_size (possible for grpo/rlsd,
+    # which do not gate) cannot be evaluated, so the count is left out rather than guessed.
+    gate_ok = not (cfg.kind == "linear" and cfg.h_ref == "log_vocab" and vocab_size is None)
+    if h is not None:
+        names += ["teacher_entropy_mean", "teacher_entropy_p90"]
+        vals += [(h * f).sum() / n, masked_quantile(h, valid, 0.9)]
+    if h is not None and gate_ok:
+        lifted = entropy_gate(lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids), cfg,
+                              mask=valid, vocab_size=vocab_size)
+        plain = entropy_gate(h, cfg, mask=valid, vocab_size=vocab_size)
+        spikes = ((lifted - plain) >= SPIKE_LIFT * (1 - cfg.g_min)) & valid
+        names.append("spike_count")
+        vals.append(spikes.to(f.dtype).sum())
+    return dict(zip(names, torch.stack([v.to(f.dtype) for v in vals]).tolist()))
