@@ -1,9 +1,13 @@
 """Training checkpoints: model, optimizer, scheduler, every rank's RNG, data position, step.
 
-Layout (Megatron-LM's per-rank layout, so its tools recognise the model part):
+Layout:
     <root>/step_00000010/
-        mp_rank_<tp:02d>[_<pp:03d>]/model_optim_rng.pt   model + optimizer + scheduler (+ sync teacher),
-                                                         written by data-parallel rank 0 of each TP x PP
+        model/                                            the weights, in megatron_format's layout (Megatron-LM
+                                                          per-rank files + egrsd_checkpoint.json + tokenizer/):
+                                                          `egrsd eval --model` and `egrsd convert megatron-to-hf
+                                                          --ckpt` take this folder as it is
+        optim/mp_rank_<tp:02d>[_<pp:03d>].pt              optimizer + scheduler (+ sync teacher) per model-parallel
+                                                          shard, written by data-parallel rank 0
         rng/rank_<global:05d>.pt                          python, numpy, torch, Megatron tracker RNG
         trainer_state.json                                step, data sampler position, counters, config
     <root>/latest                                         names the newest COMPLETE step folder
@@ -34,6 +38,7 @@ def step_dir_name(step: int) -> str:
 
 
 def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron-LM's per-rank naming: mp_rank_TT, or mp_rank_TT_PPP with pipeline parallelism."""
     return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
@@ -74,11 +79,12 @@ def find_latest(root: str) -> Optional[str]:
     return path
 
 
-def save_train_state(root: str, step: int, model: torch.nn.Module, optimizer, scheduler,
+def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimizer, scheduler,
                      trainer_state: Dict[str, Any], keep_last: int,
-                     teacher: Optional[torch.nn.Module] = None) -> str:
+                     teacher: Optional[torch.nn.Module] = None, tokenizer=None) -> str:
     """Collective: every rank calls it. Returns the final step folder."""
     from megatron.core import parallel_state as ps
+    from .megatron_format import TOKENIZER_DIR, save_model_checkpoint
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -86,16 +92,17 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, optimizer, sc
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(os.path.join(tmp, "optim"))
     _barrier()
+    model_dir = save_model_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
+    if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
+        tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
     if ps.get_data_parallel_rank() == 0:
-        d = os.path.join(tmp, mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                          ps.get_pipeline_model_parallel_world_size()))
-        os.makedirs(d, exist_ok=True)
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "opt_param_scheduler": scheduler.state_dict(), "iteration": step, "checkpoint_version": 3.0}
+        payload = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
+                   "iteration": step}
         if teacher is not None:
             payload["teacher"] = teacher.state_dict()
-        torch.save(payload, os.path.join(d, "model_optim_rng.pt"))
+        torch.save(payload, os.path.join(tmp, "optim", _optim_file()))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
@@ -112,23 +119,27 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, optimizer, sc
     return final
 
 
-def load_train_state(path: str, model: torch.nn.Module, optimizer, scheduler,
+def _optim_file() -> str:
+    from megatron.core import parallel_state as ps
+    return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                       ps.get_pipeline_model_parallel_world_size()) + ".pt"
+
+
+def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, scheduler,
                      teacher: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
 
     The checkpoint must have been written at the same TP x PP (optimizer states are per shard); the
     data-parallel size may differ only if the world size per shard is unchanged.
     """
-    from megatron.core import parallel_state as ps
+    from .megatron_format import load_model_checkpoint
     rank = dist.get_rank() if dist.is_initialized() else 0
-    d = os.path.join(path, mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                       ps.get_pipeline_model_parallel_world_size()))
-    file = os.path.join(d, "model_optim_rng.pt")
+    file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} is missing: the checkpoint {path} was written with a different "
                                 f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
     payload = torch.load(file, map_location="cpu", weights_only=False)
-    model.load_state_dict(payload["model"])
+    load_model_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["opt_param_scheduler"])
     if teacher is not None and "teacher" in payload:

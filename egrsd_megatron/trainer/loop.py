@@ -9,7 +9,6 @@ Each step, on every rank:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -26,11 +25,6 @@ from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
-
-
-def _step_seed(seed: int, *parts: int) -> int:
-    h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return int.from_bytes(h[:4], "little")
 
 
 def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
@@ -150,7 +144,7 @@ class Trainer:
                 raise ConfigError(f"train.resume={r}: no such checkpoint folder")
         if path is None:
             return
-        state = load_train_state(path, self.model, self.optimizer, self.scheduler,
+        state = load_train_state(path, self.model, self.arch, self.optimizer, self.scheduler,
                                  teacher=self.teacher.copy if self.teacher.needs_checkpoint else None)
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
@@ -162,24 +156,27 @@ class Trainer:
         from ..checkpoint.train_state import save_train_state
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "counters": self.counters,
                  "config": to_dict(self.cfg), "arch": self.arch.to_hf_config()}
-        return save_train_state(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, state,
-                                keep_last=self.cfg.train.keep_last,
-                                teacher=self.teacher.copy if self.teacher.needs_checkpoint else None)
+        return save_train_state(self.ckpt_root, self.step, self.model, self.arch, self.optimizer, self.scheduler,
+                                state, keep_last=self.cfg.train.keep_last,
+                                teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
+                                tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- one step
     def _rollouts(self, problems) -> List[Dict[str, Any]]:
         """G completions per problem, scored; identical list on every rank of the model-parallel group."""
         from ..checkpoint.hf_mapping import gather_hf_state_dict
         from ..rewards import score_batch
+        from ..rollout.base import stable_seed
         cfg = self.cfg
         self.engine.update_weights(gather_hf_state_dict(self.model, self.arch))
         G = cfg.rollout.group_size
         prompts = [(i, self.builder.student_prompt_ids(p)) for i, p in enumerate(problems) for _ in range(G)]
         mine = list(range(self.mp_rank, len(prompts), self.mp_size))
-        seed = _step_seed(cfg.train.seed, self.step, self.info.dp_rank, self.mp_rank)
-        params = self.sampling.with_seed(seed) if hasattr(self.sampling, "with_seed") else \
-            type(self.sampling)(**{**vars(self.sampling), "seed": seed})
-        comps = self.engine.generate([prompts[k][1] for k in mine], params) if mine else []
+        # One seed per rollout from (run seed, step, global rollout index): the same rollouts whatever the
+        # TP/PP/DP layout and whichever rank generates them.
+        first = self.info.dp_rank * len(prompts)
+        seeds = [stable_seed(cfg.train.seed, self.step, first + k) for k in mine]
+        comps = self.engine.generate([prompts[k][1] for k in mine], self.sampling, seeds=seeds) if mine else []
         rewards = [0.0] * len(comps)
         stats: Dict[str, Any] = {}
         if cfg.loss.uses_reward and comps:
@@ -230,8 +227,10 @@ class Trainer:
                    for r, a in zip(recs, adv.tolist())]
         mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size,
                                  pad_id=self.tokenizer.pad_token_id or 0)
-        local_tokens = sum(len(s.response) for s in samples)
-        global_tokens = self._all_reduce([local_tokens], ps.get_data_parallel_group())[0]
+        # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
+        local_count = len(samples) if cfg.loss.aggregation == "seq_mean_token_mean" else \
+            sum(len(s.response) for s in samples)
+        denominator = self._all_reduce([local_count], ps.get_data_parallel_group())[0]
 
         t1 = time.monotonic()
         teacher_logits = teacher_pass(self.teacher.model, mbs)
@@ -244,7 +243,7 @@ class Trainer:
         grad_norm = float("nan")
         for _epoch in range(cfg.train.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            mb_metrics = student_pass(self.model, mbs, teacher_logits, cfg.loss, global_tokens=global_tokens,
+            mb_metrics = student_pass(self.model, mbs, teacher_logits, cfg.loss, denominator=denominator,
                                       vocab_size=self.arch.vocab_size,
                                       tp_group=ps.get_tensor_model_parallel_group(), old_logprobs=old)
             finalize_grads([self.model])

@@ -17,14 +17,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..losses import LossConfig, policy_loss, token_advantages
+from ..models import causal_mask
+from ..losses import LossConfig, divergence_kind, policy_loss, token_advantages
 from ..ops.vocab_parallel import token_stats
 from .batch import MicroBatch, gather_positions
-
-
-def causal_mask(length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, L, L] bool, True where attention is masked (Megatron's convention)."""
-    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
 def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_len: int, ids_attr: str,
@@ -68,17 +64,17 @@ def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch]) -> D
 
 
 def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teacher_logits: Dict[int, torch.Tensor],
-                 loss_cfg: LossConfig, *, global_tokens: float, vocab_size: int, tp_group,
+                 loss_cfg: LossConfig, *, denominator: float, vocab_size: int, tp_group,
                  old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  forward_only: bool = False) -> List[dict]:
     """Forward + backward over all micro-batches; returns per-micro-batch metric dicts (last stage).
 
     `old_logprobs` (PPO epochs > 1): the behaviour policy's log-probs per micro-batch; None means
     on-policy (old = current, detached), the usual single-epoch case. Fills `old_logprobs` when given
-    an empty dict.
+    an empty dict. `denominator`: the global number of valid tokens (loss.aggregation=token_mean) or of
+    sequences (seq_mean_token_mean) over all data-parallel ranks and micro-batches.
     """
-    kl_mode = {"reverse_kl": "reverse", "jsd": ("jsd", loss_cfg.beta)}.get(loss_cfg.signal) \
-        if loss_cfg.name == "opsd" else None
+    kl_mode = divergence_kind(loss_cfg)
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, mb.student_resp_pos)
@@ -93,7 +89,7 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teache
             stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
         extra = {"kl": stats.kl} if stats.kl is not None else {}
         loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg,
-                                    denominator=global_tokens, **extra)
+                                    denominator=denominator, **extra)
         metrics = {**weight_metrics, **metrics, "num_tokens": float(mb.num_tokens)}
         return loss, torch.tensor(mb.num_tokens), metrics
 
