@@ -1,0 +1,143 @@
+"""Fused vocabulary-parallel token statistics for EGRSD: lS, lT, H_T (+ H_S, KL / JSD) per token.
+
+Under tensor parallelism each rank holds logits for a contiguous slice of the vocabulary (Megatron's layout:
+rank r holds ids [r * V_local, (r + 1) * V_local)). `token_stats` computes, per token and over the FULL
+vocabulary, without ever gathering it:
+
+    student_logprob  log pS(y)                       (gradient flows to student_logits)
+    teacher_logprob  log pT(y)                       (no gradient)
+    teacher_entropy  H_T = -sum_v pT log pT          (no gradient)
+    student_entropy  H_S = -sum_v pS log pS          (optional, gradient)
+    kl               "reverse": KL(pS||pT) = sum_v pS (log pS - log pT)      (optional, gradient)
+                     "forward": KL(pT||pS) = sum_v pT (log pT - log pS)
+                     ("jsd", beta): beta KL(pT||M) + (1 - beta) KL(pS||M),  M = beta pT + (1 - beta) pS
+
+Collectives per chunk of `chunk_size` tokens in forward: one all-reduce MAX and one all-reduce SUM (a third
+SUM only for JSD); none in backward. The math and memory plan are in `vocab_parallel_fn`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .vocab_parallel_fn import FnSpec, NonFiniteLogitsError, TokenStatsFunction
+
+__all__ = ["TokenStats", "token_stats", "NonFiniteLogitsError", "DEFAULT_BLOCK_ELEMS"]
+
+# Elements of one fp32 work block (rows x V_local): 8 Mi elements = 32 MiB per buffer, three buffers.
+# Large enough that per-op overhead is negligible on CPU and GPU, small enough to stay cache/L2-friendly.
+DEFAULT_BLOCK_ELEMS = 1 << 23
+
+KLSpec = Union[None, str, Tuple[str, float]]
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics, each fp32 and shaped like `targets`."""
+    student_logprob: torch.Tensor
+    teacher_logprob: torch.Tensor
+    teacher_entropy: torch.Tensor
+    student_entropy: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+
+
+def _parse_kl(kl: KLSpec) -> Tuple[Optional[str], float]:
+    if kl is None:
+        return None, 0.0
+    if isinstance(kl, str) and kl in ("reverse", "forward"):
+        return kl, 0.0
+    if isinstance(kl, (tuple, list)) and len(kl) == 2 and kl[0] == "jsd":
+        beta = float(kl[1])
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"kl=('jsd', {kl[1]!r}): beta must lie strictly between 0 and 1 "
+                             f"(at 0 or 1 the generalized JSD is identically zero)")
+        return "jsd", beta
+    raise ValueError(f"kl={kl!r} is not understood: use None, 'reverse' (KL(pS||pT)), 'forward' (KL(pT||pS)) "
+                     f"or ('jsd', beta) with 0 < beta < 1")
+
+
+def _group_layout(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    if group is None:
+        return 1, 0
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("token_stats: a process group was given but torch.distributed is not initialised: "
+                         "call init_distributed first, or pass group=None for a full vocabulary")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _validate(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> None:
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be [N, V_local] or [B, T, V_local], got shape {tuple(t.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student_logits shape {tuple(student.shape)} != teacher_logits shape "
+                         f"{tuple(teacher.shape)}: both must hold the same tokens and the same vocabulary slice")
+    if student.device != teacher.device or targets.device != student.device:
+        raise ValueError(f"student_logits ({student.device}), teacher_logits ({teacher.device}) and targets "
+                         f"({targets.device}) must be on one device")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(student.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits' leading shape "
+                         f"{tuple(student.shape[:-1])} (student_logits is {tuple(student.shape)})")
+
+
+def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
+    bad = (targets < 0) | (targets >= vocab_size)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"targets[{i}] (flattened) = {int(targets[i])} lies outside [0, vocab_size={vocab_size}): "
+                         f"fix the labels (ignore-index / padding ids must be replaced before token_stats)")
+
+
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+                group: Optional[dist.ProcessGroup] = None, vocab_size: Optional[int] = None,
+                chunk_size: int = 1024, student_entropy: bool = False, kl: KLSpec = None,
+                check_finite: bool = True, block_elems: int = DEFAULT_BLOCK_ELEMS) -> TokenStats:
+    """Fused full-vocabulary token statistics from vocabulary-parallel logits.
+
+    student_logits, teacher_logits: [N, V_local] or [B, T, V_local], this rank's contiguous vocabulary slice
+      (bf16 or fp32; fp32 math per block; never modified). targets: global token ids shaped like the leading
+      dims. group: the tensor-parallel group (None: one process, full vocabulary). vocab_size: true vocabulary
+      size; columns at or beyond it (Megatron padding) are excluded everywhere (default: V_local x TP).
+    chunk_size: tokens per collective round (2 all-reduces each, 3 for JSD). block_elems: fp32 elements of one
+      work buffer (rows x V_local), which bounds the extra memory. check_finite: raise NonFiniteLogitsError on a
+      NaN / +inf logit or an all -inf token (costs one host sync per chunk).
+    Gradients flow to student_logits through student_logprob, student_entropy and kl; never to teacher_logits.
+    """
+    _validate(student_logits, teacher_logits, targets)
+    if chunk_size < 1 or block_elems < 1:
+        raise ValueError(f"chunk_size={chunk_size} and block_elems={block_elems} must be >= 1")
+    mode, beta = _parse_kl(kl)
+    tp, rank = _group_layout(group)
+    v_local = student_logits.shape[-1]
+    if vocab_size is None:
+        vocab_size = v_local * tp
+    if not 1 <= vocab_size <= v_local * tp:
+        raise ValueError(f"vocab_size={vocab_size} does not fit the vocabulary slice: student_logits has "
+                         f"V_local={v_local} columns on each of {tp} rank(s) of the group, covering "
+                         f"{v_local * tp} ids; pass the group the logits were split over and the true vocab_size")
+    lead = targets.shape
+    s2 = student_logits.reshape(-1, v_local)
+    t2 = teacher_logits.reshape(-1, v_local)
+    y = targets.reshape(-1).long()
+    _check_targets(y, vocab_size)
+    vocab_start = rank * v_local
+    valid = max(0, min(v_local, vocab_size - vocab_start))
+    chunk = int(chunk_size)
+    spec = FnSpec(group=group, vocab_start=vocab_start, valid=valid, chunk=chunk,
+                  block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
+                  student_entropy=bool(student_entropy), kl=mode, beta=beta, check_finite=bool(check_finite))
+    if y.numel() == 0:
+        z = lambda: s2.new_zeros(lead, dtype=torch.float32) + 0.0 * s2.sum()  # noqa: E731 - keeps the graph
+        return TokenStats(z(), z().detach(), z().detach(), z() if student_entropy else None, z() if mode else None)
+    ls, lt, ht, hs, klv = TokenStatsFunction.apply(s2, t2.detach(), y, spec)
+    return TokenStats(
+        student_logprob=ls.view(lead), teacher_logprob=lt.view(lead), teacher_entropy=ht.view(lead),
+        student_entropy=hs.view(lead) if student_entropy else None, kl=klv.view(lead) if mode else None)

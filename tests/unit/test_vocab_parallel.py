@@ -1,0 +1,257 @@
+"""token_stats on one process against float64 full-vocabulary torch math; shared cases and reference.
+
+The reference (`reference_stats`) is written independently of the implementation: float64
+torch.log_softmax over the real (unpadded) columns of each row, -inf columns dropped from the row (they carry
+no probability), entropies / KL / JSD from the probabilities, gradients by float64 autograd.
+Tolerance ("1e-5 relative"): |ours - ref| <= rtol * max(1, |ref|) per value; gradients per row,
+|ours - ref| <= rtol * max(1, max_row |ref|) (a gradient element is computed to the row's scale).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from egrsd_megatron.ops.vocab_parallel import NonFiniteLogitsError, TokenStats, token_stats
+
+KL_MODES = [None, "reverse", "forward", ("jsd", 0.3)]
+RTOL_FP32 = 1e-5
+RTOL_BF16_GRAD = 1e-2  # the gradient is returned in the input dtype (bf16: 8 mantissa bits)
+
+
+# ----------------------------------------------------------------------------------------------- cases
+def make_case(seed: int, n: int, v_total: int, vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Logits [n, v_total] (padded columns >= vocab_size hold huge garbage) with the hard rows:
+    row 0 -inf entries (shared by student and teacher), rows 1-2 equal logits, rows 3-5 magnitude 1e4."""
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(n, v_total, generator=g) * 3
+    zt = zs * 0.5 + torch.randn(n, v_total, generator=g) * 2
+    inf_cols = [1, 4, min(vocab_size - 2, 9)]
+    zs[0, inf_cols] = -math.inf
+    zt[0, inf_cols] = -math.inf
+    zs[1, :] = 3.0                                   # student uniform
+    zs[2, :] = -7.5
+    zt[2, :] = 11.0                                  # both uniform: KL = JSD = 0, H = log V
+    zs[3] = torch.randn(v_total, generator=g) * 1e4  # student nearly one-hot, huge logits
+    zt[4] = torch.randn(v_total, generator=g) * 1e4
+    zs[5] = torch.randn(v_total, generator=g) * 1e4
+    zt[5] = zs[5] + torch.randn(v_total, generator=g) * 0.5  # huge logits, nearby distributions
+    zs[:, vocab_size:] = 1e30                        # padding must never be read
+    zt[:, vocab_size:] = -1e30
+    y = torch.randint(0, vocab_size, (n,), generator=g)
+    y[0] = 0
+    y[3] = int(zs[3, :vocab_size].argmax())
+    y[5] = int(zt[5, :vocab_size].argmin())
+    w = torch.randn(3, n, generator=g)
+    return {"zs": zs.to(dtype), "zt": zt.to(dtype), "y": y, "w": w, "vocab_size": vocab_size}
+
+
+# ------------------------------------------------------------------------------------------- reference
+def _xlogy(p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    return (p * l).sum()
+
+
+def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, vocab_size: int,
+                    kl) -> Dict[str, np.ndarray]:
+    """float64 values of every statistic and d(sum w0 lS + w1 HS + w2 KL)/d zS, row by row."""
+    zs64 = zs[:, :vocab_size].double()
+    zt64 = zt[:, :vocab_size].double()
+    n = zs.shape[0]
+    out = {k: np.zeros(n) for k in ("ls", "lt", "ht", "hs", "kl")}
+    grad = np.zeros(tuple(zs.shape))
+    for i in range(n):
+        keep = torch.isfinite(zs64[i]) & torch.isfinite(zt64[i])
+        cols = keep.nonzero().squeeze(1)
+        row = zs64[i, cols].clone().requires_grad_(True)
+        ls = torch.log_softmax(row, -1)
+        lt = torch.log_softmax(zt64[i, cols], -1)
+        ps, pt = ls.exp(), lt.exp()
+        tgt = int((cols == int(y[i])).nonzero()[0])
+        vals = {"ls": ls[tgt], "lt": lt[tgt], "ht": -_xlogy(pt, lt), "hs": -_xlogy(ps, ls),
+                "kl": torch.zeros((), dtype=torch.float64)}
+        if kl == "reverse":
+            vals["kl"] = _xlogy(ps, ls - lt)
+        elif kl == "forward":
+            vals["kl"] = _xlogy(pt, lt - ls)
+        elif isinstance(kl, tuple):
+            b = kl[1]
+            lm = torch.logaddexp(lt + math.log(b), ls + math.log1p(-b))  # log M without underflow to log 0
+            vals["kl"] = b * _xlogy(pt, lt - lm) + (1 - b) * _xlogy(ps, ls - lm)
+        wi = w[:, i].double()
+        loss = wi[0] * vals["ls"] + wi[1] * vals["hs"] + wi[2] * vals["kl"]
+        (g,) = torch.autograd.grad(loss, row)
+        grad[i, cols.numpy()] = g.numpy()
+        for k, v in vals.items():
+            out[k][i] = float(v.detach())
+    out["grad"] = grad
+    return out
+
+
+def run_token_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kl, group=None,
+                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: int = 1 << 23) -> dict:
+    """token_stats with student entropy, and the gradient of the same weighted sum as the reference."""
+    zs = zs.detach().clone().requires_grad_(True)
+    st = token_stats(zs, zt, y, group=group, vocab_size=vocab_size, chunk_size=chunk_size,
+                     student_entropy=True, kl=kl, block_elems=block_elems)
+    loss = (w[0] * st.student_logprob).sum() + (w[1] * st.student_entropy).sum()
+    if kl is not None:
+        loss = loss + (w[2] * st.kl).sum()
+    loss.backward()
+    out = {"ls": st.student_logprob, "lt": st.teacher_logprob, "ht": st.teacher_entropy,
+           "hs": st.student_entropy, "grad": zs.grad}
+    out["kl"] = st.kl if kl is not None else torch.zeros_like(st.student_logprob)
+    return {k: v.detach().double().numpy() for k, v in out.items()}
+
+
+def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: str) -> None:
+    for k in ("ls", "lt", "ht", "hs", "kl"):
+        err = np.abs(ours[k] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
+        assert np.all(np.isfinite(ours[k])), f"{what}: {k} not finite: {ours[k]}"
+        assert err.max() <= rtol, f"{what}: {k} rel err {err.max():.3g} at token {err.argmax()}"
+    scale = np.maximum(1.0, np.abs(ref["grad"]).max(axis=1, keepdims=True))
+    gerr = np.abs(ours["grad"] - ref["grad"]) / scale
+    assert np.all(np.isfinite(ours["grad"])), f"{what}: gradient not finite"
+    assert gerr.max() <= grad_rtol, f"{what}: grad rel err {gerr.max():.3g} at {np.unravel_index(gerr.argmax(), gerr.shape)}"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("kl", KL_MODES, ids=str)
+def test_fp32_matches_float64_reference(kl) -> None:
+    # N = 45, chunk 16 (not a divisor), blocks of 5 rows: several chunks, several blocks per chunk.
+    c = make_case(0, 45, 64, 57)
+    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], c["vocab_size"], kl)
+    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16,
+                           block_elems=5 * 57)
+    assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"kl={kl}")
+    assert np.all(ours["grad"][:, 57:] == 0.0), "padded columns must get zero gradient"
+    # The hard rows really are what they claim (the test would be weaker if not).
+    assert abs(ref["hs"][1] - math.log(57)) < 1e-12 and abs(ref["kl"][2]) < 1e-12
+
+
+@pytest.mark.parametrize("kl", ["reverse", ("jsd", 0.7)], ids=str)
+def test_bf16_inputs(kl) -> None:
+    c = make_case(1, 33, 64, 64, dtype=torch.bfloat16)
+    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 64, kl)
+    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, chunk_size=7)
+    # Math is fp32 on the exact bf16 values: only the bf16 gradient output is coarse.
+    assert_matches(ours, ref, RTOL_FP32, RTOL_BF16_GRAD, f"bf16 kl={kl}")
+
+
+def test_3d_shapes_and_optional_fields() -> None:
+    c = make_case(2, 12, 40, 40)
+    zs, zt, y = c["zs"].view(3, 4, 40), c["zt"].view(3, 4, 40), c["y"].view(3, 4)
+    st = token_stats(zs, zt, y)
+    assert isinstance(st, TokenStats)
+    assert st.student_logprob.shape == (3, 4) and st.teacher_entropy.shape == (3, 4)
+    assert st.student_entropy is None and st.kl is None
+    flat = token_stats(c["zs"], c["zt"], c["y"], chunk_size=5)
+    assert torch.equal(st.student_logprob.reshape(-1), flat.student_logprob)
+    assert st.student_logprob.dtype == torch.float32
+
+
+def test_gradient_never_reaches_teacher_and_inputs_untouched() -> None:
+    c = make_case(3, 10, 32, 32)
+    zs = c["zs"].clone().requires_grad_(True)
+    zt = c["zt"].clone().requires_grad_(True)
+    zs0, zt0 = zs.detach().clone(), zt.detach().clone()
+    st = token_stats(zs, zt, c["y"], kl="reverse", student_entropy=True)
+    assert not st.teacher_logprob.requires_grad and not st.teacher_entropy.requires_grad
+    (st.student_logprob.sum() + st.teacher_entropy.sum() * 0 + st.kl.sum() + st.student_entropy.sum()).backward()
+    assert zt.grad is None and zs.grad is not None
+    assert torch.equal(zs.detach(), zs0) and torch.equal(zt.detach(), zt0), "inputs were modified in place"
+
+
+def test_backward_saves_only_inputs_and_per_token_stats() -> None:
+    n, v = 40, 256
+    c = make_case(4, n, v, v)
+    for kl in (None, "reverse"):
+        saved: List[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        zs = c["zs"].clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            st = token_stats(zs, c["zt"], c["y"], kl=kl, student_entropy=True, chunk_size=8)
+        big = [t for t in saved if t.numel() >= n * v]
+        small = [t for t in saved if t.numel() < n * v]
+        assert len(big) == (2 if kl else 1), [tuple(t.shape) for t in big]
+        assert all(t.data_ptr() in (zs.data_ptr(), c["zt"].data_ptr()) for t in big), "saved a copy of the logits"
+        assert all(t.numel() <= n for t in small), [tuple(t.shape) for t in small]
+        st.student_logprob.sum().backward()
+
+
+def test_unused_outputs_need_no_gradient_and_match_grad_of_logsoftmax() -> None:
+    c = make_case(5, 20, 48, 48)
+    zs = c["zs"].clone().requires_grad_(True)
+    st = token_stats(zs, c["zt"], c["y"], chunk_size=3)
+    st.student_logprob.sum().backward()
+    zr = c["zs"].double().requires_grad_(True)
+    torch.log_softmax(zr, -1).gather(1, c["y"][:, None]).sum().backward()
+    rows = [i for i in range(20) if i != 0]  # row 0 has -inf entries (reference grad is NaN there)
+    np.testing.assert_allclose(zs.grad[rows].double().numpy(), zr.grad[rows].numpy(), rtol=0, atol=1e-6)
+    # No student gradient requested at all: forward only.
+    st2 = token_stats(c["zs"], c["zt"], c["y"])
+    assert not st2.student_logprob.requires_grad
+
+
+def test_empty_token_batch() -> None:
+    zs = torch.zeros(0, 16, requires_grad=True)
+    st = token_stats(zs, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), kl="forward")
+    assert st.student_logprob.shape == (0,) and st.kl.shape == (0,)
+    st.student_logprob.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_targets_name_index_and_value() -> None:
+    c = make_case(6, 8, 32, 30)
+    y = c["y"].clone()
+    y[5] = 30  # a padded column is not a token
+    with pytest.raises(ValueError, match=r"targets\[5\].*= 30.*vocab_size=30"):
+        token_stats(c["zs"], c["zt"], y, vocab_size=30)
+    y[5] = -100
+    with pytest.raises(ValueError, match=r"targets\[5\].*-100"):
+        token_stats(c["zs"], c["zt"], y, vocab_size=30)
+    with pytest.raises(ValueError, match="integer token ids"):
+        token_stats(c["zs"], c["zt"], c["y"].float())
+
+
+def test_shape_and_layout_errors() -> None:
+    c = make_case(7, 8, 32, 32)
+    with pytest.raises(ValueError, match=r"student_logits shape \(8, 32\) != teacher_logits shape \(8, 31\)"):
+        token_stats(c["zs"], c["zt"][:, :31], c["y"])
+    with pytest.raises(ValueError, match=r"targets shape \(7,\).*\(8,\)"):
+        token_stats(c["zs"], c["zt"], c["y"][:7])
+    with pytest.raises(ValueError, match=r"vocab_size=40.*V_local=32.*1 rank"):
+        token_stats(c["zs"], c["zt"], c["y"], vocab_size=40)
+    with pytest.raises(ValueError, match="must be \\[N, V_local\\]"):
+        token_stats(c["zs"][0], c["zt"][0], c["y"][0])
+    with pytest.raises(ValueError, match="floating-point"):
+        token_stats(c["zs"].long(), c["zt"], c["y"])
+    with pytest.raises(ValueError, match="not understood"):
+        token_stats(c["zs"], c["zt"], c["y"], kl="js")
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        token_stats(c["zs"], c["zt"], c["y"], kl=("jsd", 1.0))
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        token_stats(c["zs"], c["zt"], c["y"], chunk_size=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_logits_name_first_bad_token(bad) -> None:
+    c = make_case(8, 30, 32, 32)
+    zt = c["zt"].clone()
+    zt[23, 4] = bad
+    zt[27, 0] = bad
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher_logits.*token index 23"):
+        token_stats(c["zs"], zt, c["y"], chunk_size=4)
+    zs = c["zs"].clone()
+    zs[11, :] = -math.inf
+    with pytest.raises(NonFiniteLogitsError, match=r"student_logits.*every logit of token index 11"):
+        token_stats(zs, c["zt"], c["y"])
+    st = token_stats(c["zs"], zt, c["y"], chunk_size=4, check_finite=False)  # opt-out: no error
+    assert not torch.isfinite(st.teacher_entropy[23])
+    assert torch.isfinite(st.teacher_entropy[:23]).all()
