@@ -1,0 +1,218 @@
+"""Per-GPU memory estimate of one EGRSD training step on the worst pipeline stage.
+
+All numbers are bytes on ONE GPU. Notation: P_s = parameters held by the stage's GPU (TP-sharded matrices
+/ TP + replicated norms; the embedding on the first stage, the output layer + final norm on the last; with
+tied embeddings and PP > 1 the last stage keeps its own copy, as Megatron does), t = TP, V = vocabulary
+padded to a multiple of 128 x t, S = sequence length (prompt + response), R = response length,
+b = micro-batch size, n_mb = micro-batches per step per DP rank, L_s = layers per stage.
+
+static (resident the whole step):
+  weights        P_s x 2 (bf16 params) or x 4 (fp32 params)
+  fp8 copies     P_s x 2 when precision=fp8 (Transformer Engine caches an FP8 weight and its transpose)
+  gradients      P_s x 4 (Megatron accumulates and reduces main grads in fp32)
+  optimizer      P_s x 12 (fp32 master + Adam m + v) for bf16 params, P_s x 8 (m, v) for fp32 params;
+                 / DP with the distributed optimizer
+  teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
+  rollout engine hf: the whole model unsharded, N_params x 2 (bf16; the transformers engine is refitted
+                 from the gathered shards); vllm: rollout_gpu_fraction x GPU memory (pre-allocated)
+  overhead       CUDA context, NCCL buffers, allocator fragmentation (a flat allowance)
+training transient (during the student pass):
+  activations    per layer and token, bf16, with flash attention (no S x S scores):
+                   recompute none / selective: 2 x (4h + 3 (q + kv + ffn) / t)
+                     = the two RMSNorm inputs and the two GEMM inputs they feed (4h, replicated over TP
+                       without sequence parallelism), the q/k-norm inputs (q + kv), the attention inputs
+                       Q, K, V (q + 2kv) and output (q), the SwiGLU input (2 ffn) and output (ffn);
+                   without flash attention add the softmax probabilities 2 x (heads / t) x S, which
+                   selective recompute drops (it recomputes core attention);
+                   full recompute: 2h per layer (the checkpointed layer input) + one layer's activations.
+                 x b x S x L_s x in-flight micro-batches (1F1B: PP on the first stage, 1 on the last).
+  logits         last stage: the student's output logits for one micro-batch and their gradient,
+                 2 x b x S x V/t x 4 (fp32); the teacher's response logits kept for every micro-batch of the
+                 step, n_mb x b x R x V/t x 2 (bf16; x 4 for fp32 compute); the token_stats working set,
+                 4 fp32 [chunk, V/t] buffers (both sides' upcast chunk and their exponentials).
+rollout transient (during generation; never at the same time as the student pass):
+  KV cache       hf: rows x S x L x 2 (K and V) x kv x 2 bytes, rows = min(rollout.max_batch, rollouts this
+                 GPU generates = rollouts per DP rank / (TP x PP)); vllm: inside its fraction.
+peak = static + max(training transient, rollout transient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from ..config.schema import ConfigError, ExperimentConfig
+from ..models.arch import ModelArch
+from .layout import Layout, make_layout
+
+GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    gpu_mem_gb: float = 80.0            # per-GPU budget (H100 / H800 SXM: 80 GB)
+    seq_len: Optional[int] = None       # prompt + response tokens; None: data.max_prompt_tokens + rollout.max_new_tokens
+    stats_chunk: int = 1024             # token_stats chunk (tokens per fp32 upcast)
+    flash_attention: bool = True        # TE / flash attention on GPUs: no S x S score matrix
+    rollout_gpu_fraction: float = 0.3   # vllm engine: its pre-allocated share of GPU memory
+    overhead_gb: float = 4.0
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    arch: ModelArch
+    seq_len: int
+    response_len: int
+    stage: str                          # which pipeline stage is the worst (its terms are reported)
+    params_per_gpu: int
+    static: Dict[str, float] = field(default_factory=dict)
+    train_transient: Dict[str, float] = field(default_factory=dict)
+    rollout_transient: Dict[str, float] = field(default_factory=dict)
+    budget: float = 80e9
+    tokens_per_step: int = 0            # sequences x padded length, over all DP ranks
+    response_tokens_per_step: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.static.values()) + max(sum(self.train_transient.values()),
+                                               sum(self.rollout_transient.values()))
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+
+def layer_params(arch: ModelArch, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (matrices / TP, norms replicated)."""
+    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    sharded = h * (q + 2 * kv) + q * h + 3 * h * arch.ffn_hidden_size
+    replicated = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
+    return sharded // tp + replicated
+
+
+def stage_params(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
+    """Parameters on one GPU of pipeline stage `stage` (0-based)."""
+    n = arch.num_layers // pp * layer_params(arch, tp)
+    emb = arch.padded_vocab_size(tp) * arch.hidden_size // tp
+    if stage == 0:
+        n += emb
+    if stage == pp - 1:
+        # Output layer (its own, or the tied embedding's copy on the last stage when PP > 1) + final norm.
+        if not arch.tie_word_embeddings or pp > 1:
+            n += emb
+        n += arch.hidden_size
+    return n
+
+
+def activation_bytes_per_token_layer(arch: ModelArch, tp: int, seq_len: int, recompute: str,
+                                     flash_attention: bool) -> float:
+    """Bytes of saved activations per token per layer (see the module docstring)."""
+    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    full_layer = 2 * (4 * h + 3 * (q + kv + arch.ffn_hidden_size) / tp)
+    scores = 0.0 if flash_attention else 2 * arch.num_attention_heads / tp * seq_len
+    if recompute == "none":
+        return full_layer + scores
+    if recompute == "selective":
+        return full_layer
+    if recompute == "full":
+        return 2 * h
+    raise ConfigError(f"config key 'model.recompute': got {recompute!r}; expected none, selective or full")
+
+
+def _bytes_per(dtype: str) -> int:
+    return 2 if dtype == "bf16" else 4
+
+
+def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
+         settings: PlanSettings = PlanSettings()) -> Plan:
+    """The layout and per-GPU memory of `cfg` on nodes x gpus_per_node; ConfigError when a size does not divide."""
+    lay = make_layout(cfg, arch, nodes, gpus_per_node)
+    R = cfg.rollout.max_new_tokens
+    S = settings.seq_len if settings.seq_len is not None else cfg.data.max_prompt_tokens + R
+    if S <= R:
+        raise ConfigError(f"--seq-len={S} must exceed rollout.max_new_tokens={R} (it is prompt + response)")
+    if S > arch.max_position_embeddings:
+        raise ConfigError(f"sequence length {S} exceeds the model's max_position_embeddings="
+                          f"{arch.max_position_embeddings}: lower data.max_prompt_tokens / rollout.max_new_tokens")
+    tp, pp, dp, b = lay.tp, lay.pp, lay.dp, lay.micro_batch_size
+    V = arch.padded_vocab_size(tp)
+    wbytes = _bytes_per(cfg.model.params_dtype)
+    compute_bytes = 4 if cfg.model.precision == "fp32" else 2
+    act_tok_layer = activation_bytes_per_token_layer(arch, tp, S, cfg.model.recompute, settings.flash_attention)
+    L_s = arch.num_layers // pp
+
+    best: Optional[Plan] = None
+    for stage in sorted({0, pp - 1}):
+        P = stage_params(arch, tp, pp, stage)
+        static = {
+            "weights": P * wbytes,
+            "fp8 weight copies": P * 2.0 if cfg.model.precision == "fp8" else 0.0,
+            "gradients (fp32)": P * 4.0,
+            "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
+            "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
+            "rollout engine": (arch.num_params() * 2.0 if cfg.rollout.engine == "hf"
+                               else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB),
+            "overhead": settings.overhead_gb * GB,
+        }
+        inflight = min(pp - stage, lay.num_microbatches)  # 1F1B warm-up depth of this stage
+        act = inflight * b * S * L_s * act_tok_layer
+        if cfg.model.recompute == "full":
+            act += b * S * activation_bytes_per_token_layer(arch, tp, S, "none", settings.flash_attention)
+        train = {"activations": act}
+        if stage == pp - 1:
+            train["student logits + grad (fp32)"] = 2.0 * b * S * V / tp * 4
+            train["teacher logits (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * V / tp * compute_bytes)
+            train["token_stats chunk"] = 4.0 * settings.stats_chunk * V / tp * 4
+        rollout: Dict[str, float] = {}
+        if cfg.rollout.engine == "hf":
+            rows = min(cfg.rollout.max_batch, math.ceil(lay.rollouts_per_dp_rank / (tp * pp)))
+            rollout["KV cache"] = float(rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2)
+        p = Plan(layout=lay, arch=arch, seq_len=S, response_len=R, stage=f"{stage} of {pp}", params_per_gpu=P,
+                 static=static, train_transient=train, rollout_transient=rollout,
+                 budget=settings.gpu_mem_gb * GB,
+                 tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * S,
+                 response_tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * R)
+        if best is None or p.total > best.total:
+            best = p
+    assert best is not None
+    return best
+
+
+def format_plan(p: Plan) -> str:
+    """A human-readable table of the layout, the memory terms and the totals (GB = 1e9 bytes)."""
+    lay = p.layout
+    lines = [
+        f"layout: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s) = {lay.world_size}: TP={lay.tp} PP={lay.pp} "
+        f"DP={lay.dp}; micro-batch {lay.micro_batch_size}, {lay.num_microbatches} micro-batch(es) of "
+        f"{lay.rollouts_per_dp_rank} rollouts per DP rank",
+        f"sequence: {p.seq_len} tokens (response {p.response_len}); tokens per step {p.tokens_per_step:,} "
+        f"(response tokens {p.response_tokens_per_step:,})",
+        f"model: {p.arch.num_params() / 1e9:.2f} B parameters; {p.params_per_gpu / 1e9:.3f} B on the worst GPU "
+        f"(pipeline stage {p.stage})",
+        "",
+        f"{'per-GPU memory':<40}{'GB':>10}",
+    ]
+    for title, terms in (("static", p.static), ("training transient", p.train_transient),
+                         ("rollout transient", p.rollout_transient)):
+        lines.append(f"  {title}")
+        for k, v in terms.items():
+            if v:
+                lines.append(f"    {k:<36}{v / GB:>10.2f}")
+    lines.append(f"{'peak = static + max(transients)':<40}{p.total / GB:>10.2f}")
+    lines.append(f"{'budget':<40}{p.budget / GB:>10.2f}")
+    lines.append("fits" if p.fits else "DOES NOT FIT")
+    return "\n".join(lines)
+
+
+def check_fits(p: Plan) -> None:
+    """Raise ConfigError naming the largest terms when the plan exceeds the GPU budget."""
+    if p.fits:
+        return
+    terms = {**p.static, **(p.train_transient if sum(p.train_transient.values()) >= sum(p.rollout_transient.values())
+                            else p.rollout_transient)}
+    top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
+    raise ConfigError(f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
+                      + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
+                      + ". Raise parallel.tp / parallel.pp, use parallel.distributed_optimizer, model.recompute=full, "
+                        "a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes")

@@ -1,0 +1,153 @@
+"""`egrsd plan`: layout rules and per-GPU memory of Qwen3-8B against numbers worked out by hand below.
+
+Qwen3-8B (published config): 36 layers, hidden h=4096, 32 heads x 128 = q 4096, 8 KV heads x 128 = kv 1024,
+ffn 12288, vocab 151936, untied embeddings, QK-norm.
+Per layer: h(q + 2kv) = 4096 x 6144 = 25,165,824 (QKV); q h = 16,777,216 (O); 3 h ffn = 150,994,944
+(gate, up, down); matrices 192,937,984; norms 2h + 2 x 128 = 8,448 (replicated over TP).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from egrsd_megatron.cli import main
+from egrsd_megatron.config.loader import load_config
+from egrsd_megatron.config.schema import ConfigError
+from egrsd_megatron.models import resolve_arch
+from egrsd_megatron.planner import GB, PlanSettings, check_fits, make_layout, plan, stage_params
+
+LAYER_MATRICES = 192_937_984
+LAYER_NORMS = 8_448
+
+BASE_8B = ["model.preset=qwen3_8b", "model.params_dtype=bf16", "model.precision=bf16", "model.recompute=selective",
+           "parallel.tp=4", "parallel.pp=1", "parallel.micro_batch_size=2", "data.max_prompt_tokens=1024",
+           "rollout.group_size=8", "rollout.max_new_tokens=4096", "rollout.max_batch=16",
+           "train.prompts_per_step=32", "teacher.mode=frozen"]
+
+
+def cfg8b(*extra: str):
+    return load_config("base", BASE_8B + list(extra))
+
+
+def test_qwen3_8b_tp4_dp8_by_hand():
+    cfg = cfg8b()
+    arch = resolve_arch(cfg.model)
+    p = plan(cfg, arch, nodes=4, gpus_per_node=8, settings=PlanSettings(overhead_gb=4.0))
+    lay = p.layout
+    # 32 GPUs / (TP 4 x PP 1) = DP 8; 32 prompts / 8 x 8 rollouts = 32 per DP rank = 16 micro-batches of 2.
+    assert (lay.tp, lay.pp, lay.dp, lay.rollouts_per_dp_rank, lay.num_microbatches) == (4, 1, 8, 32, 16)
+    # Vocab padded to a multiple of 128 x 4 = 512: ceil(151936 / 512) = 297 -> 152,064; / TP 4 = 38,016.
+    V = 152_064
+    # One GPU: 36 x (192,937,984 / 4 + 8,448) = 36 x 48,242,944 = 1,736,745,984
+    #   + embedding and output layer 2 x 152,064 x 4096 / 4 = 311,427,072 + final norm 4096.
+    P = 2_048_177_152
+    assert 36 * (LAYER_MATRICES // 4 + LAYER_NORMS) + 2 * V * 4096 // 4 + 4096 == P
+    assert p.params_per_gpu == P
+    s = p.static
+    assert s["weights"] == P * 2 == 4_096_354_304
+    assert s["gradients (fp32)"] == P * 4 == 8_192_708_608
+    assert s["optimizer states"] == P * 12 == 24_578_125_824
+    assert s["teacher copy"] == P * 2
+    assert s["fp8 weight copies"] == 0
+    # hf rollout engine: the whole model in bf16: 36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 + 4096
+    #   = 8,190,735,360 parameters x 2 bytes.
+    assert s["rollout engine"] == 8_190_735_360 * 2
+    assert s["overhead"] == 4e9
+    t = p.train_transient
+    # Sequence 1024 + 4096 = 5120. Per token per layer: 2 x (4 x 4096 + 3 x (4096 + 1024 + 12288) / 4)
+    #   = 2 x (16,384 + 13,056) = 58,880 bytes; x b 2 x 5120 x 36 layers = 21,705,523,200.
+    assert p.seq_len == 5120
+    assert t["activations"] == 58_880 * 2 * 5120 * 36 == 21_705_523_200
+    # Student logits and grad: 2 x 2 x 5120 x 38,016 x 4 bytes = 3,114,270,720.
+    assert t["student logits + grad (fp32)"] == 3_114_270_720
+    # Teacher logits for the step: 32 rollouts x 4096 x 38,016 x 2 bytes = 9,965,666,304.
+    assert t["teacher logits (all micro-batches)"] == 9_965_666_304
+    # token_stats: 4 x 1024 x 38,016 x 4 = 622,854,144.
+    assert t["token_stats chunk"] == 622_854_144
+    # KV cache: rows = min(16, 32 / 4) = 8; 8 x 5120 x 36 x 2 x 8 x 128 x 2 bytes = 6,039,797,760.
+    assert p.rollout_transient["KV cache"] == 6_039_797_760
+    static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 16_381_470_720 + 4_000_000_000
+    train = 21_705_523_200 + 3_114_270_720 + 9_965_666_304 + 622_854_144
+    assert p.total == pytest.approx(static + train)            # training transient > KV cache
+    assert p.total / GB == pytest.approx(96.753, abs=1e-3)
+    assert not p.fits
+    with pytest.raises(ConfigError, match=r"96\.8 GB per GPU, over the 80 GB budget; largest terms: optimizer"):
+        check_fits(p)
+    # Tokens per step: 32 prompts x 8 rollouts x 5120 = 1,310,720 (response 1,048,576).
+    assert (p.tokens_per_step, p.response_tokens_per_step) == (1_310_720, 1_048_576)
+
+
+def test_qwen3_8b_distributed_optimizer_full_recompute_fp8_fits():
+    cfg = cfg8b("parallel.distributed_optimizer=true", "model.recompute=full", "model.precision=fp8")
+    p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    P = 2_048_177_152
+    assert p.static["optimizer states"] == P * 12 / 8 == 3_072_265_728   # sharded over DP 8
+    assert p.static["fp8 weight copies"] == P * 2
+    # Full recompute: 2h = 8192 bytes per token per layer, x 2 x 5120 x 36, + one layer's 58,880 x 2 x 5120.
+    assert p.train_transient["activations"] == 8192 * 2 * 5120 * 36 + 58_880 * 2 * 5120 == 3_622_830_080
+    assert p.fits
+    check_fits(p)
+
+
+def test_pipeline_stages_and_in_flight_micro_batches():
+    cfg = cfg8b("parallel.tp=2", "parallel.pp=2")
+    arch = resolve_arch(cfg.model)
+    # Vocab padded to 128 x 2 = 256: 152,064; embedding shard 152,064 x 4096 / 2 = 311,427,072.
+    # 18 layers x (192,937,984 / 2 + 8,448) = 18 x 96,477,440 = 1,736,593,920.
+    assert stage_params(arch, 2, 2, 0) == 1_736_593_920 + 311_427_072
+    assert stage_params(arch, 2, 2, 1) == 1_736_593_920 + 311_427_072 + 4096
+    p = plan(cfg, arch, nodes=4, gpus_per_node=8)
+    assert (p.layout.dp, p.layout.num_microbatches) == (8, 16)
+    # Per token per layer at TP 2: 2 x (16,384 + 3 x 17,408 / 2) = 84,992 bytes; the first stage holds PP=2
+    # micro-batches in flight, the last one; the worst is the last (logits) or the first (2x activations).
+    first = 2 * 2 * 5120 * 18 * 84_992
+    assert p.stage in ("0 of 2", "1 of 2")
+    if p.stage == "0 of 2":
+        assert p.train_transient["activations"] == first
+    else:
+        assert p.train_transient["activations"] == first / 2
+
+
+def test_qwen3_4b_tied_embedding_counted_once():
+    arch = resolve_arch(load_config("base", ["model.preset=qwen3_4b"]).model)
+    # Per layer: 2560 x 6144 + 4096 x 2560 + 3 x 2560 x 9728 = 100,925,440, + norms 2 x 2560 + 256 = 5,376;
+    # x 36 = 3,633,509,376; one embedding 151,936 x 2560 = 388,956,160; final norm 2560.
+    assert stage_params(arch, 1, 1, 0) == 3_633_509_376 + 388_956_160 + 2560 == 4_022_468_096
+    # PP=2: the last stage keeps its own copy of the tied embedding as the output layer.
+    assert stage_params(arch, 1, 2, 1) == 3_633_509_376 // 2 + 388_956_160 + 2560
+
+
+@pytest.mark.parametrize("extra, nodes, gpn, match", [
+    (["parallel.tp=3"], 1, 6, "does not divide num_attention_heads=32"),
+    (["parallel.tp=1", "parallel.pp=5"], 5, 1, "does not divide num_layers=36"),
+    ([], 3, 5, r"world size 3 nodes x 5 GPUs = 15 is not divisible by parallel.tp=4 x parallel.pp=1"),
+    (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 is not divisible by the data-parallel size DP=8"),
+    (["parallel.micro_batch_size=3"], 4, 8, r"micro_batch_size=3 does not divide the 32 rollouts"),
+    (["parallel.tp=16"], 4, 8, "larger than --gpus-per-node=8"),
+])
+def test_sizes_that_do_not_divide(extra, nodes, gpn, match):
+    cfg = cfg8b(*extra)
+    with pytest.raises(ConfigError, match=match):
+        make_layout(cfg, resolve_arch(cfg.model), nodes, gpn)
+
+
+def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpus-per-node", "8", "--json", str(out)])
+    assert rc == 2
+    text = capsys.readouterr()
+    assert "TP=4 PP=1 DP=8" in text.out and "DOES NOT FIT" in text.out
+    assert "over the 80 GB budget" in text.err
+    d = json.loads(out.read_text())
+    assert d["layout"]["dp"] == 8 and d["fits"] is False
+    assert math.isclose(d["peak_bytes"], 96.753e9, rel_tol=1e-5)
+    # A budget above the peak passes.
+    assert main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpu-mem-gb", "100"]) == 0
+
+
+@pytest.mark.parametrize("conf, nodes", [("qwen3_8b", 4), ("qwen3_4b", 2)])
+def test_shipped_cluster_configs_fit(conf, nodes, capsys):
+    assert main(["plan", conf, "--nodes", str(nodes), "--gpus-per-node", "8"]) == 0
+    assert "fits" in capsys.readouterr().out
