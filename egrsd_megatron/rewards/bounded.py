@@ -1,0 +1,156 @@
+"""Run reward functions with a hard time bound, from any thread or process, on all cores.
+
+math-verify's own timeout uses signal.alarm, which works only in a main thread, and a signal cannot stop
+a long C-level computation anyway (sympy evaluating 9^9^9^9^9 with Python big integers). So each call
+runs in a worker process of a pebble ProcessPool: a task over its time limit gets its worker killed and
+replaced, and scores 0. Workers are started with "spawn" (no fork of a process that holds gloo/OpenMP
+threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first call pays their start
+(~1-2 s, importing math-verify). As with any spawn-based multiprocessing, a script that scores rewards
+must keep its top-level work under `if __name__ == "__main__":` (workers re-import the main module).
+
+In a daemonic process (which may not start children) the call falls back to a daemon thread joined with
+a timeout: the caller is still bounded, but the stuck thread keeps running until it finishes; a warning
+says so.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from .errors import RewardRejected
+
+log = logging.getLogger(__name__)
+
+RawReward = Callable[[str, str], float]
+
+_lock = threading.Lock()
+_pools: Dict[Tuple[int, int], object] = {}      # (pid, workers) -> pebble.ProcessPool
+_counters = {"calls": 0, "timeouts": 0, "errors": 0, "rejected": 0}
+
+
+def _init_worker() -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _num_workers(n: int) -> int:
+    return n if n > 0 else max(1, os.cpu_count() or 1)
+
+
+def _pool(workers: int):
+    from pebble import ProcessPool
+    key = (os.getpid(), workers)   # a forked child must not reuse its parent's pool
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None or not pool.active:
+            method = os.environ.get("EGRSD_REWARD_START_METHOD", "spawn")
+            pool = ProcessPool(max_workers=workers, initializer=_init_worker, context=mp.get_context(method))
+            _pools[key] = pool
+        return pool
+
+
+@atexit.register
+def shutdown_pools() -> None:
+    """Stop this process's reward workers (also called at exit)."""
+    with _lock:
+        for (pid, _), pool in list(_pools.items()):
+            if pid == os.getpid():
+                pool.stop()
+                pool.join(timeout=5)
+        _pools.clear()
+
+
+def _in_daemon() -> bool:
+    return bool(mp.current_process().daemon)
+
+
+def _thread_call(fn: RawReward, response: str, answer: str, timeout_s: float) -> Tuple[float, str]:
+    box: Dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["v"] = float(fn(response, answer))
+        except RewardRejected:
+            box["k"] = "rejected"
+        except Exception as e:  # noqa: BLE001 - a reward bug scores 0 and is counted, never kills training
+            box["k"] = "errors"
+            box["e"] = repr(e)
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning("reward call over %.1fs in a daemonic process: scored 0; its thread keeps running", timeout_s)
+        return 0.0, "timeouts"
+    if "v" in box:
+        return box["v"], "ok"  # type: ignore[return-value]
+    return 0.0, str(box["k"])
+
+
+def _outcome(fut, started: float, timeout_s: float) -> Tuple[float, str]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pebble import ProcessExpired
+    try:
+        # The pool enforces timeout_s on the task once it runs; the caller-side wait adds slack for queueing.
+        return float(fut.result()), "ok"
+    except FutureTimeout:
+        return 0.0, "timeouts"
+    except RewardRejected:
+        return 0.0, "rejected"
+    except BrokenProcessPool as e:
+        # Workers cannot even start (e.g. the main script re-runs unguarded): scoring everything 0 would
+        # silently poison training, so stop here.
+        raise RuntimeError("reward worker processes could not start; if this is a script, put its top-level "
+                           "code under `if __name__ == \"__main__\":` (workers are spawned and re-import "
+                           "the main module), or set EGRSD_REWARD_START_METHOD=fork") from e
+    except ProcessExpired as e:   # the worker died (e.g. out of memory): 0, counted, worker replaced
+        log.warning("reward worker died: %s", e)
+        return 0.0, "errors"
+    except Exception as e:  # noqa: BLE001 - a reward bug scores 0 and is counted, never kills training
+        log.warning("reward raised %r: scored 0", e)
+        return 0.0, "errors"
+
+
+def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str], timeout_s: float,
+                num_workers: int = 0) -> Tuple[List[float], Dict[str, float]]:
+    """Score pairs with `fn` (a module-level function, pickled by name), each call bounded by timeout_s."""
+    if len(responses) != len(answers):
+        raise ValueError(f"score_batch: {len(responses)} responses but {len(answers)} answers")
+    if timeout_s <= 0:
+        raise ValueError(f"reward.timeout_s must be > 0, got {timeout_s}")
+    for i, (r, a) in enumerate(zip(responses, answers)):
+        if not isinstance(r, str) or not isinstance(a, str):
+            raise ValueError(f"score_batch: item {i}: response and answer must be strings, got "
+                             f"{type(r).__name__} and {type(a).__name__}")
+    t0 = time.perf_counter()
+    if _in_daemon():
+        outs = [_thread_call(fn, r, a, timeout_s) for r, a in zip(responses, answers)]
+    else:
+        pool = _pool(_num_workers(num_workers))
+        futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
+        outs = [_outcome(f, t0, timeout_s) for f in futs]
+    scores = [s for s, _ in outs]
+    stats: Dict[str, float] = {"n": len(scores), "timeouts": 0, "errors": 0, "rejected": 0,
+                               "mean": (sum(scores) / len(scores)) if scores else 0.0,
+                               "num_correct": sum(1 for s in scores if s >= 1.0),
+                               "seconds": time.perf_counter() - t0}
+    for _, kind in outs:
+        if kind != "ok":
+            stats[kind] += 1
+    with _lock:
+        _counters["calls"] += len(scores)
+        for k in ("timeouts", "errors", "rejected"):
+            _counters[k] += int(stats[k])
+    return scores, stats
+
+
+def reward_counters() -> Dict[str, int]:
+    """Process-wide totals since start: calls, timeouts, errors, rejected (for logging)."""
+    with _lock:
+        return dict(_counters)
