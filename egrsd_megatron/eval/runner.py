@@ -25,8 +25,6 @@ from .metrics import average_summaries
 
 log = logging.getLogger(__name__)
 
-# The paper's benchmarks (method.md); any other NAME works when DATA_DIR/NAME.jsonl exists.
-KNOWN_BENCHMARKS = ("aime24", "aime25", "math500", "gsm8k", "minerva", "hmmt25")
 WEIGHT_FILES = (".safetensors", ".bin")
 
 
@@ -57,18 +55,31 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------ inputs
 def benchmark_file(data_dir: str, name: str) -> str:
     """DATA_DIR/NAME.jsonl, with an error that says what to do when it is not there."""
+    from ..data.benchmarks import BENCHMARKS   # the sets `egrsd data prepare` knows
     path = os.path.join(data_dir, f"{name}.jsonl")
     if os.path.isfile(path):
-        return path
-    if name in KNOWN_BENCHMARKS:
-        raise FileNotFoundError(f"benchmark '{name}': file {path} not found; create it with "
-                                f"`egrsd data prepare {name} --out {data_dir}` or pass --data-dir")
-    raise ValueError(f"unknown benchmark '{name}': known are {', '.join(KNOWN_BENCHMARKS)}; a custom benchmark "
+        return path   # a known set, or a custom one someone put there
+    if name in BENCHMARKS:
+        raise FileNotFoundError(f"benchmark '{name}': file {path} not found; create it with `egrsd data prepare "
+                                f"{name} --src <downloaded file> --out {path}` or pass the right --data-dir")
+    raise ValueError(f"unknown benchmark '{name}': known are {', '.join(sorted(BENCHMARKS))}; a custom benchmark "
                      f"needs a file {path} (jsonl with fields problem, answer)")
 
 
-def is_megatron_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "trainer_state.json")) or os.path.isfile(os.path.join(path, "latest"))
+def megatron_model_dir(path: str) -> Optional[str]:
+    """The megatron_format folder behind `path`: the folder itself (it holds egrsd_checkpoint.json), a
+    training step folder (step_N/model/), or a run folder whose `latest` names a step; else None."""
+    from ..checkpoint.megatron_format import META_FILE
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return path
+    if os.path.isfile(os.path.join(path, "model", META_FILE)):
+        return os.path.join(path, "model")
+    if os.path.isfile(os.path.join(path, "latest")):
+        from ..checkpoint.train_state import find_latest
+        step = find_latest(path)
+        if step is not None and os.path.isfile(os.path.join(step, "model", META_FILE)):
+            return os.path.join(step, "model")
+    return None
 
 
 def has_hf_weights(path: str) -> bool:
@@ -79,18 +90,14 @@ def resolve_model_dir(model_dir: str, tmp_root: str) -> str:
     """A Hugging Face folder with weights: `model_dir` itself, or a conversion of a Megatron checkpoint."""
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {model_dir}: folder not found")
-    if is_megatron_checkpoint(model_dir):
-        try:
-            from ..checkpoint.convert import megatron_to_hf
-        except ImportError as e:
-            raise ValueError(f"--model {model_dir} is a Megatron checkpoint but the converter is unavailable "
-                             f"({e}); convert it first with `egrsd convert megatron-to-hf`") from e
-        out = os.path.join(tmp_root, "hf_model")
-        megatron_to_hf(model_dir, out)
-        return out
+    mdir = megatron_model_dir(model_dir)
+    if mdir is not None:
+        from ..checkpoint.convert import megatron_to_hf
+        log.info("converting Megatron checkpoint %s to Hugging Face format", mdir)
+        return megatron_to_hf(mdir, os.path.join(tmp_root, "hf_model"))
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"--model {model_dir}: no config.json (expected a Hugging Face model folder or a "
-                                f"Megatron checkpoint with trainer_state.json / latest)")
+        raise FileNotFoundError(f"--model {model_dir}: neither a Hugging Face model folder (config.json) nor a "
+                                f"Megatron checkpoint (egrsd_checkpoint.json, step_N/model/, or a run with `latest`)")
     if not has_hf_weights(model_dir):
         raise FileNotFoundError(f"--model {model_dir}: config.json but no weights (*.safetensors or *.bin); "
                                 f"save the model with save_pretrained or convert a checkpoint into it")
@@ -161,7 +168,7 @@ METRIC_COLUMNS = ("accuracy", "mean_length", "median_length", "mean_length_corre
 
 
 def _csv(rows: List[Dict[str, Any]]) -> str:
-    cols: List[str] = []
+    cols: List[str] = ["label", "benchmark", *METRIC_COLUMNS]   # the columns people read first
     for r in rows:
         cols += [c for c in r if c not in cols]
     buf = io.StringIO()
