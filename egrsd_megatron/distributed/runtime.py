@@ -73,8 +73,16 @@ def launcher_env() -> dict:
                 "master_addr": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                 # A port derived from the job id: concurrent jobs sharing a node do not collide.
                 "master_port": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    # A single process without a launcher: any free local port (two such runs must not collide).
     return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": "127.0.0.1",
-            "master_port": env.get("MASTER_PORT", "29500")}
+            "master_port": env.get("MASTER_PORT") or str(_free_port())}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_layout(world_size: int, tp: int, pp: int) -> int:

@@ -12,6 +12,15 @@ from typing import Any, Dict, List, Optional
 from ..config import ExperimentConfig, to_dict
 
 
+def _truncate_after(path: str, step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    from ..utils import atomic_write_text
+    atomic_write_text(path, "".join(keep))
+
+
 class StepLogger:
     def __init__(self, cfg: ExperimentConfig, out_dir: str, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
@@ -23,6 +32,10 @@ class StepLogger:
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.samples_path = os.path.join(out_dir, "samples.jsonl")
+        # Resuming: drop lines of steps after the checkpoint (a killed run may have logged them), so the
+        # files read as one uninterrupted run.
+        for path in (self.metrics_path, self.samples_path):
+            _truncate_after(path, start_step)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))

@@ -116,7 +116,10 @@ class Trainer:
         if not path:
             raise ConfigError("tokenizer.path is not set and model.hf_path has no tokenizer: set tokenizer.path "
                               "to a Hugging Face tokenizer folder, 'qwen3' or 'byte'")
-        tok = load_tokenizer(path)
+        try:
+            tok = load_tokenizer(path)
+        except FileNotFoundError as e:  # names the key already; a config problem, found before any work
+            raise ConfigError(str(e)) from None
         if len(tok) > self.arch.vocab_size:
             raise ConfigError(f"tokenizer.path={path} has {len(tok)} tokens but the model's vocabulary holds "
                               f"{self.arch.vocab_size}: pick a matching tokenizer or model")
