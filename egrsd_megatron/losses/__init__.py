@@ -9,8 +9,8 @@ from egrsd_megatron.losses.advantages import group_advantages
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
 from egrsd_megatron.losses.lookahead import lookahead_entropy
 from egrsd_megatron.losses.policy_loss import policy_loss
-from egrsd_megatron.losses.registry import FAMILY, LossSpec, loss_spec
+from egrsd_megatron.losses.registry import FAMILY, LossSpec, divergence_kind, loss_spec
 from egrsd_megatron.losses.token_weights import token_advantages
 
 __all__ = ["LossConfig", "group_advantages", "lookahead_entropy", "entropy_gate", "masked_quantile",
-           "token_advantages", "policy_loss", "FAMILY", "LossSpec", "loss_spec"]
+           "token_advantages", "policy_loss", "FAMILY", "LossSpec", "loss_spec", "divergence_kind"]

@@ -43,3 +43,11 @@ def loss_spec(name: str) -> LossSpec:
         return FAMILY[name]
     except KeyError:
         raise ConfigError(f"config key 'loss.name': got {name!r}; expected one of {', '.join(FAMILY)}") from None
+
+
+def divergence_kind(cfg) -> "None | str | tuple":
+    """What per-token divergence `cfg` needs from ops.vocab_parallel.token_stats(kl=...):
+    None, "reverse" (opsd reverse_kl: KL(pS||pT)) or ("jsd", beta) (opsd jsd: generalized JSD_beta)."""
+    if cfg.name != "opsd" or cfg.signal == "sampled":
+        return None
+    return "reverse" if cfg.signal == "reverse_kl" else ("jsd", float(cfg.beta))

@@ -490,3 +490,11 @@ def test_bf16_inputs_are_upcast():
     torch.testing.assert_close(ta16, ta32, rtol=0.05, atol=0.02)
     loss, _ = policy_loss(ls.bfloat16(), None, ta16, mask, cfg)
     assert loss.dtype == torch.float32
+
+
+def test_divergence_kind_maps_opsd_signals():
+    from egrsd_megatron.losses import divergence_kind
+    assert divergence_kind(cfg_of(name="opsd", signal="reverse_kl")) == "reverse"
+    assert divergence_kind(cfg_of(name="opsd", signal="jsd", beta=0.3)) == ("jsd", 0.3)
+    assert divergence_kind(cfg_of(name="opsd", signal="sampled")) is None
+    assert divergence_kind(cfg_of(name="cl_egrsd")) is None
