@@ -45,8 +45,6 @@ def lookahead_entropy(entropy: torch.Tensor, mask: torch.Tensor, window: int = 8
         nxt = torch.zeros_like(valid)
         nxt[:, : t_len - j] = cont[:, : t_len - j] & link[:, j - 1:]
         cont = nxt
-        if not bool(cont.any()):
-            break
         hj = torch.zeros_like(h)
         hj[:, : t_len - j] = h[:, j:]
         total = total + torch.where(cont, hj, torch.zeros_like(hj))

@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Tuple, Union
 
-from egrsd_megatron.config.schema import ConfigError
+from egrsd_megatron.config.schema import ConfigError, LossConfig
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def loss_spec(name: str) -> LossSpec:
         raise ConfigError(f"config key 'loss.name': got {name!r}; expected one of {', '.join(FAMILY)}") from None
 
 
-def divergence_kind(cfg) -> "None | str | tuple":
+def divergence_kind(cfg: LossConfig) -> Optional[Union[str, Tuple[str, float]]]:
     """What per-token divergence `cfg` needs from ops.vocab_parallel.token_stats(kl=...):
     None, "reverse" (opsd reverse_kl: KL(pS||pT)) or ("jsd", beta) (opsd jsd: generalized JSD_beta)."""
     if cfg.name != "opsd" or cfg.signal == "sampled":

@@ -215,6 +215,11 @@ def test_lookahead_never_reads_outside_its_response(seed, window, stat):
     noisy[~mask] = float("nan")
     got = lookahead_entropy(noisy, mask, window, stat, segment_ids=seg)
     assert torch.equal(got[inside], base[inside])
+    # F itself too: min(H, F) alone could hide a leaked huge value whenever F >= H already
+    fut = lookahead_entropy(noisy, mask, window, stat, segment_ids=seg, return_future=True)
+    assert torch.equal(fut[inside], lookahead_entropy(h, mask, window, stat, segment_ids=seg,
+                                                      return_future=True)[inside])
+    assert (fut[inside] <= 1).all()
 
 
 def test_lookahead_validates():
