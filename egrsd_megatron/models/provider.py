@@ -1,0 +1,106 @@
+"""Megatron-Core model provider: ModelArch + ModelConfig -> TransformerConfig, layer spec, GPTModel.
+
+Layer spec: Transformer Engine's when TE is installed and CUDA is present (required for FP8), the local
+(torch) spec otherwise. The vocabulary is padded to a multiple of 128 x TP (Megatron-LM's rule) so every TP
+rank holds an equal slice; the padded size is recorded on the model as `model.egrsd_padded_vocab_size` and
+in checkpoint metadata. Padded logit columns (ids >= arch.vocab_size, all on the last TP rank) are NOT
+real tokens: callers mask them (see `vocab_slice`) before any softmax over the vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config.schema import ModelConfig
+from .arch import ModelArch
+from .precision import cuda_capability, precision_fields, te_available
+
+
+def use_te_spec() -> bool:
+    return te_available() and cuda_capability() is not None
+
+
+def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int):
+    """The Megatron TransformerConfig of `arch` at TP x PP (precision and recompute from `model_cfg`)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    arch.check_parallel(tp, pp)
+    kw = dict(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        # Fusions need CUDA kernels (apex / TE); the unfused paths are exact and run everywhere.
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        # Weights are created whole on the CPU and then sliced per TP rank: the same seed gives the same
+        # full model at any TP (and a CPU-only machine has no other choice).
+        use_cpu_initialization=True,
+    )
+    kw.update(precision_fields(model_cfg))
+    if model_cfg.recompute == "selective":
+        kw.update(recompute_granularity="selective")
+    elif model_cfg.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(arch: ModelArch):
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
+    if use_te_spec():
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def build_model(arch: ModelArch, model_cfg: ModelConfig):
+    """This rank's GPTModel chunk: TP/PP sizes and the stage come from Megatron's parallel_state.
+
+    Requires `init_distributed(tp, pp)` first. Weights are randomly initialised (Megatron's init, same on
+    every TP layout for a given seed); load real weights with checkpoint.hf_mapping.load_hf_weights or
+    checkpoint.megatron_format.load_model_checkpoint.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    config = transformer_config(arch, model_cfg, tp, pp)
+    padded = arch.padded_vocab_size(tp)
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(arch), vocab_size=padded,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope", rotary_percent=1.0, rotary_base=arch.rope_theta)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.egrsd_padded_vocab_size = padded
+    model.egrsd_arch = arch
+    return model
+
+
+def vocab_slice(arch: ModelArch, tp: int, tp_rank: int) -> Tuple[int, int, int]:
+    """(start, end, n_valid) of this TP rank's logits columns: ids [start, end), the first n_valid are real."""
+    per = arch.padded_vocab_size(tp) // tp
+    start = tp_rank * per
+    return start, start + per, max(0, min(per, arch.vocab_size - start))
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """Megatron's boolean attention mask [1, 1, T, T]: True = masked (key after query)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits [B, T, V_local] (this TP rank's padded vocab slice) of a PP=1 model.
+
+    The causal mask is explicit (Megatron's implicit one builds a CUDA tensor). For PP > 1 run the model
+    through Megatron's pipeline schedule (megatron.core.pipeline_parallel.get_forward_backward_func).
+    """
+    b, t = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=causal_mask(t, input_ids.device))
