@@ -103,14 +103,15 @@ _egrsd_forward() {
 }
 
 # egrsd_launch PROGRAM [ARGS...]: run PROGRAM on every task with srun and handle its exit.
-#   PROGRAM `train`, `convert` or `eval` runs recipes/<PROGRAM>.py with the runtime's python;
-#   anything else runs as given.
+#   `train` runs recipes/train.py, `egrsd` the egrsd command line (python -m egrsd_megatron.cli), both with
+#   the runtime's python; anything else runs as given.
 egrsd_launch() {
     local prog=$1
     shift
     local cmd
     case "$prog" in
-        train | convert | eval) cmd=("$EGRSD_PYTHON" "recipes/$prog.py" "$@") ;;
+        train) cmd=("$EGRSD_PYTHON" recipes/train.py "$@") ;;
+        egrsd) cmd=("$EGRSD_PYTHON" -m egrsd_megatron.cli "$@") ;;
         *) cmd=("$prog" "$@") ;;
     esac
     local restarts="${SLURM_RESTART_COUNT:-0}"

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -81,8 +82,10 @@ class LocalSlurm:
         self.partition = partition
         self.node = socket.gethostname().split(".")[0]
         self.conf = os.path.join(self.root, "slurm.conf")
-        self.munge_dir = os.path.join(self.root, "munge")
-        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
+        # munged wants every folder above its socket to be searchable by all: a private folder in /tmp,
+        # not under `root` (pytest's tmp folders are mode 0700). Made in start(), removed in stop().
+        self.munge_dir = ""
+        self.munge_socket = ""
         self._started: List[str] = []  # pid files of daemons we started, in start order
 
     # ----- environment for clients (sbatch, squeue, ...) -----
@@ -106,8 +109,8 @@ class LocalSlurm:
     # ----- start / stop -----
     def _write_munge(self) -> None:
         munge = pwd.getpwnam("munge")
-        # munged requires the socket folder to be reachable by all (mode 0755).
-        os.makedirs(self.munge_dir, exist_ok=True)
+        self.munge_dir = tempfile.mkdtemp(prefix="egrsd-munge-", dir="/tmp")
+        self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
         os.chmod(self.munge_dir, 0o755)
         key = os.path.join(self.munge_dir, "munge.key")
         with open(key, "wb") as f:
@@ -178,10 +181,13 @@ class LocalSlurm:
         self._write_conf()
         md = self.munge_dir
         # munged refuses to run as root ("Logfile is insecure"): run it as the munge user.
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
-                        f"--key-file={md}/munge.key", f"--pid-file={md}/munged.pid",
-                        f"--log-file={md}/munged.log", f"--seed-file={md}/munged.seed"],
-                       check=True, capture_output=True, timeout=30)
+        r = subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
+                            f"--key-file={md}/munge.key", f"--pid-file={md}/munged.pid",
+                            f"--log-file={md}/munged.log", f"--seed-file={md}/munged.seed"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            shutil.rmtree(md, ignore_errors=True)
+            raise SlurmUnavailable(f"munged did not start: {r.stderr.strip()}")
         self._started.append(f"{md}/munged.pid")
         self._wait("munged", lambda: subprocess.run(
             f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}", shell=True,
@@ -202,6 +208,15 @@ class LocalSlurm:
 
     def stop(self, timeout_s: float = 15) -> None:
         """Stop the daemons we started, newest first, by PID: TERM, then KILL after `timeout_s`."""
+        self._stop_daemons(timeout_s)
+        if self.munge_dir:
+            log_file = os.path.join(self.munge_dir, "munged.log")
+            if os.path.exists(log_file) and os.path.isdir(os.path.join(self.root, "log")):
+                shutil.copy(log_file, os.path.join(self.root, "log", "munged.log"))  # keep it for debugging
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = ""
+
+    def _stop_daemons(self, timeout_s: float) -> None:
         while self._started:
             pid_file = self._started.pop()
             try:
@@ -264,10 +279,25 @@ class LocalSlurm:
         raise TimeoutError(f"job {job_id} not done within {timeout_s:.0f} s (cancelled): {self.job_info(job_id)}"
                            f"\n{self.logs()}")
 
+    def cancel_all(self, timeout_s: float = 30) -> None:
+        """Cancel every job of this Slurm and wait until none is left running (before stopping the daemons:
+        a stopped slurmd leaves its job steps running)."""
+        if not self._started:
+            return
+        ids = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+        if ids:
+            self.run(["scancel", *ids], check=False)
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            r = self.run(["squeue", "-h", "-o", "%i"], check=False)
+            if r.returncode == 0 and not r.stdout.strip():
+                return
+            time.sleep(0.5)
+
     def logs(self) -> str:
         return "\n".join(f"--- {name} ---\n{_tail(os.path.join(self.root, p))}"
                          for name, p in (("slurmctld", "log/slurmctld.log"), ("slurmd", "log/slurmd.log"),
-                                         ("munged", "munge/munged.log")))
+                                         ("munged", os.path.join(self.munge_dir, "munged.log") if self.munge_dir else "log/munged.log")))
 
 
 if __name__ == "__main__":
