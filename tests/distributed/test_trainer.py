@@ -62,7 +62,11 @@ def run_all_losses(rank: int, world: int, tp: int, pp: int, data: str, out: str)
     out_by_loss = {}
     for name in LOSSES:
         run_dir = os.path.join(out, f"{name}_tp{tp}_pp{pp}")
-        _train(tiny_overrides(data, run_dir, **{"loss.name": name, "parallel.tp": tp, "parallel.pp": pp}))
+        # optim.eps=1e-4: Adam divides by sqrt(v) + eps, which turns gradient components that are pure
+        # rounding noise (~1e-9, different per layout) into full lr-sized steps of random sign; a larger
+        # eps keeps those tiny, so step 2 compares the same model rather than amplified noise.
+        _train(tiny_overrides(data, run_dir, **{"loss.name": name, "parallel.tp": tp, "parallel.pp": pp,
+                                                "optim.eps": 1e-4}))
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f]
@@ -85,7 +89,9 @@ def test_losses_identical_across_tp_and_pp(tmp_path):
         # A loss that is identically zero would make this comparison vacuous.
         assert any(abs(x) > 1e-8 for x in r["loss"]), (name, r["loss"])
         for other in (tp2, pp2):
-            np.testing.assert_allclose(other[name]["loss"], r["loss"], rtol=1e-5, atol=1e-8, err_msg=name)
+            # The loss is a token mean of terms of order 1 (A x weight x ratio) that nearly cancel, computed
+            # in fp32: layouts differ by reduction order, ~1e-8 absolute. Grad norms have no cancellation.
+            np.testing.assert_allclose(other[name]["loss"], r["loss"], rtol=1e-5, atol=1e-7, err_msg=name)
             np.testing.assert_allclose(other[name]["grad_norm"], r["grad_norm"], rtol=1e-5, err_msg=name)
 
 
