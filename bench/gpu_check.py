@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""One GPU sanity + speed check (run through bench/gpu_check.sh on one H100/H200; ends in a few minutes).
+
+1. token_stats on CUDA (bf16 logits, full Qwen3 vocabulary) vs a float64 reference: values (student and
+   teacher log-prob, teacher and student entropy, reverse KL) and the gradient wrt the student logits;
+   plus its tokens/s.
+2. Qwen3 tiny and 0.6B-shaped GPTModel (Transformer Engine layer spec when TE is present), bf16 and FP8
+   (hybrid, delayed): forward + backward tokens/s and peak memory, loss finite, FP8 logits close to bf16 ones
+   (same weights), and bf16 close to fp32 on the tiny model.
+Prints a table and writes everything to --out (JSON). A check that fails prints FAIL and the exit code is 1;
+an FP8 case refused on a pre-Hopper GPU is recorded as "refused" (that refusal is itself the expected
+behaviour there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RESULTS: Dict[str, Any] = {"checks": [], "speed": []}
+# `--cpu-dry-run` runs the same code on the CPU at toy sizes (no TE, no FP8): it checks the script itself.
+DEV = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else float("nan")
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    RESULTS["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+
+def timed(fn, iters: int) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+# ----------------------------------------------------------------------------------------------- token_stats
+def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: Dict[str, torch.Tensor]):
+    """float64 full-vocabulary reference of every statistic and of d(sum_k w_k . stat_k)/d zs (autograd)."""
+    zs = zs.double().requires_grad_(True)
+    zt = zt.double()
+    ls_all, lt_all = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ps, pt = ls_all.exp(), lt_all.exp()
+    out = {
+        "student_logprob": ls_all.gather(-1, y[:, None])[:, 0],
+        "teacher_logprob": lt_all.gather(-1, y[:, None])[:, 0],
+        "teacher_entropy": -(pt * lt_all).sum(-1),
+        "student_entropy": -(ps * ls_all).sum(-1),
+        "kl": (ps * (ls_all - lt_all)).sum(-1),
+    }
+    obj = sum((w[k] * out[k]).sum() for k in ("student_logprob", "student_entropy", "kl"))
+    (grad,) = torch.autograd.grad(obj, zs)
+    return {k: v.detach() for k, v in out.items()}, grad
+
+
+def check_token_stats(n_tokens: int, vocab: int) -> None:
+    from egrsd_megatron.ops.vocab_parallel import token_stats
+    dev = DEV
+    g = torch.Generator(device=dev).manual_seed(0)
+    # Logits like a trained LM's: a scale of a few units, a few large spikes (peaked distributions).
+    zs = (torch.randn(n_tokens, vocab, device=dev, generator=g) * 3).bfloat16()
+    zt = (zs.float() + torch.randn(n_tokens, vocab, device=dev, generator=g)).bfloat16()
+    zt[:, :8] += 20
+    y = torch.randint(0, vocab, (n_tokens,), device=dev, generator=g)
+    w = {k: torch.randn(n_tokens, device=dev, dtype=torch.float64, generator=g)
+         for k in ("student_logprob", "student_entropy", "kl")}
+
+    x = zs.clone().requires_grad_(True)
+    st = token_stats(x, zt, y, vocab_size=vocab, student_entropy=True, kl="reverse")
+    obj = sum((w[k].float() * getattr(st, k)).sum() for k in ("student_logprob", "student_entropy", "kl"))
+    obj.backward()
+    # Reference in row blocks so the float64 copies stay a few GB.
+    errs = {k: 0.0 for k in ("student_logprob", "teacher_logprob", "teacher_entropy", "student_entropy", "kl")}
+    gerr, gscale = 0.0, 0.0
+    for a in range(0, n_tokens, 512):
+        b = min(a + 512, n_tokens)
+        ref, gref = reference_stats(zs[a:b], zt[a:b], y[a:b], {k: v[a:b] for k, v in w.items()})
+        for k in errs:
+            errs[k] = max(errs[k], (getattr(st, k)[a:b].double() - ref[k]).abs().max().item())
+        # The gradient is stored in bf16 like the logits (8 mantissa bits): allow its rounding, 2^-8 relative,
+        # on top of a small absolute error of the fp32 math.
+        d = (x.grad[a:b].double() - gref).abs() - 2.0 ** -8 * gref.abs()
+        gerr = max(gerr, d.max().item())
+        gscale = max(gscale, gref.abs().max().item())
+        del ref, gref
+    # fp32 math on bf16 inputs against float64 on the same (bf16-rounded) inputs: ~1e-5 absolute per token
+    # for log-probs / entropies of magnitude ~10 (log V = 11.9).
+    tol = 2e-4
+    for k, e in errs.items():
+        check(f"token_stats {k} vs float64 ({n_tokens} x {vocab})", e < tol, f"max abs err {e:.2e} (tol {tol:g})")
+    check("token_stats d/dz_student vs float64 autograd", gerr < 1e-5 * max(gscale, 1.0),
+          f"max (|err| - 2^-8 |ref|) {gerr:.2e} (max |grad| {gscale:.2e}; bf16 gradient rounding allowed)")
+
+    def step():
+        x.grad = None
+        s = token_stats(x, zt, y, vocab_size=vocab, student_entropy=True, kl="reverse", check_finite=False)
+        (s.student_logprob.sum() + s.student_entropy.sum() + s.kl.sum()).backward()
+    step()
+    reset_peak()
+    sec = timed(step, 5)
+    RESULTS["speed"].append({"case": f"token_stats fwd+bwd {n_tokens}x{vocab} bf16", "tokens_per_s": n_tokens / sec,
+                             "ms": sec * 1e3, "peak_gb": peak_gb()})
+    del x, zs, zt
+    reset_peak()
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build(preset: str, precision: str, seed: int = 1234):
+    from egrsd_megatron.config.schema import ModelConfig
+    from egrsd_megatron.distributed.runtime import seed_everything
+    from egrsd_megatron.models import build_model, resolve_arch
+    mc = ModelConfig(preset=preset, params_dtype="fp32" if precision == "fp32" else "bf16", precision=precision)
+    arch = resolve_arch(mc)
+    seed_everything(seed)  # same seed -> same weights for every precision
+    return build_model(arch, mc), arch
+
+
+def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids: torch.Tensor) -> Dict[str, Any]:
+    from egrsd_megatron.models import forward_logits
+    reset_peak()
+    model, arch = build(preset, precision)
+    model.train()
+    targets = torch.roll(ids, -1, dims=1)
+
+    def step():
+        logits = forward_logits(model, ids)
+        loss = torch.nn.functional.cross_entropy(logits[..., :arch.vocab_size].float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss
+
+    loss = step().detach()  # warm-up (TE kernels, FP8 amax history)
+    model.zero_grad(set_to_none=True)
+    sec = timed(step, iters)
+    with torch.no_grad():
+        model.eval()
+        logits = forward_logits(model, ids)[..., :arch.vocab_size].float()
+    out = {"case": f"{preset} {precision} fwd+bwd b{batch} s{seq}", "tokens_per_s": batch * seq / sec,
+           "ms": sec * 1e3, "peak_gb": peak_gb(), "loss": float(loss),
+           "logits": logits.cpu(), "te": type(model.decoder.layers[0].self_attention.linear_qkv).__module__}
+    del model
+    reset_peak()
+    return out
+
+
+def model_checks(fast: bool) -> None:
+    from egrsd_megatron.config.schema import ConfigError
+    cases = [("qwen3_tiny", 8, 256, 10), ("qwen3_0.6b", 2 if fast else 4, 2048, 5 if fast else 10)]
+    if DEV.type == "cpu":
+        cases = [("qwen3_tiny", 2, 32, 2)]
+    for preset, batch, seq, iters in cases:
+        g = torch.Generator(device=DEV).manual_seed(1)
+        vocab = 200 if preset == "qwen3_tiny" else 151936
+        ids = torch.randint(0, vocab, (batch, seq), device=DEV, generator=g)
+        results = {}
+        for precision in (["fp32"] if preset == "qwen3_tiny" else []) + ["bf16", "fp8"]:
+            try:
+                r = run_model(preset, precision, batch, seq, iters, ids)
+            except ConfigError as e:
+                RESULTS["speed"].append({"case": f"{preset} {precision}", "refused": str(e)})
+                cap = torch.cuda.get_device_capability() if DEV.type == "cuda" else (0, 0)
+                expected = precision == "fp8" and cap < (9, 0)
+                check(f"{preset} {precision} build", expected, f"refused: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - record and go on with the other cases
+                traceback.print_exc()
+                check(f"{preset} {precision} fwd+bwd", False, f"{type(e).__name__}: {e}")
+                continue
+            results[precision] = r
+            if DEV.type == "cuda":
+                from egrsd_megatron.models.precision import te_available
+                if te_available():
+                    check(f"{preset} {precision} uses the Transformer Engine layer spec", "transformer_engine" in r["te"],
+                          f"linear_qkv from {r['te']}")
+            RESULTS["speed"].append({k: v for k, v in r.items() if k != "logits"})
+            check(f"{preset} {precision} fwd+bwd", math.isfinite(r["loss"]),
+                  f"loss {r['loss']:.4f} (ln V = {math.log(vocab):.4f} expected near init), layer module {r['te']}")
+        # Same weights: bf16 and FP8 logits should agree to low-precision rounding (relative to their spread).
+        for a, b, tol in (("fp32", "bf16", 0.05), ("bf16", "fp8", 0.25)):
+            if a in results and b in results:
+                la, lb = results[a]["logits"], results[b]["logits"]
+                rel = ((la - lb).float().pow(2).mean().sqrt() / la.float().std()).item()
+                check(f"{preset} {b} logits vs {a}", rel < tol, f"rms diff / std = {rel:.4f} (tol {tol})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--fast", action="store_true", help="smaller sizes (a quicker smoke run)")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="run the script's code on the CPU at toy sizes (checks the script, measures nothing)")
+    args = ap.parse_args()
+    global DEV
+    if args.cpu_dry_run:
+        DEV = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible: run this on a GPU node (or --cpu-dry-run)", file=sys.stderr)
+        return 2
+    from egrsd_megatron.distributed.runtime import init_distributed
+    from egrsd_megatron.models.precision import te_available
+    import megatron.core
+    cuda = DEV.type == "cuda"
+    info = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+            "memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9 if cuda else None,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda, "megatron_core": getattr(megatron.core, "__version__", "?"),
+            "transformer_engine": None}
+    if te_available():
+        import transformer_engine
+        info["transformer_engine"] = getattr(transformer_engine, "__version__", "present")
+    RESULTS["info"] = info
+    print(json.dumps(info), flush=True)
+    t0 = time.time()
+    init_distributed(tp=1, pp=1, seed=1234)
+    n_tok, vocab = (64, 1000) if not cuda else (2048 if args.fast else 8192, 151936)
+    for name, fn in (("token_stats", lambda: check_token_stats(n_tok, vocab)),
+                     ("models", lambda: model_checks(args.fast))):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            check(name, False, f"{type(e).__name__}: {e}")
+    RESULTS["wall_s"] = time.time() - t0
+
+    print(f"\n{'case':<48}{'tokens/s':>14}{'ms/iter':>10}{'peak GB':>10}")
+    for r in RESULTS["speed"]:
+        if "refused" in r:
+            print(f"{r['case']:<48}{'refused':>14}")
+        else:
+            print(f"{r['case']:<48}{r['tokens_per_s']:>14,.0f}{r['ms']:>10.1f}{r['peak_gb']:>10.2f}")
+    n_fail = sum(not c["ok"] for c in RESULTS["checks"])
+    print(f"\n{info['device']}: {len(RESULTS['checks']) - n_fail} passed, {n_fail} failed, {RESULTS['wall_s']:.0f} s")
+    from egrsd_megatron.utils.atomic import atomic_write_json
+    atomic_write_json(args.out, RESULTS)
+    print(f"wrote {args.out}")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
