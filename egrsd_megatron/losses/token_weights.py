@@ -20,7 +20,7 @@ from egrsd_megatron.config.schema import LossConfig
 from egrsd_megatron.losses._checks import as_mask, check_b, check_bt, compute_dtype
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
 from egrsd_megatron.losses.lookahead import lookahead_entropy
-from egrsd_megatron.losses.registry import loss_spec
+from egrsd_megatron.losses.registry import LossSpec, loss_spec
 
 # A token counts as "at the floor" when phi(H) <= this, i.e. its gate is within 5% of the gate's range
 # above g_min (exp gate reaches g_min only at H = inf, so an exact test would never fire).
@@ -83,13 +83,13 @@ def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Option
     if not return_metrics:
         return adv_t
     with torch.no_grad():
-        metrics = _metrics(cfg, valid, a, rho_raw, rho, gate, h, vocab_size, segment_ids, spec.ratio)
+        metrics = _metrics(cfg, valid, a, rho_raw, rho, gate, h, vocab_size, segment_ids, spec)
     return adv_t, metrics
 
 
 def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rho_raw: torch.Tensor,
              rho: torch.Tensor, gate: torch.Tensor, h: Optional[torch.Tensor], vocab_size: Optional[int],
-             segment_ids: Optional[torch.Tensor], has_ratio: bool) -> Dict[str, float]:
+             segment_ids: Optional[torch.Tensor], spec: LossSpec) -> Dict[str, float]:
     """Logging metrics over valid tokens, as python floats (one host sync).
 
     gate_mean, gate_floor_frac (phi <= FLOOR_PHI); ratio_weight_mean and ratio_clip_frac over tokens of
@@ -105,7 +105,7 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
     if a is not None:
         live = valid & (a != 0)
         nl = live.to(f.dtype).sum()
-        clipped = (rho_raw < 1 - cfg.eps_w) | (rho_raw > 1 + cfg.eps_w) if has_ratio else torch.zeros_like(live)
+        clipped = (rho_raw < 1 - cfg.eps_w) | (rho_raw > 1 + cfg.eps_w) if spec.ratio else torch.zeros_like(live)
         names += ["ratio_weight_mean", "ratio_clip_frac", "zero_adv_seq_frac"]
         seq = valid.any(dim=1)
         vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
@@ -118,9 +118,12 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
         names += ["teacher_entropy_mean", "teacher_entropy_p90"]
         vals += [(h * f).sum() / n, masked_quantile(h, valid, 0.9)]
     if h is not None and gate_ok:
-        lifted = entropy_gate(lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids), cfg,
-                              mask=valid, vocab_size=vocab_size)
-        plain = entropy_gate(h, cfg, mask=valid, vocab_size=vocab_size)
+        # reuse the gate the loss already computed: it is one of the two (lifted for cl_egrsd, plain for egrsd)
+        lifted = gate if spec.lookahead else entropy_gate(
+            lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids), cfg, mask=valid,
+            vocab_size=vocab_size)
+        plain = gate if (spec.gate and not spec.lookahead) else entropy_gate(h, cfg, mask=valid,
+                                                                             vocab_size=vocab_size)
         spikes = ((lifted - plain) >= SPIKE_LIFT * (1 - cfg.g_min)) & valid
         names.append("spike_count")
         vals.append(spikes.to(f.dtype).sum())
