@@ -7,7 +7,6 @@ TP = 2 (each rank its half of the vocabulary), so the spawn cost (~5-8 s) is pai
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from egrsd_megatron.losses import (LossConfig, divergence_kind, group_advantages, policy_loss,

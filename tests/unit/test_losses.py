@@ -5,7 +5,6 @@ vectorised torch, so a shared mistake would need the same bug written twice in d
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
