@@ -50,6 +50,9 @@ def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
     if cfg.parallel.distributed_optimizer:
         raise ConfigError("parallel.distributed_optimizer=true is not supported by this trainer yet "
                           "(it uses AdamW over each rank's shards); set it to false")
+    if cfg.loss.kl_coef > 0:
+        raise ConfigError("loss.kl_coef > 0 (k3 KL to a reference policy) needs reference log-probs, which this "
+                          "trainer does not compute yet; set loss.kl_coef=0")
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is not set: point it at a jsonl/parquet/datasets file "
                           "(e.g. one made by `egrsd data synth`)")
