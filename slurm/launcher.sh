@@ -13,6 +13,7 @@
 #   EGRSD_MOUNTS    container mounts, src:dst[,src:dst...] (the repo, data, models and run folders)
 #   EGRSD_VENV      virtual environment for runtime=venv (default $EGRSD_REPO/.venv)
 #   EGRSD_MAX_RESTARTS  give up requeueing after this many restarts (default 50)
+#   EGRSD_SRUN_EXTRA    extra srun flags for this site, space-separated (e.g. "--mpi=pmix")
 #
 # Preemption contract with the trainer (egrsd_megatron.trainer): on SIGUSR1 or SIGTERM every rank finishes
 # its current step, the checkpoint is saved (`latest` written last) and every rank exits with code 42.
@@ -51,7 +52,8 @@ egrsd_setup() {
 
     # Rendezvous for torch.distributed: the first node of the job; a port derived from the job id so two
     # jobs sharing a node do not collide (the runtime computes the same values when these are unset).
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    # (sed, not head: head exits early and, with pipefail, a SIGPIPE'd scontrol would fail the script)
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
     export MASTER_ADDR
     export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 
@@ -73,6 +75,15 @@ egrsd_setup() {
 
     # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others hung in a collective.
     EGRSD_SRUN_ARGS=(--kill-on-bad-exit=1 --label)
+    # Slurm 22.05 stopped passing sbatch's --cpus-per-task to srun (23.11 restored it): pass it explicitly.
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        EGRSD_SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    fi
+    # Site-specific srun flags (e.g. "--mpi=pmix --cpu-bind=none"), space-separated.
+    if [[ -n "${EGRSD_SRUN_EXTRA:-}" ]]; then
+        read -r -a _extra <<< "$EGRSD_SRUN_EXTRA"
+        EGRSD_SRUN_ARGS+=("${_extra[@]}")
+    fi
     case "$EGRSD_RUNTIME" in
         container)
             [[ -n "${EGRSD_IMAGE:-}" ]] || egrsd_die "EGRSD_RUNTIME=container needs EGRSD_IMAGE"

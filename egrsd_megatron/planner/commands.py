@@ -1,4 +1,4 @@
-"""`egrsd plan CONFIG --nodes N --gpus-per-node G [--seq-len S] [key=value ...]`: layout + per-GPU memory.
+"""`egrsd plan CONFIG [key=value ...] --nodes N --gpus-per-node G [--seq-len S]`: layout + per-GPU memory.
 
 Prints the table; exits 2 with a one-line error when a size does not divide or the peak exceeds the
 budget (the table is still printed first, so the user sees which term to shrink).
@@ -12,7 +12,7 @@ import json
 def register(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("plan", help="parallel layout and per-GPU memory estimate of a config on a cluster")
     p.add_argument("config", help="YAML file in conf/ or a path")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", help="section.key=value (right after CONFIG, before the options)")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None,
