@@ -27,9 +27,11 @@ from .vocab_parallel_fn import FnSpec, NonFiniteLogitsError, TokenStatsFunction
 
 __all__ = ["TokenStats", "token_stats", "NonFiniteLogitsError", "DEFAULT_BLOCK_ELEMS"]
 
-# Elements of one fp32 work block (rows x V_local): 8 Mi elements = 32 MiB per buffer, three buffers.
-# Large enough that per-op overhead is negligible on CPU and GPU, small enough to stay cache/L2-friendly.
-DEFAULT_BLOCK_ELEMS = 1 << 23
+# Elements of one fp32 work block (rows x V_local; at least one row), three such buffers per call.
+# CPU: ~1 MiB per buffer, so the several passes over a block hit the L2 cache (measured ~1.5-2x faster
+# than 16 MiB blocks on this 2-core box). GPU: 16 MiB per buffer, large enough that kernel launches are
+# amortised and still far below one [chunk, V_local] fp32 copy.
+DEFAULT_BLOCK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 22}
 
 KLSpec = Union[None, str, Tuple[str, float]]
 
@@ -99,7 +101,7 @@ def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
 def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
                 group: Optional[dist.ProcessGroup] = None, vocab_size: Optional[int] = None,
                 chunk_size: int = 1024, student_entropy: bool = False, kl: KLSpec = None,
-                check_finite: bool = True, block_elems: int = DEFAULT_BLOCK_ELEMS) -> TokenStats:
+                check_finite: bool = True, block_elems: Optional[int] = None) -> TokenStats:
     """Fused full-vocabulary token statistics from vocabulary-parallel logits.
 
     student_logits, teacher_logits: [N, V_local] or [B, T, V_local], this rank's contiguous vocabulary slice
@@ -108,10 +110,13 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
       size; columns at or beyond it (Megatron padding) are excluded everywhere (default: V_local x TP).
     chunk_size: tokens per collective round (2 all-reduces each, 3 for JSD). block_elems: fp32 elements of one
       work buffer (rows x V_local), which bounds the extra memory. check_finite: raise NonFiniteLogitsError on a
-      NaN / +inf logit or an all -inf token (costs one host sync per chunk).
+      NaN / +inf logit or an all -inf token (costs one host sync per chunk). block_elems None: the
+      per-device DEFAULT_BLOCK_ELEMS.
     Gradients flow to student_logits through student_logprob, student_entropy and kl; never to teacher_logits.
     """
     _validate(student_logits, teacher_logits, targets)
+    if block_elems is None:
+        block_elems = DEFAULT_BLOCK_ELEMS.get(student_logits.device.type, DEFAULT_BLOCK_ELEMS["cuda"])
     if chunk_size < 1 or block_elems < 1:
         raise ValueError(f"chunk_size={chunk_size} and block_elems={block_elems} must be >= 1")
     mode, beta = _parse_kl(kl)

@@ -15,8 +15,8 @@ Generalized JSD (arXiv 2601.18734, GKD convention with the teacher weighted by b
     KL(pT||M) = -HT - sum pT log M,  KL(pS||M) = -HS - sum pS log M
   log M needs the global normalizers, so sum pT log M and sum pS log M take a THIRD all-reduce SUM.
 
-Backward uses no collective: it recomputes log pS = zS - lse_S (lse_S = m + log Z saved per token) chunk by
-chunk and applies, for upstream weights g,
+Backward uses no collective: it recomputes log pS = (zS - m) - log Z (m, log Z saved per token) block by
+block and applies, for upstream weights g,
     d log pS(y) / dz = onehot(y) - pS
     d HS / dz        = -pS (log pS + HS)
     d KL(S||T) / dz  = pS (log pS - log pT - KL(S||T))
@@ -146,7 +146,8 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
             dt = buf.t[:r].copy_(zt[r0:r1]).sub_(m_t[r0:r1, None])
             sums[row["ys"], r0:r1] = _gather_owned(ds, local[r0:r1], owned[r0:r1])
             sums[row["yt"], r0:r1] = _gather_owned(dt, local[r0:r1], owned[r0:r1])
-            ds.clamp_(min=_NEG)
+            if need_as or need_d:  # ds enters a product with e below; alone it only feeds exp()
+                ds.clamp_(min=_NEG)
             dt.clamp_(min=_NEG)
             e = buf.e[:r]
             if spec.kl == "forward":
@@ -173,12 +174,12 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     _all_reduce(sums, dist.ReduceOp.SUM, group)
     g = {k: sums[i] for k, i in row.items()}
     log_zs, log_zt = g["zs"].log(), g["zt"].log()
+    # m and log Z stay separate: m + log Z rounded to fp32 at |m| ~ 1e4 would lose ~1e-3 of log p in backward.
     out = {
         "ls": g["ys"] - log_zs,
         "lt": g["yt"] - log_zt,
         "ht": log_zt - g["at"] / g["zt"],
-        "lse_s": m_s + log_zs,
-        "lse_t": m_t + log_zt,
+        "m_s": m_s, "logz_s": log_zs, "m_t": m_t, "logz_t": log_zt,
     }
     if need_as:
         out["hs"] = log_zs - g["as"] / g["zs"]
@@ -189,6 +190,11 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     elif spec.kl == "jsd":
         out.update(_jsd_chunk(zs, zt, out, spec, buf))
     return out
+
+
+def _log_probs(out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """out = (z - m) - log Z in fp32: z - m is exact near the max, and log Z is small."""
+    return out.copy_(z).sub_(m[:, None]).sub_(log_z[:, None])
 
 
 def _log_mixture_(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
@@ -203,14 +209,14 @@ def _log_mixture_(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tens
 
 
 def _jsd_chunk(zs: torch.Tensor, zt: torch.Tensor, st: dict, spec: FnSpec, buf: _Buffers) -> dict:
-    """Third pass for JSD_beta (needs lse from the second collective): sum p log M; collective 3."""
+    """Third pass for JSD_beta (needs log Z from the second collective): sum p log M; collective 3."""
     n, dev = zs.shape[0], zs.device
     plm = torch.zeros(2, n, dtype=torch.float32, device=dev)  # [sum pT log M, sum pS log M]
     if spec.valid > 0:
         for r0, r1 in _spans(n, spec.block_rows):
             r = r1 - r0
-            ls = buf.s[:r].copy_(zs[r0:r1]).sub_(st["lse_s"][r0:r1, None]).clamp_(min=_NEG)
-            lt = buf.t[:r].copy_(zt[r0:r1]).sub_(st["lse_t"][r0:r1, None]).clamp_(min=_NEG)
+            ls = _log_probs(buf.s[:r], zs[r0:r1], st["m_s"][r0:r1], st["logz_s"][r0:r1]).clamp_(min=_NEG)
+            lt = _log_probs(buf.t[:r], zt[r0:r1], st["m_t"][r0:r1], st["logz_t"][r0:r1]).clamp_(min=_NEG)
             lm = _log_mixture_(buf.e[:r].copy_(lt), ls, spec.beta)
             plm[0, r0:r1] = _rowdot(lt.exp_(), lm)
             plm[1, r0:r1] = _rowdot(ls.exp_(), lm)
@@ -220,8 +226,14 @@ def _jsd_chunk(zs: torch.Tensor, zt: torch.Tensor, st: dict, spec: FnSpec, buf: 
     return {"kl": spec.beta * kl_tm + (1.0 - spec.beta) * kl_sm, "kl_sm": kl_sm}
 
 
+def _add_onehot(p: torch.Tensor, owned: torch.Tensor, local: torch.Tensor, g: torch.Tensor) -> None:
+    """p[i, y_i] += g_i for the rows whose target lives on this rank (others add 0: no host sync)."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    p.index_put_((rows, local), torch.where(owned, g, torch.zeros_like(g)), accumulate=True)
+
+
 # Order of the per-token statistics saved for backward.
-_SAVED = ("lse_s", "lse_t", "hs", "kl", "kl_sm")
+_SAVED = ("m_s", "logz_s", "m_t", "logz_t", "hs", "kl", "kl_sm")
 
 
 class TokenStatsFunction(torch.autograd.Function):
@@ -255,7 +267,7 @@ class TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ls, g_lt, g_ht, g_hs, g_kl):  # type: ignore[override]
         spec: FnSpec = ctx.spec
-        student, teacher, targets, lse_s, lse_t, hs, kl, kl_sm = ctx.saved_tensors
+        student, teacher, targets, m_s, logz_s, m_t, logz_t, hs, kl, kl_sm = ctx.saved_tensors
         none = (None, None, None)
         if not ctx.needs_input_grad[0] or (g_ls is None and g_hs is None and g_kl is None):
             return (None,) + none
@@ -283,18 +295,32 @@ class TokenStatsFunction(torch.autograd.Function):
             c = c - g_kl * (kl if spec.kl == "reverse" else kl_sm)
         elif spec.kl == "forward":
             c = c + g_kl
+        # Entropy / reverse KL / JSD need the full bracket a log pS + b X + c; otherwise a is 0.
+        full = spec.student_entropy or spec.kl in ("reverse", "jsd")
+        c_over_z = c * torch.exp(-logz_s)
         local, owned = _target_index(targets, spec)
         zs_all = student[:, :spec.valid]
         zt_all = teacher[:, :spec.valid] if teacher is not None else None
         # Blocks only bound the fp32 work memory here: nothing is communicated in backward.
         for r0, r1 in _spans(n_tok, spec.block_rows):
             r = r1 - r0
-            lp = buf.s[:r].copy_(zs_all[r0:r1]).sub_(lse_s[r0:r1, None])
+            x = None
+            if not full:
+                # log-prob (and forward KL) only: grad = pS * c [- g_fwd pT] + g_lp onehot, and
+                # pS * c = exp(z - m) * (c / Z): the 1/Z rides on the per-token coefficient.
+                p = torch.exp(buf.e[:r].copy_(zs_all[r0:r1]).sub_(m_s[r0:r1, None]), out=buf.e[:r])
+                p.mul_(c_over_z[r0:r1, None])
+                if spec.kl == "forward":
+                    x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1]).exp_()
+                    p.addcmul_(x, g_kl[r0:r1, None], value=-1.0)
+                _add_onehot(p, owned[r0:r1], local[r0:r1], g_ls[r0:r1])
+                grad[r0:r1, :spec.valid].copy_(p)
+                continue
+            lp = _log_probs(buf.s[:r], zs_all[r0:r1], m_s[r0:r1], logz_s[r0:r1])
             p = torch.exp(lp, out=buf.e[:r])
             lp.clamp_(min=_NEG)  # where p == 0: keeps 0 * log p finite below
-            x = None
             if spec.kl is not None:
-                x = buf.t[:r].copy_(zt_all[r0:r1]).sub_(lse_t[r0:r1, None])
+                x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1])
                 if spec.kl == "forward":
                     x.exp_()  # pT
                 else:
@@ -310,8 +336,6 @@ class TokenStatsFunction(torch.autograd.Function):
             p.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             if spec.kl == "forward":
                 p.addcmul_(x, g_kl[r0:r1, None], value=-1.0)
-            own = owned[r0:r1].nonzero().squeeze(1)
-            if own.numel():
-                p.index_put_((own, local[r0:r1][own]), g_ls[r0:r1][own], accumulate=True)
+            _add_onehot(p, owned[r0:r1], local[r0:r1], g_ls[r0:r1])
             grad[r0:r1, :spec.valid].copy_(p)
         return (grad,) + none

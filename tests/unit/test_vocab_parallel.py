@@ -25,7 +25,7 @@ RTOL_BF16_GRAD = 1e-2  # the gradient is returned in the input dtype (bf16: 8 ma
 # ----------------------------------------------------------------------------------------------- cases
 def make_case(seed: int, n: int, v_total: int, vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
     """Logits [n, v_total] (padded columns >= vocab_size hold huge garbage) with the hard rows:
-    row 0 -inf entries (shared by student and teacher), rows 1-2 equal logits, rows 3-5 magnitude 1e4."""
+    row 0 -inf entries (shared by student and teacher), rows 1-2 equal logits, rows 3-6 magnitude 1e4."""
     g = torch.Generator().manual_seed(seed)
     zs = torch.randn(n, v_total, generator=g) * 3
     zt = zs * 0.5 + torch.randn(n, v_total, generator=g) * 2
@@ -39,6 +39,8 @@ def make_case(seed: int, n: int, v_total: int, vocab_size: int, dtype: torch.dty
     zt[4] = torch.randn(v_total, generator=g) * 1e4
     zs[5] = torch.randn(v_total, generator=g) * 1e4
     zt[5] = zs[5] + torch.randn(v_total, generator=g) * 0.5  # huge logits, nearby distributions
+    zs[6] = 1e4 + torch.randn(v_total, generator=g) * 3      # spread distributions far from 0: m + log Z
+    zt[6] = -2e4 + torch.randn(v_total, generator=g) * 3     # in fp32 would lose ~1e-3 of log p
     zs[:, vocab_size:] = 1e30                        # padding must never be read
     zt[:, vocab_size:] = -1e30
     y = torch.randint(0, vocab_size, (n,), generator=g)
@@ -91,7 +93,7 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
 
 
 def run_token_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kl, group=None,
-                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: int = 1 << 23) -> dict:
+                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: Optional[int] = None) -> dict:
     """token_stats with student entropy, and the gradient of the same weighted sum as the reference."""
     zs = zs.detach().clone().requires_grad_(True)
     st = token_stats(zs, zt, y, group=group, vocab_size=vocab_size, chunk_size=chunk_size,
