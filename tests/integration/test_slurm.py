@@ -70,7 +70,8 @@ def test_scripts_are_valid_bash_and_accepted_by_sbatch(slurm, script, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, tmp_path):
+def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, gpu_script_job, tmp_path):
+    # (gpu_script_job: the 8B script's job, started now so it runs beside this one; checked below.)
     from egrsd_megatron.cli import main
     data = str(tmp_path / "train.jsonl")
     assert main(["data", "synth", "--n", "64", "--out", data]) == 0
@@ -118,3 +119,38 @@ def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, tmp
     log = _read(launcher_log)
     assert re.search(rf"job {job} restart 1\] launch: .*recipes/train.py", log), report()
     assert re.search(rf"resumed from .*{preempt_ckpt}", _read(out)), "the requeued job did not resume" + report()
+
+
+
+@pytest.fixture(scope="module")
+def gpu_script_job(slurm, tmp_path_factory):
+    """Submit slurm/egrsd_qwen3_8b.sh itself (settings block, overrides, launcher call), venv runtime, on the
+    tiny config; submitted before the preemption test so the two jobs run side by side (one CPU each).
+
+    The node has no GPUs, so the size headers are overridden on the sbatch command line (which wins over
+    #SBATCH lines; --oversubscribe lifts the header's --exclusive) and the config is the tiny CPU one with
+    random init (the trailing arguments override the script's model.init_from=megatron).
+    """
+    from egrsd_megatron.cli import main
+    tmp = tmp_path_factory.mktemp("gpu_script")
+    data = str(tmp / "train.jsonl")
+    assert main(["data", "synth", "--n", "16", "--out", data]) == 0
+    run_dir, out = str(tmp / "run"), str(tmp / "job.out")
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "EGRSD_CONFIG": "conf/tiny_cpu.yaml",
+           "EGRSD_DATA": data, "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)), "HF_HUB_OFFLINE": "1"}
+    job = slurm.sbatch([f"--output={out}", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                        "--cpus-per-task=1", "--mem=2G", "--oversubscribe",
+                        os.path.join(REPO, "slurm", "egrsd_qwen3_8b.sh"), "model.init_from=random", "train.steps=1"],
+                       env=env, cwd=REPO)
+    return {"job": job, "run_dir": run_dir, "out": out, "data": data}
+
+
+@pytest.mark.slow
+def test_gpu_training_script_runs_end_to_end_on_cpu(slurm, gpu_script_job):
+    j = gpu_script_job
+    info = slurm.wait_job(j["job"], 300)
+    log = _read(os.path.join(j["run_dir"], "logs", "launcher.log"))
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{_read(j['out'])[-4000:]}\n{log}"
+    assert _latest(j["run_dir"]) == "step_00000001" and _steps(j["run_dir"]) == [1]
+    # The script's own overrides reached the trainer (data path from its settings block, resume=auto).
+    assert f"data.train_path={j['data']}" in log and "train.resume=auto" in log and "model.load=" in log, log
