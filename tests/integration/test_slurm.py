@@ -154,3 +154,18 @@ def test_gpu_training_script_runs_end_to_end_on_cpu(slurm, gpu_script_job):
     assert _latest(j["run_dir"]) == "step_00000001" and _steps(j["run_dir"]) == [1]
     # The script's own overrides reached the trainer (data path from its settings block, resume=auto).
     assert f"data.train_path={j['data']}" in log and "train.resume=auto" in log and "model.load=" in log, log
+
+
+def test_a_failing_job_is_not_requeued(slurm, tmp_path):
+    """A non-42 exit (here: a config error, exit 2) fails the job; the launcher does not requeue it."""
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv",
+           "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    job = slurm.sbatch([f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"), "loss.name=nope"],
+                       env=env, cwd=REPO)
+    info = slurm.wait_job(job, 180)
+    log = _read(os.path.join(run_dir, "logs", "launcher.log"))
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{_read(out)}"
+    assert info.get("Restarts") == "0"
+    assert "FAILED: exit code 2 (not a preemption exit: no requeue)" in log, log
+    assert "loss.name" in _read(out)  # the trainer's one-line config error reaches the job output
