@@ -2,8 +2,8 @@
 
 Prompts are LEFT padded so every row's next token sits in the last column; position ids count only real
 tokens (cumsum of the mask), so padding changes neither positions nor attention. Decoding is one cached
-forward per new token; finished rows keep being fed a pad token (cheaper than re-packing the cache) and
-their extra tokens are dropped. Works on CPU (fp32) and on a GPU when the model is moved there.
+forward per new token; as rows finish they are dropped from the batch and the KV cache
+(Cache.batch_select_indices), so a long tail costs only its own rows. Works on CPU (fp32) and on a GPU.
 """
 from __future__ import annotations
 
@@ -77,36 +77,37 @@ class HFEngine(RolloutEngine):
             mask[i, L - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
-        stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
 
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, pos, cache)
-        new_tokens: List[torch.Tensor] = []
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        stop_ids = set(params.stop_token_ids)
+        responses: List[List[int]] = [[] for _ in prompts]
+        stopped = [False] * B
+        active = list(range(B))            # original row of each row still in the batch
         last_pos = pos[:, -1]
         for t in range(params.max_new_tokens):
-            nxt = select_next(logits, params, gens)
-            nxt = torch.where(finished, torch.full_like(nxt, self.pad_token_id), nxt)
-            new_tokens.append(nxt)
-            lengths += (~finished).long()
-            hit = torch.isin(nxt, stop) & ~finished
-            stopped |= hit
-            finished |= hit
-            if bool(finished.all()) or t == params.max_new_tokens - 1:
+            nxt = select_next(logits, params, [gens[r] for r in active])
+            keep = []
+            for j, (r, tok) in enumerate(zip(active, nxt.tolist())):
+                responses[r].append(tok)
+                if tok in stop_ids:
+                    stopped[r] = True
+                else:
+                    keep.append(j)
+            if not keep or t == params.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
+            if len(keep) < len(active):
+                # Drop finished rows from the batch and the KV cache: long tails cost only their own rows.
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                mask, last_pos, nxt = mask[idx], last_pos[idx], nxt[idx]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
             last_pos = last_pos + 1
             logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache)
 
-        gen = torch.stack(new_tokens, dim=1).tolist()
-        result = []
-        for i, p in enumerate(prompts):
-            resp = gen[i][: int(lengths[i])]
-            result.append(Completion(prompt_ids=list(p), response_ids=resp, text=self._decode(resp),
-                                     truncated=not bool(stopped[i])))
-        return result
+        return [Completion(prompt_ids=list(p), response_ids=responses[i], text=self._decode(responses[i]),
+                           truncated=not stopped[i]) for i, p in enumerate(prompts)]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,

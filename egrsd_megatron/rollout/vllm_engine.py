@@ -37,6 +37,9 @@ class VLLMEngine(RolloutEngine):
                  tensor_parallel_size: int = 1, load_format: str = "auto") -> None:
         vllm = _require_vllm()
         self._vllm = vllm
+        # Keep the engine core in this process so update_weights' apply_model runs on the model directly
+        # (with multiprocessing on, V1 would pickle the function and every tensor to the core process).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.llm = vllm.LLM(model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype="bfloat16",
                             gpu_memory_utilization=gpu_memory_utilization,
                             tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
