@@ -257,3 +257,22 @@ def test_non_finite_logits_name_first_bad_token(bad) -> None:
     st = token_stats(c["zs"], zt, c["y"], chunk_size=4, check_finite=False)  # opt-out: no error
     assert not torch.isfinite(st.teacher_entropy[23])
     assert torch.isfinite(st.teacher_entropy[:23]).all()
+
+
+# ------------------------------------------------------------------------------------ property check
+from hypothesis import given, settings, strategies as hs  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=hs.integers(1, 12), v=hs.integers(2, 24), pad=hs.integers(0, 5), chunk=hs.integers(1, 6),
+       rows=hs.integers(1, 4), kl=hs.sampled_from(KL_MODES), seed=hs.integers(0, 10_000),
+       scale=hs.sampled_from([0.1, 3.0, 50.0]))
+def test_random_shapes_chunks_and_blocks(n, v, pad, chunk, rows, kl, seed, scale) -> None:
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(n, v + pad, generator=g) * scale
+    zt = torch.randn(n, v + pad, generator=g) * scale
+    y = torch.randint(0, v, (n,), generator=g)
+    w = torch.randn(3, n, generator=g)
+    ref = reference_stats(zs, zt, y, w, v, kl)
+    ours = run_token_stats(zs, zt, y, w, kl, vocab_size=v, chunk_size=chunk, block_elems=rows * v)
+    assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"n={n} v={v} pad={pad} chunk={chunk} kl={kl}")
