@@ -137,7 +137,8 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
                           f"{arch.max_position_embeddings}: lower data.max_prompt_tokens / rollout.max_new_tokens")
     tp, pp, dp, b = lay.tp, lay.pp, lay.dp, lay.micro_batch_size
     V = arch.padded_vocab_size(tp)
-    wbytes = _bytes_per(cfg.model.params_dtype)
+    # FP8 runs force bf16 params (models/precision.py); otherwise model.params_dtype decides.
+    wbytes = 2 if cfg.model.precision == "fp8" else _bytes_per(cfg.model.params_dtype)
     compute_bytes = 4 if cfg.model.precision == "fp32" else 2
     act_tok_layer = activation_bytes_per_token_layer(arch, tp, S, cfg.model.recompute, settings.flash_attention)
     L_s = arch.num_layers // pp

@@ -89,6 +89,9 @@ def test_qwen3_8b_distributed_optimizer_full_recompute_fp8_fits():
     assert p.train_transient["activations"] == 8192 * 2 * 5120 * 36 + 58_880 * 2 * 5120 == 3_622_830_080
     assert p.fits
     check_fits(p)
+    # FP8 forces bf16 params even when model.params_dtype says fp32: 2-byte weights, 12-byte Adam states.
+    p32 = plan(cfg8b("model.precision=fp8", "model.params_dtype=fp32"), resolve_arch(cfg.model), 4, 8)
+    assert p32.static["weights"] == P * 2 and p32.static["optimizer states"] == P * 12
 
 
 def test_pipeline_stages_and_in_flight_micro_batches():
