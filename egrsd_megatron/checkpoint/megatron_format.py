@@ -107,9 +107,8 @@ def write_rank_file(path: str, sd: Dict[str, Any]) -> None:
 
 def write_common(out_dir: str, meta: Dict[str, Any], tokenizer_src: Optional[str]) -> None:
     atomic_write_text(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "release")
-    if tokenizer_src:
-        copied = copy_tokenizer_files(tokenizer_src, os.path.join(out_dir, TOKENIZER_DIR))
-        meta = dict(meta, tokenizer=TOKENIZER_DIR if copied else None)
+    copied = copy_tokenizer_files(tokenizer_src, os.path.join(out_dir, TOKENIZER_DIR)) if tokenizer_src else []
+    meta = dict(meta, tokenizer=TOKENIZER_DIR if copied else None, tokenizer_source=tokenizer_src)
     atomic_write_json(os.path.join(out_dir, META_FILE), meta)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import os
 import tempfile
 from typing import Dict, List

@@ -1,0 +1,76 @@
+"""The real pretrained SmolLM2-135M-Instruct (Llama family, tied embeddings): its cached safetensors copy
+matches transformers on the GGUF file; it converts to Megatron (TP=3: it has 3 KV groups, so TP=2 cannot
+split it) and gives transformers' logits; a deliberately swapped tensor is detected by the same check."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+PROMPT = "What is 7 + 5? Answer: 7 + 5 ="
+
+
+def _worker(rank, world, hf_dir, ckpt_dir, swapped_dir, ids):
+    from megatron.core import parallel_state as ps
+    from egrsd_megatron.checkpoint.hf_mapping import load_hf_weights
+    from egrsd_megatron.checkpoint.megatron_format import load_model_checkpoint
+    from egrsd_megatron.config.schema import ModelConfig
+    from egrsd_megatron.distributed.runtime import init_distributed
+    from egrsd_megatron.models import ModelArch, build_model, forward_logits
+    init_distributed(tp=world, pp=1)
+    arch = ModelArch.from_hf_config(hf_dir)
+    ids = torch.as_tensor(ids)
+    out = {"tp_rank": ps.get_tensor_model_parallel_rank()}
+    with torch.no_grad():
+        model = build_model(arch, ModelConfig())
+        load_model_checkpoint(model, arch, ckpt_dir)        # converted offline at TP=3
+        out["ckpt"] = forward_logits(model, ids)
+        load_hf_weights(model, arch, swapped_dir)           # negative control
+        out["swapped"] = forward_logits(model, ids)
+        load_hf_weights(model, arch, hf_dir)                # direct load from safetensors
+        out["hf"] = forward_logits(model, ids)
+    return out
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.slow
+def test_smollm2_cached_copy_converts_and_matches(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from egrsd_megatron.checkpoint.convert import hf_to_megatron
+    from egrsd_megatron.models.smollm2 import smollm2_gguf_path, smollm2_hf_dir
+    from egrsd_megatron.testing.spawn import run_distributed
+
+    hf_dir = smollm2_hf_dir()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(ids).logits
+        gguf = smollm2_gguf_path()
+        g = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32)(ids).logits
+    assert torch.equal(ref, g)          # the cached copy IS the GGUF model
+
+    ckpt = hf_to_megatron(hf_dir, str(tmp_path / "meg"), tp=3)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(hf_dir, swapped)
+    sd = load_file(os.path.join(hf_dir, "model.safetensors"))
+    a, b = "model.layers.5.self_attn.k_proj.weight", "model.layers.5.self_attn.v_proj.weight"
+    sd[a], sd[b] = sd[b], sd[a]
+    save_file(sd, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    del sd
+
+    res = run_distributed(_worker, 3, hf_dir, ckpt, str(swapped), ids.numpy(), timeout=600)
+    res.sort(key=lambda r: r["tp_rank"])
+    V = ref.shape[-1]
+    full = {k: np.concatenate([r[k] for r in res], axis=-1)[..., :V] for k in ("ckpt", "hf", "swapped")}
+    assert _rel(full["hf"], ref.numpy()) <= 1e-5
+    assert _rel(full["ckpt"], ref.numpy()) <= 1e-5
+    assert _rel(full["swapped"], ref.numpy()) > 1e-3     # the tolerance catches a layout error
