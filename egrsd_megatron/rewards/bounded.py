@@ -8,15 +8,17 @@ threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first cal
 (~1-2 s, importing math-verify). As with any spawn-based multiprocessing, a script that scores rewards
 must keep its top-level work under `if __name__ == "__main__":` (workers re-import the main module).
 
-In a daemonic process (which may not start children) the call falls back to a daemon thread joined with
-a timeout: the caller is still bounded, but the stuck thread keeps running until it finishes; a warning
-says so.
+A daemonic process (multiprocessing's daemon=True) may not start children. A thread with a join timeout
+is no way out: sympy's big-integer arithmetic holds the GIL, so the caller would hang with it. So such a
+process lifts its own daemon flag before starting the pool (that flag only guards child creation; its
+parent still terminates it as before), and the workers exit when their pool's pipe closes.
 """
 from __future__ import annotations
 
 import atexit
 import logging
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import threading
 import time
@@ -37,6 +39,12 @@ _counters = {"calls": 0, "timeouts": 0, "errors": 0, "rejected": 0}
 def _init_worker() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Pay math-verify's import and grammar build here, not inside the first task's time budget.
+    try:
+        from math_verify import parse, verify
+        verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
+    except ImportError:   # rewards that do not need math-verify still work
+        pass
 
 
 def _num_workers(n: int) -> int:
@@ -52,6 +60,11 @@ def _pool(workers: int):
             method = os.environ.get("EGRSD_REWARD_START_METHOD", "spawn")
             pool = ProcessPool(max_workers=workers, initializer=_init_worker, context=mp.get_context(method))
             _pools[key] = pool
+            # A multiprocessing child leaves through os._exit (no atexit): its exit code terminates daemonic
+            # children and then joins every child, racing pebble's worker replacement (a hang). A finalizer
+            # with an exit priority runs before that, in children and (via multiprocessing's atexit hook)
+            # in the main process alike.
+            mp_util.Finalize(pool, shutdown_pools, exitpriority=100)
         return pool
 
 
@@ -59,45 +72,27 @@ def _pool(workers: int):
 def shutdown_pools() -> None:
     """Stop this process's reward workers (also called at exit)."""
     with _lock:
-        for (pid, _), pool in list(_pools.items()):
-            if pid == os.getpid():
-                pool.stop()
-                pool.join(timeout=5)
+        pools = list(_pools.items())
         _pools.clear()
+    for (pid, _), pool in pools:
+        if pid == os.getpid():
+            pool.stop()
+            pool.join(timeout=5)
 
 
-def _in_daemon() -> bool:
-    return bool(mp.current_process().daemon)
+def _allow_children() -> None:
+    proc = mp.current_process()
+    if proc.daemon:
+        log.info("reward pool in daemonic process %s: lifting its daemon flag so it can start workers", proc.name)
+        proc._config["daemon"] = False  # type: ignore[attr-defined]
 
 
-def _thread_call(fn: RawReward, response: str, answer: str, timeout_s: float) -> Tuple[float, str]:
-    box: Dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["v"] = float(fn(response, answer))
-        except RewardRejected:
-            box["k"] = "rejected"
-        except Exception as e:  # noqa: BLE001 - a reward bug scores 0 and is counted, never kills training
-            box["k"] = "errors"
-            box["e"] = repr(e)
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        log.warning("reward call over %.1fs in a daemonic process: scored 0; its thread keeps running", timeout_s)
-        return 0.0, "timeouts"
-    if "v" in box:
-        return box["v"], "ok"  # type: ignore[return-value]
-    return 0.0, str(box["k"])
-
-
-def _outcome(fut, started: float, timeout_s: float) -> Tuple[float, str]:
+def _outcome(fut) -> Tuple[float, str]:
     from concurrent.futures.process import BrokenProcessPool
 
     from pebble import ProcessExpired
     try:
-        # The pool enforces timeout_s on the task once it runs; the caller-side wait adds slack for queueing.
+        # The pool enforces timeout_s on each task from the moment a worker starts it.
         return float(fut.result()), "ok"
     except FutureTimeout:
         return 0.0, "timeouts"
@@ -129,12 +124,10 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
             raise ValueError(f"score_batch: item {i}: response and answer must be strings, got "
                              f"{type(r).__name__} and {type(a).__name__}")
     t0 = time.perf_counter()
-    if _in_daemon():
-        outs = [_thread_call(fn, r, a, timeout_s) for r, a in zip(responses, answers)]
-    else:
-        pool = _pool(_num_workers(num_workers))
-        futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
-        outs = [_outcome(f, t0, timeout_s) for f in futs]
+    _allow_children()
+    pool = _pool(_num_workers(num_workers))
+    futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
+    outs = [_outcome(f) for f in futs]
     scores = [s for s, _ in outs]
     stats: Dict[str, float] = {"n": len(scores), "timeouts": 0, "errors": 0, "rejected": 0,
                                "mean": (sum(scores) / len(scores)) if scores else 0.0,
