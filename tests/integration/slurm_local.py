@@ -68,6 +68,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port() -> str:
+    """A TCP port free right now (for MASTER_PORT of a job), as a string for an environment."""
+    return str(_free_port())
+
+
 def _tail(path: str, n: int = 30) -> str:
     try:
         with open(path, errors="replace") as f:

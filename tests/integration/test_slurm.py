@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from .slurm_local import LocalSlurm, SlurmUnavailable, ensure_installed
+from .slurm_local import LocalSlurm, SlurmUnavailable, ensure_installed, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ["egrsd_qwen3_8b.sh", "egrsd_qwen3_4b.sh", "convert_hf_to_megatron.sh", "eval.sh", "egrsd_tiny_cpu.sh"]
@@ -25,6 +25,8 @@ SCRIPTS = ["egrsd_qwen3_8b.sh", "egrsd_qwen3_4b.sh", "convert_hf_to_megatron.sh"
 # machine (a tiny step takes ~0.5 s on 2 idle cores, several seconds under load).
 STEPS = 16
 pytestmark = pytest.mark.slurm
+# Each job gets MASTER_PORT=free_port(): the launcher's default (20000 + job id) would collide between two
+# test sessions on one machine, whose private Slurms both number their jobs from 1.
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, gpu
     data = str(tmp_path / "train.jsonl")
     assert main(["data", "synth", "--n", "64", "--out", data]) == 0
     run_dir = str(tmp_path / "run")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv",
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
            "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)), "HF_HUB_OFFLINE": "1"}
     out = str(tmp_path / "job.out")
     job = slurm.sbatch([f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"),
@@ -136,7 +138,8 @@ def gpu_script_job(slurm, tmp_path_factory):
     data = str(tmp / "train.jsonl")
     assert main(["data", "synth", "--n", "16", "--out", data]) == 0
     run_dir, out = str(tmp / "run"), str(tmp / "job.out")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "EGRSD_CONFIG": "conf/tiny_cpu.yaml",
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
+           "EGRSD_CONFIG": "conf/tiny_cpu.yaml",
            "EGRSD_DATA": data, "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)), "HF_HUB_OFFLINE": "1"}
     job = slurm.sbatch([f"--output={out}", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
                         "--cpus-per-task=1", "--mem=2G", "--oversubscribe",
@@ -159,7 +162,7 @@ def test_gpu_training_script_runs_end_to_end_on_cpu(slurm, gpu_script_job):
 def test_a_failing_job_is_not_requeued(slurm, tmp_path):
     """A non-42 exit (here: a config error, exit 2) fails the job; the launcher does not requeue it."""
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv",
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
            "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable))}
     job = slurm.sbatch([f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"), "loss.name=nope"],
                        env=env, cwd=REPO)
