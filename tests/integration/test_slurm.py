@@ -172,3 +172,38 @@ def test_a_failing_job_is_not_requeued(slurm, tmp_path):
     assert info.get("Restarts") == "0"
     assert "FAILED: exit code 2 (not a preemption exit: no requeue)" in log, log
     assert "loss.name" in _read(out)  # the trainer's one-line config error reaches the job output
+
+
+BATCH_SIGNAL_JOB = """#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -euo pipefail
+source "$EGRSD_REPO/slurm/launcher.sh"
+egrsd_setup
+egrsd_launch bash -c '
+  if [[ ${SLURM_RESTART_COUNT:-0} -ge 1 ]]; then echo "second run: done"; exit 0; fi
+  trap "echo task got USR1; exit 42" USR1
+  touch "$EGRSD_RUN_DIR/ready"
+  while true; do sleep 0.2; done'
+"""
+
+
+def test_signal_to_the_batch_shell_is_forwarded_to_the_tasks(slurm, tmp_path):
+    """`--signal=B:USR1@..` / `scancel --batch` signal only the batch shell: the launcher's trap must forward it
+    to srun and the tasks, then requeue on exit 42. A bash task stands in for the trainer (no Python start-up):
+    this checks the launcher's signal plumbing, the training job above checks the trainer's side."""
+    script = tmp_path / "job.sh"
+    script.write_text(BATCH_SIGNAL_JOB)
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
+    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv",
+           "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    job = slurm.sbatch([f"--output={out}", str(script)], env=env, cwd=REPO)
+    slurm.wait_job(job, 120, until=lambda i: os.path.exists(os.path.join(run_dir, "ready")))
+    slurm.run(["scancel", "--batch", "--signal=USR1", job])
+    info = slurm.wait_job(job, 180)
+    text, log = _read(out), _read(os.path.join(run_dir, "logs", "launcher.log"))
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", f"{info}\n{text}\n{log}"
+    assert "batch shell got SIGUSR1: forwarding" in log and "preempted: checkpoint saved (exit 42)" in log, log
+    assert "task got USR1" in text and "second run: done" in text, text
