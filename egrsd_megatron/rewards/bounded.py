@@ -16,6 +16,7 @@ parent still terminates it as before), and the workers exit when their pool's pi
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import multiprocessing as mp
 import multiprocessing.util as mp_util
@@ -32,11 +33,11 @@ log = logging.getLogger(__name__)
 RawReward = Callable[[str, str], float]
 
 _lock = threading.Lock()
-_pools: Dict[Tuple[int, int], object] = {}      # (pid, workers) -> pebble.ProcessPool
+_pools: Dict[Tuple[int, int, str], object] = {}   # (pid, workers, preloaded module) -> pebble.ProcessPool
 _counters = {"calls": 0, "timeouts": 0, "errors": 0, "rejected": 0}
 
 
-def _init_worker() -> None:
+def _init_worker(preload: str = "") -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Pay math-verify's import and grammar build here, not inside the first task's time budget.
@@ -45,20 +46,23 @@ def _init_worker() -> None:
         verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
     except ImportError:   # rewards that do not need math-verify still work
         pass
+    if preload:           # a reward defined elsewhere: import its module before the first timed task
+        importlib.import_module(preload)
 
 
 def _num_workers(n: int) -> int:
     return n if n > 0 else max(1, os.cpu_count() or 1)
 
 
-def _pool(workers: int):
+def _pool(workers: int, preload: str = ""):
     from pebble import ProcessPool
-    key = (os.getpid(), workers)   # a forked child must not reuse its parent's pool
+    key = (os.getpid(), workers, preload)   # a forked child must not reuse its parent's pool
     with _lock:
         pool = _pools.get(key)
         if pool is None or not pool.active:
             method = os.environ.get("EGRSD_REWARD_START_METHOD", "spawn")
-            pool = ProcessPool(max_workers=workers, initializer=_init_worker, context=mp.get_context(method))
+            pool = ProcessPool(max_workers=workers, initializer=_init_worker, initargs=(preload,),
+                               context=mp.get_context(method))
             _pools[key] = pool
             # A multiprocessing child leaves through os._exit (no atexit): its exit code terminates daemonic
             # children and then joins every child, racing pebble's worker replacement (a hang). A finalizer
@@ -74,7 +78,7 @@ def shutdown_pools() -> None:
     with _lock:
         pools = list(_pools.items())
         _pools.clear()
-    for (pid, _), pool in pools:
+    for (pid, _, _), pool in pools:
         if pid == os.getpid():
             pool.stop()
             pool.join(timeout=5)
@@ -125,7 +129,10 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
                              f"{type(r).__name__} and {type(a).__name__}")
     t0 = time.perf_counter()
     _allow_children()
-    pool = _pool(_num_workers(num_workers))
+    # Rewards of this package share one pool; a reward from another module (a test's, a user's) gets a pool
+    # whose workers import that module at start, so the import never eats into a task's time budget.
+    module = getattr(fn, "__module__", "") or ""
+    pool = _pool(_num_workers(num_workers), "" if module.startswith(__package__ + ".") else module)
     futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
     outs = [_outcome(f) for f in futs]
     scores = [s for s, _ in outs]

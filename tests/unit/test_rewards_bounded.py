@@ -99,3 +99,14 @@ def test_bounded_inside_child_processes(daemon):
 def test_register_rejects_unpicklable():
     with pytest.raises(ValueError, match="module-level"):
         register_reward("bad", lambda r, a: 1.0)
+
+
+def test_batch_uses_all_cores_and_preloads_foreign_modules():
+    import os
+
+    from egrsd_megatron.rewards import bounded
+    score_batch(["\\boxed{1}"], ["1"], num_workers=0, timeout_s=60)
+    score_batch(["a"], ["1"], name="test_crash", num_workers=0, timeout_s=60)
+    keys = [k for k in bounded._pools if k[0] == os.getpid()]
+    assert (os.getpid(), os.cpu_count(), "") in keys                     # num_workers=0: one worker per core
+    assert (os.getpid(), os.cpu_count(), __name__) in keys               # this module imported at worker start
