@@ -34,7 +34,9 @@ register_reward("test_dying", _dying_reward)
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_pool():
-    score_batch(["\\boxed{1}"] * 2, ["1"] * 2)   # pay the worker start-up once, outside the timed parts
+    # pay the worker start-ups once, outside the timed parts: the package's pool and this module's pool
+    score_batch(["\\boxed{1}"] * 2, ["1"] * 2, timeout_s=60)
+    score_batch(["a"], ["1"], name="test_crash", timeout_s=60)
 
 
 def test_pathological_answers_bounded_and_counted():
@@ -82,6 +84,7 @@ def _child(q):
     q.put((s1, s2, t, reward_counters()["timeouts"]))
 
 
+@pytest.mark.slow   # each child starts its own reward pool: ~10-30 s on a loaded 2-core machine
 @pytest.mark.parametrize("daemon", [False, True])
 def test_bounded_inside_child_processes(daemon):
     """A spawned child (the trainer's ranks are processes) and a daemonic one (which multiprocessing forbids
