@@ -42,7 +42,9 @@ elif step == "hf_to_megatron":
 elif step == "megatron_to_hf":
     convert.megatron_to_hf(a, b)
 wall = time.perf_counter() - t
-print(json.dumps({{"wall_s": wall, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+# VmHWM: this process's own peak RSS (ru_maxrss would include the parent's RSS inherited at fork)
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({{"wall_s": wall, "peak_rss_bytes": hwm}}))
 """
 
 

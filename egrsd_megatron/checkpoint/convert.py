@@ -77,7 +77,7 @@ def _plan_shards(names_sizes: List[tuple], max_shard_bytes: int) -> List[List[st
     return shards
 
 
-def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> str:
+def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 1024**3, overwrite: bool = False) -> str:
     """Convert a checkpoint written by hf_to_megatron / save_model_checkpoint into a Hugging Face folder.
 
     Output: model-0000i-of-0000n.safetensors + model.safetensors.index.json + config.json (+ tokenizer files
@@ -104,6 +104,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 2 * 1024*
                 if n in shard_end:
                     save_file(pending, os.path.join(tmp, fname[n]), metadata={"format": "pt"})
                     pending = {}
+        src.close()
         assert not pending, "shard plan covers every tensor"
         total = sum(s for _, s in sizes)
         atomic_write_json(os.path.join(tmp, "model.safetensors.index.json"),

@@ -165,6 +165,7 @@ def test_corrupt_checkpoint_errors(hf_dirs, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_cli_and_recipe(hf_dirs, tmp_path):
     import subprocess
     import sys
