@@ -59,13 +59,20 @@ class PromptBuilder:
         return self.cfg.teacher_template.format(problem=problem.problem, solution=problem.solution)
 
     # ---- ids ----
+    def _token_id(self, token: str):
+        """The id of `token` if the vocabulary really has it (an unknown token maps to unk: round-trip)."""
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or self.tokenizer.convert_ids_to_tokens(int(tid)) != token:
+            return None
+        return int(tid)
+
     def _special_id(self, token: str) -> int:
         if token not in self._special_ids:
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if tid is None or tid == getattr(self.tokenizer, "unk_token_id", None):
+            tid = self._token_id(token)
+            if tid is None:
                 raise ConfigError(f"config key 'prompt.chat_format': the tokenizer has no {token} token, so the "
                                   f"qwen3 chat format cannot be used with it (try chat_format=tokenizer)")
-            self._special_ids[token] = int(tid)
+            self._special_ids[token] = tid
         return self._special_ids[token]
 
     def _encode_text(self, text: str) -> List[int]:
@@ -98,11 +105,10 @@ class PromptBuilder:
     def eos_token_ids(self) -> List[int]:
         """Ids that end a response: <|im_end|> and <|endoftext|> when present, and the tokenizer's eos."""
         out: List[int] = []
-        unk = getattr(self.tokenizer, "unk_token_id", None)
         for tok in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if tid is not None and tid != unk and tid not in out:
-                out.append(int(tid))
+            tid = self._token_id(tok)
+            if tid is not None and tid not in out:
+                out.append(tid)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None and int(eos) not in out:
             out.append(int(eos))

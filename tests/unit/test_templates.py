@@ -92,3 +92,22 @@ def test_custom_templates_from_yaml(tok, tmp_path):
     assert tok.decode(b.student_prompt_ids(P)) == render_qwen3([{"role": "user", "content": "Solve: " + P.problem}],
                                                                 thinking=False)
     assert f"Hint: {P.solution}" in tok.decode(b.teacher_prompt_ids(P))
+
+
+@pytest.mark.slow   # builds the SmolLM2 folder from its GGUF on first use (~20 s), then reuses it
+def test_smollm2_tokenizer_chat_template():
+    """SmolLM2 (the CPU demo model): its own chat template, and stop ids <|im_end|> (2) and <|endoftext|> (0,
+    which SmolLM2 also uses as its unk token)."""
+    from egrsd_megatron.models.smollm2 import smollm2_hf_dir
+    tok = load_tokenizer(None, fallback_dir=smollm2_hf_dir())
+    b = PromptBuilder(tok, PromptConfig(chat_format="tokenizer"))
+    text = tok.decode(b.student_prompt_ids(P))
+    assert text.startswith("<|im_start|>system\n") and text.endswith(
+        "<|im_start|>user\n" + PromptConfig().student_template.format(problem=P.problem)
+        + "<|im_end|>\n<|im_start|>assistant\n")
+    assert b.eos_token_ids == [2, 0]
+    resp = tok.encode(" 12 apples", add_special_tokens=False) + [2]
+    ids, start = b.teacher_sequence(P, resp)
+    assert ids[start:] == resp and P.solution in tok.decode(ids[:start])
+    with pytest.raises(ConfigError, match="no <think> token"):   # thinking off needs Qwen3's tokens
+        PromptBuilder(tok, PromptConfig(thinking=False)).student_prompt_ids(P)
