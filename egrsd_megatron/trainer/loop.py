@@ -238,20 +238,34 @@ class Trainer:
             sum(len(s.response) for s in samples)
         denominator = self._all_reduce([local_count], ps.get_data_parallel_group())[0]
 
-        t1 = time.monotonic()
-        teacher_logits = teacher_pass(self.teacher.model, mbs)
-        timings["time/teacher"] = time.monotonic() - t1
-
+        # Teacher logits at the response positions are the step's largest buffer ([b, R, V/TP] each). Without
+        # pipeline parallelism (and with one PPO epoch) each micro-batch's teacher pass runs right before its
+        # student pass, so one micro-batch of them is alive at a time; with PP the schedule needs them all.
+        interleave = ps.get_pipeline_model_parallel_world_size() == 1 and cfg.train.ppo_epochs == 1
+        t_teacher = 0.0
         t2 = time.monotonic()
+        teacher_logits: Dict[int, torch.Tensor] = {}
+        if not interleave:
+            teacher_logits = teacher_pass(self.teacher.model, mbs)
+            t_teacher = time.monotonic() - t2
         old: Optional[Dict[int, torch.Tensor]] = {} if cfg.train.ppo_epochs > 1 else None
         mb_metrics: List[dict] = []
         skipped = False
         grad_norm = float("nan")
+        pass_args = dict(denominator=denominator, vocab_size=self.arch.vocab_size,
+                         tp_group=ps.get_tensor_model_parallel_group(), old_logprobs=old)
         for _epoch in range(cfg.train.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            mb_metrics = student_pass(self.model, mbs, teacher_logits, cfg.loss, denominator=denominator,
-                                      vocab_size=self.arch.vocab_size,
-                                      tp_group=ps.get_tensor_model_parallel_group(), old_logprobs=old)
+            if interleave:
+                mb_metrics = []
+                for mb in mbs:
+                    tt = time.monotonic()
+                    one = teacher_pass(self.teacher.model, [mb])
+                    t_teacher += time.monotonic() - tt
+                    mb_metrics += student_pass(self.model, [mb], one, cfg.loss, **pass_args)
+                    del one
+            else:
+                mb_metrics = student_pass(self.model, mbs, teacher_logits, cfg.loss, **pass_args)
             finalize_grads([self.model])
             tt = time.monotonic()
             grad_norm = clip_grads([self.model], cfg.optim.clip_grad)
@@ -264,7 +278,8 @@ class Trainer:
             self.optimizer.step()
             timings["time/optimizer"] = timings.get("time/optimizer", 0.0) + time.monotonic() - tt
         self.scheduler.step()
-        timings["time/student"] = time.monotonic() - t2 - timings.get("time/optimizer", 0.0)
+        timings["time/teacher"] = t_teacher
+        timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0)
         if skipped:
             self.counters["nonfinite_skipped"] += 1
             self.counters["nonfinite_in_row"] += 1
