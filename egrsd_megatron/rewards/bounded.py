@@ -128,6 +128,9 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
             raise ValueError(f"score_batch: item {i}: response and answer must be strings, got "
                              f"{type(r).__name__} and {type(a).__name__}")
     t0 = time.perf_counter()
+    if not responses:     # nothing to score: no pool to start
+        return [], {"n": 0, "timeouts": 0, "errors": 0, "rejected": 0, "mean": 0.0, "num_correct": 0,
+                    "seconds": 0.0}
     _allow_children()
     # Rewards of this package share one pool; a reward from another module (a test's, a user's) gets a pool
     # whose workers import that module at start, so the import never eats into a task's time budget.

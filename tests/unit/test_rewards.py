@@ -96,6 +96,8 @@ def test_registry_and_input_errors():
     assert {"math", "final_number", "math_or_final_number"} <= set(reward_names())
     with pytest.raises(ValueError, match="reward.name.*nope"):
         get_reward("nope")
+    assert score_batch([], []) == ([], {"n": 0, "timeouts": 0, "errors": 0, "rejected": 0, "mean": 0.0,
+                                       "num_correct": 0, "seconds": 0.0})
     with pytest.raises(ValueError, match="2 responses but 1 answers"):
         score_batch(["a", "b"], ["1"])
     with pytest.raises(ValueError, match="item 0"):
