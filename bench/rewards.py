@@ -9,7 +9,6 @@ process isolation and a hard time bound; with several cores it should also be fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
