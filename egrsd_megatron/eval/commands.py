@@ -27,6 +27,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="auto: vllm when a GPU and vllm are present, else hf")
     p.add_argument("--no-thinking", action="store_true", help="Qwen3 chat template with thinking off")
+    p.add_argument("--chat-format", choices=("qwen3", "tokenizer"), default="qwen3",
+                   help="qwen3: the project's Qwen3 template; tokenizer: the tokenizer's own chat template")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -57,7 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
         engine=default_engine_name() if args.engine == "auto" else args.engine, tokenizer=args.tokenizer,
         limit=args.limit)
     summary = run_eval(args.model, args.benchmarks, args.data_dir, args.out, settings, batch_size=args.batch_size,
-                       prompt_cfg=PromptConfig(thinking=not args.no_thinking), progress=not args.no_progress)
+                       prompt_cfg=PromptConfig(thinking=not args.no_thinking, chat_format=args.chat_format), progress=not args.no_progress)
     for name, m in {**summary["benchmarks"], "average": summary["average"]}.items():
         print(f"{name:>12}  accuracy {100 * m['accuracy']:6.2f}%  mean length {m['mean_length']:8.1f}  "
               f"truncated {100 * m['truncation_rate']:5.1f}%")

@@ -209,8 +209,8 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
     if not benchmarks:
         raise ValueError("no benchmarks given: pass --benchmarks NAME [NAME ...]")
     files = {name: benchmark_file(data_dir, name) for name in benchmarks}   # all checked before any work
-    os.makedirs(out_dir, exist_ok=True)
     tmp_root = tempfile.mkdtemp(prefix="egrsd_eval_")
+    own_engine = engine is None
     try:
         if engine is None:
             hf_dir = resolve_model_dir(model_dir, tmp_root)
@@ -224,6 +224,7 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
         prompt_cfg = prompt_cfg or PromptConfig()
         settings.chat = {"thinking": prompt_cfg.thinking, "chat_format": prompt_cfg.chat_format,
                          "student_template": prompt_cfg.student_template, "system": prompt_cfg.system}
+        os.makedirs(out_dir, exist_ok=True)   # only once the model and data were found
         _check_settings(out_dir, settings)
         builder = PromptBuilder(tokenizer, prompt_cfg)
         params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -250,6 +251,8 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
                      summary["mean_length"], summary["truncation_rate"])
         return write_summary(out_dir, settings.label, per_bench, settings)
     finally:
+        if own_engine and engine is not None:
+            engine.close()
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 

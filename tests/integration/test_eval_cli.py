@@ -126,6 +126,11 @@ def test_megatron_checkpoint_gives_same_samples(setup):
         outs[name] = [(r["response"], r["num_tokens"], r["seed"]) for r in
                       map(json.loads, open(os.path.join(out, "mine.samples.jsonl")))]
     assert len(outs["hf"]) == 2 and outs["hf"] == outs["megatron"]
+    # the frontier plot reads real `egrsd eval` folders
+    png = str(root / "frontier.png")
+    assert main(["frontier", str(root / "route_hf"), str(root / "route_megatron"), "--out", png]) == 0
+    import matplotlib.image as mpimg
+    assert mpimg.imread(png).shape[:2] == (390, 480)   # one benchmark: a single panel
 
 
 def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
@@ -147,4 +152,4 @@ def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
     assert code == 2 and "no weights" in err
     code, err = run("--model", str(tmp_path / "missing"), "--benchmarks", "mine", "--data-dir", data)
     assert code == 2 and "folder not found" in err
-    assert not os.path.exists(os.path.join(out, "summary.json"))
+    assert not os.path.exists(out)   # nothing written for a run that could not start
