@@ -6,10 +6,13 @@ Built with the `tokenizers` library (byte-level BPE with no merges), wrapped as 
 """
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# As in Qwen3: the thinking tags are single tokens but NOT special, so decoding keeps them and the
+# rewards can find `</think>`.
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -20,4 +23,5 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return fast
