@@ -323,11 +323,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     for tp in args.tp:
         rows += _merge(run_distributed(_worker, tp, grid, opts, timeout=3600))
+        if args.out:  # a partial file after each TP, replaced atomically: a long run is never all lost
+            atomic_write_json(args.out, {"config": vars(args), "torch": torch.__version__, "rows": rows,
+                                         "complete": tp == args.tp[-1]})
     print_table(rows)
     print(f"(total {time.time() - t0:.0f} s; {args.threads} thread(s) per rank; median of {args.reps} reps "
           f"after {args.warmup} warm-up; torch {torch.__version__})")
-    if args.out:
-        atomic_write_json(args.out, {"config": vars(args), "torch": torch.__version__, "rows": rows})
     return 0
 
 
