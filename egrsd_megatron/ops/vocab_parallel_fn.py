@@ -28,6 +28,10 @@ Memory: fp32 work happens in row blocks of at most `block_rows` x `valid` elemen
 (student, teacher, one shared exp/scratch) are allocated once per call and reused; the inputs are
 read in their own dtype (bf16 stays bf16) and upcast one block at a time. The backward saves only the input
 logits (teacher only when a KL needs it) and a few fp32 numbers per token.
+
+GPU: only plain torch ops and torch.distributed.all_reduce, so CUDA/NCCL should work unchanged, but this
+has only been run on CPU/gloo: CUDA correctness, speed and the CUDA block size are unverified. On GPU,
+check_finite costs one host sync per chunk (the only sync; the backward has none).
 """
 from __future__ import annotations
 
