@@ -10,10 +10,9 @@ Both write into a temporary folder renamed on success (utils.atomic.atomic_dir).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

@@ -15,8 +15,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..models.arch import ModelArch
-from .layout import (EMBED, ParamMap, canonical_local_name, emitters, hf_from_shards, hf_shapes, megatron_shape,
-                     output_param, shard_from_hf, stage_of, stage_params)
+from .layout import (EMBED, ParamMap, canonical_local_name, emitters, hf_from_shards, hf_shapes, output_param,
+                     shard_from_hf, stage_of, stage_params)
 
 __all__ = ["HFSource", "load_hf_weights", "load_from_source", "gather_hf_state_dict", "shard_from_hf",
            "hf_from_shards", "model_params_by_canonical_name"]

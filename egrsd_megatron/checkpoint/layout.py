@@ -198,22 +198,3 @@ def hf_from_shards(pm: ParamMap, shards: Sequence[torch.Tensor], arch: ModelArch
         return [torch.cat([a for a, _ in halves], dim=0), torch.cat([b for _, b in halves], dim=0)]
     raise ValueError(f"unknown mapping kind {k!r} for {pm.mname}")
 
-
-def megatron_shape(pm: ParamMap, arch: ModelArch, tp: int) -> Tuple[int, ...]:
-    """Shape of TP shard of `pm` (used to check checkpoint files before copying)."""
-    h, d = arch.hidden_size, arch.head_dim
-    k = pm.kind
-    if k in ("rep",):
-        return (h,)
-    if k == "qknorm":
-        return (d,)
-    if k == "vocab":
-        return (arch.padded_vocab_size(tp) // tp, h)
-    if k == "qkv":
-        return ((arch.num_attention_heads + 2 * arch.num_kv_heads) * d // tp, h)
-    if k == "fc1":
-        return (2 * arch.ffn_hidden_size // tp, h)
-    if k == "row":
-        cols = arch.num_attention_heads * d if "linear_proj" in pm.mname else arch.ffn_hidden_size
-        return (h, cols // tp)
-    raise ValueError(k)

@@ -28,8 +28,8 @@ import torch
 
 from ..models.arch import ModelArch
 from ..utils.atomic import atomic_write_json, atomic_write_text
-from .layout import (ParamMap, emitters, hf_from_shards, layers_per_stage, output_param, stage_extra_state_keys,
-                     stage_of, stage_params)
+from .layout import (ParamMap, emitters, hf_from_shards, layers_per_stage, stage_extra_state_keys, stage_of,
+                     stage_params)
 
 META_FILE = "egrsd_checkpoint.json"
 FORMAT = "megatron-lm-torch-per-rank"
@@ -280,4 +280,4 @@ def _canon(name: str) -> str:
 
 
 __all__ = ["save_model_checkpoint", "load_model_checkpoint", "read_checkpoint_metadata", "MegatronSource",
-           "rank_file", "rank_state_dict", "write_rank_file", "write_common", "build_metadata", "output_param"]
+           "rank_file", "rank_state_dict", "write_rank_file", "write_common", "build_metadata"]

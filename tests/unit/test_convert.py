@@ -61,7 +61,7 @@ def test_rank_files_follow_the_mapping(hf_dirs, tmp_path):
     hf = load_file(os.path.join(src, "model.safetensors"))
     ck = hf_to_megatron(src, str(tmp_path / "meg"), tp=2, pp=2)
     r1 = torch.load(rank_file(ck, 1, 1, 2), weights_only=True)["model"]   # TP rank 1, stage 1 (global layer 1)
-    assert r1["checkpoint_version" if False else "decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)
+    assert r1["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)
     q = hf["model.layers.1.self_attn.q_proj.weight"]
     k = hf["model.layers.1.self_attn.k_proj.weight"]
     v = hf["model.layers.1.self_attn.v_proj.weight"]
