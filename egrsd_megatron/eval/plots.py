@@ -117,9 +117,11 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
             if l not in lbls:
                 handles.append(h)
                 lbls.append(l)
-    fig.legend(handles, lbls, loc="lower center", ncol=min(len(lbls), 5), fontsize=9, frameon=False)
+    ncol = max(1, min(len(lbls), 2 * cols))          # ~2 entries per panel width fit without clipping
+    legend_in = 0.3 * math.ceil(len(lbls) / ncol) + 0.1   # legend height in inches, reserved at the bottom
+    fig.legend(handles, lbls, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Accuracy vs response length (up-left is better)", fontsize=12)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, legend_in / (PANEL_H * rows), 1, 0.95))
     _save(fig, out)
     plt.close(fig)
     return out
