@@ -85,14 +85,20 @@ def compute_metrics(records: Iterable[Mapping[str, Any]], ks: Optional[Sequence[
     return out
 
 
+COUNT_KEYS = ("num_problems", "num_samples")
+
+
 def average_summaries(summaries: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """Unweighted mean over benchmarks of every numeric metric that all benchmarks report (the paper's
-    "average" column: each benchmark counts once, whatever its size)."""
+    "average" column: each benchmark counts once, whatever its size); problem/sample counts are summed."""
     if not summaries:
         raise ValueError("average_summaries: no benchmarks")
     keys = set.intersection(*(set(s) for s in summaries.values()))
     out: Dict[str, Any] = {}
     for k in sorted(keys):
+        if k in COUNT_KEYS:   # sizes are summed, not averaged
+            out[k] = int(sum(s[k] for s in summaries.values()))
+            continue
         vals = [s[k] for s in summaries.values()]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             out[k] = float(sum(vals) / len(vals))

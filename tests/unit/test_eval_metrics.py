@@ -62,9 +62,9 @@ def test_metrics_edge_cases():
         compute_metrics([])
     with pytest.raises(ValueError, match="pass@8"):
         compute_metrics(FIXTURE, ks=[8])
-    avg = average_summaries({"a": {"accuracy": 0.5, "mean_length": 10.0, "x": "s"},
-                             "b": {"accuracy": 0.25, "mean_length": 30.0}})
-    assert avg == {"accuracy": 0.375, "mean_length": 20.0}
+    avg = average_summaries({"a": {"accuracy": 0.5, "mean_length": 10.0, "x": "s", "num_samples": 4},
+                             "b": {"accuracy": 0.25, "mean_length": 30.0, "num_samples": 6}})
+    assert avg == {"accuracy": 0.375, "mean_length": 20.0, "num_samples": 10}
 
 
 class ScriptedEngine(RolloutEngine):
