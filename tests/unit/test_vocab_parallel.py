@@ -108,13 +108,17 @@ def run_token_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
     return {k: v.detach().double().numpy() for k, v in out.items()}
 
 
-def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: str) -> None:
+def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: str,
+                   grad_atol_rows: Optional[np.ndarray] = None) -> None:
     for k in ("ls", "lt", "ht", "hs", "kl"):
         err = np.abs(ours[k] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
         assert np.all(np.isfinite(ours[k])), f"{what}: {k} not finite: {ours[k]}"
         assert err.max() <= rtol, f"{what}: {k} rel err {err.max():.3g} at token {err.argmax()}"
     scale = np.maximum(1.0, np.abs(ref["grad"]).max(axis=1, keepdims=True))
-    gerr = np.abs(ours["grad"] - ref["grad"]) / scale
+    gerr = np.abs(ours["grad"] - ref["grad"])
+    if grad_atol_rows is not None:
+        gerr = np.maximum(gerr - grad_atol_rows[:, None], 0.0)
+    gerr = gerr / scale
     assert np.all(np.isfinite(ours["grad"])), f"{what}: gradient not finite"
     assert gerr.max() <= grad_rtol, f"{what}: grad rel err {gerr.max():.3g} at {np.unravel_index(gerr.argmax(), gerr.shape)}"
 
@@ -275,4 +279,11 @@ def test_random_shapes_chunks_and_blocks(n, v, pad, chunk, rows, kl, seed, scale
     w = torch.randn(3, n, generator=g)
     ref = reference_stats(zs, zt, y, w, v, kl)
     ours = run_token_stats(zs, zt, y, w, kl, vocab_size=v, chunk_size=chunk, block_elems=rows * v)
-    assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"n={n} v={v} pad={pad} chunk={chunk} kl={kl}")
+    # KL / entropy gradients multiply pS by differences of log-probs; fp32 holds a log-prob of size L only
+    # to ~eps32 * L, so at logit scale 50 (|log p| ~ 200) 1e-5 of the row scale is below fp32 resolution.
+    # Allow that conditioning term on top: 2 eps32 * |w| * max_v(|log pS| + |log pT| + |KL|) per row.
+    lps = torch.log_softmax(zs[:, :v].double(), -1).abs()
+    lpt = torch.log_softmax(zt[:, :v].double(), -1).abs()
+    cond = (lps + lpt).max(-1).values.numpy() + np.abs(ref["kl"]) + np.abs(ref["hs"])
+    atol = 2 * 6e-8 * np.abs(w.numpy()).sum(0) * cond
+    assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"n={n} v={v} pad={pad} chunk={chunk} kl={kl}", atol)
