@@ -5,8 +5,11 @@ Hugging Face tensors it is made of, and a `kind` saying how TP shards are cut:
 - rep:     replicated on every TP rank (norms).
 - qknorm:  replicated q/k-norm weights; under TP each rank's gradient covers only its heads (sum over TP).
 - vocab:   rows = vocabulary, padded with zero rows to 128 x TP, split along dim 0 (embedding, lm head).
-- row:     split along dim 1 (RowParallelLinear: o_proj -> linear_proj, down_proj -> linear_fc2).
+- row:     split along dim 1 (RowParallelLinear: down_proj -> linear_fc2).
 - qkv:     q/k/v -> linear_qkv laid out per query group [q heads of the group; k; v]; TP splits whole groups.
+- proj:    o_proj -> linear_proj, split along dim 1 by whole query groups.
+qkv and proj hold ModelArch.megatron_groups(tp) groups: when TP does not divide the KV groups, zero groups
+are appended (HF -> Megatron) and dropped after checking they are exactly zero (Megatron -> HF).
 - fc1:     gate/up -> linear_fc1; TP rank r holds cat(gate shard r, up shard r).
 (Facts from ../../docs/environment.md; checked against transformers logits in the tests.)
 """
@@ -43,7 +46,7 @@ def layer_params(arch: ModelArch, i: int) -> List[ParamMap]:
     if arch.qk_norm:
         out += [ParamMap(m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), "qknorm", i),
                 ParamMap(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), "qknorm", i)]
-    out += [ParamMap(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row", i),
+    out += [ParamMap(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "proj", i),
             ParamMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "rep", i),
             ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1", i),
             ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", i)]
@@ -167,10 +170,20 @@ def shard_from_hf(pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch
     if k == "qkv":
         q, kk, v = tensors
         g, d, hpg, h = arch.num_kv_heads, arch.head_dim, arch.heads_per_group, q.shape[1]
-        gl = g // tp
-        sl = slice(tp_rank * gl, (tp_rank + 1) * gl)
-        fused = torch.cat([q.view(g, hpg * d, h)[sl], kk.view(g, d, h)[sl], v.view(g, d, h)[sl]], dim=1)
-        return fused.reshape(gl * (hpg + 2) * d, h).contiguous()
+        gl = arch.megatron_groups(tp) // tp
+        lo, hi = min(tp_rank * gl, g), min((tp_rank + 1) * gl, g)    # this rank's real groups
+        fused = q.new_zeros((gl, (hpg + 2) * d, h))                   # padding groups stay zero
+        fused[: hi - lo] = torch.cat([q.view(g, hpg * d, h)[lo:hi], kk.view(g, d, h)[lo:hi],
+                                      v.view(g, d, h)[lo:hi]], dim=1)
+        return fused.reshape(gl * (hpg + 2) * d, h)
+    if k == "proj":
+        w = tensors[0]
+        g, cols = arch.num_kv_heads, arch.heads_per_group * arch.head_dim
+        gl = arch.megatron_groups(tp) // tp
+        lo, hi = min(tp_rank * gl, g), min((tp_rank + 1) * gl, g)
+        out = w.new_zeros((w.shape[0], gl * cols))                     # padding columns stay zero
+        out[:, : (hi - lo) * cols] = w[:, lo * cols: hi * cols]
+        return out
     if k == "fc1":
         gate, up = tensors
         return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0).contiguous()
@@ -189,12 +202,28 @@ def hf_from_shards(pm: ParamMap, shards: Sequence[torch.Tensor], arch: ModelArch
     if k == "qkv":
         g, d, hpg = arch.num_kv_heads, arch.head_dim, arch.heads_per_group
         h = shards[0].shape[1]
-        fused = torch.cat([s.view(g // tp, (hpg + 2) * d, h) for s in shards], dim=0)
-        q, kk, v = fused.split([hpg * d, d, d], dim=1)
+        gm = arch.megatron_groups(tp)
+        fused = torch.cat([s.view(gm // tp, (hpg + 2) * d, h) for s in shards], dim=0)
+        _check_zero_padding(pm, fused[g:], tp)
+        q, kk, v = fused[:g].split([hpg * d, d, d], dim=1)
         return [q.reshape(g * hpg * d, h).contiguous(), kk.reshape(g * d, h).contiguous(),
                 v.reshape(g * d, h).contiguous()]
+    if k == "proj":
+        cols = arch.num_attention_heads * arch.head_dim
+        full = torch.cat(list(shards), dim=1)
+        _check_zero_padding(pm, full[:, cols:], tp)
+        return [full[:, :cols].contiguous()]
     if k == "fc1":
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([a for a, _ in halves], dim=0), torch.cat([b for _, b in halves], dim=0)]
     raise ValueError(f"unknown mapping kind {k!r} for {pm.mname}")
 
+
+
+def _check_zero_padding(pm: ParamMap, pad: torch.Tensor, tp: int) -> None:
+    """Padding groups must be exactly zero; anything else means the exactness invariant broke."""
+    if pad.numel() and bool(pad.ne(0).any()):
+        raise ValueError(f"{pm.mname} (layer {pm.layer}): the zero-padding KV group(s) added at TP={tp} hold non-zero values (max |x| = {pad.abs().max().item():.3g}): "
+                         f"the padding invariant broke (something wrote into the padded heads, e.g. an optimizer "
+                         f"with noise or a non-zero init); these values cannot be represented in the Hugging Face "
+                         f"model")

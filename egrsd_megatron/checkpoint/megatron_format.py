@@ -47,8 +47,9 @@ def rank_file(ckpt_dir: str, tp_rank: int, pp_rank: int, pp: int) -> str:
 def megatron_lm_args(arch: ModelArch, tp: int, pp: int) -> List[str]:
     """The Megatron-LM pretrain_gpt.py arguments describing this model (recorded in the metadata)."""
     a = ["--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
-         "--num-attention-heads", str(arch.num_attention_heads), "--group-query-attention",
-         "--num-query-groups", str(arch.num_kv_heads), "--kv-channels", str(arch.head_dim),
+         # Padded counts (zero KV groups appended when TP does not divide them; ModelArch.megatron_groups).
+         "--num-attention-heads", str(arch.megatron_heads(tp)), "--group-query-attention",
+         "--num-query-groups", str(arch.megatron_groups(tp)), "--kv-channels", str(arch.head_dim),
          "--ffn-hidden-size", str(arch.ffn_hidden_size), "--normalization", "RMSNorm",
          "--norm-epsilon", str(arch.rms_norm_eps), "--swiglu", "--disable-bias-linear",
          "--position-embedding-type", "rope", "--rotary-base", str(int(arch.rope_theta)),
@@ -66,6 +67,9 @@ def build_metadata(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype, extra:
                    ) -> Dict[str, Any]:
     meta = {"format": FORMAT, "tp": tp, "pp": pp, "arch": arch.to_dict(), "dtype": str(dtype).replace("torch.", ""),
             "vocab_size": arch.vocab_size, "padded_vocab_size": arch.padded_vocab_size(tp),
+            # Attention as stored: groups num_kv_heads.. are zero padding (dropped when converting to HF).
+            "megatron_query_groups": arch.megatron_groups(tp), "megatron_attention_heads": arch.megatron_heads(tp),
+            "padded_kv_groups": arch.padded_groups(tp),
             "megatron_lm_args": megatron_lm_args(arch, tp, pp)}
     meta.update(extra or {})
     return meta

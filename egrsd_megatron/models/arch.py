@@ -56,15 +56,39 @@ class ModelArch:
         m = VOCAB_DIVISIBLE_BY * tp
         return ((self.vocab_size + m - 1) // m) * m
 
+    # ---- Megatron-side attention layout (KV-group padding) ------------------------------------
+    def megatron_groups(self, tp: int) -> int:
+        """Query groups of the Megatron model at TP: num_kv_heads rounded up to a multiple of TP.
+
+        Megatron-Core needs TP to divide the query groups. When it does not, zero groups are appended
+        (global group indices num_kv_heads .. megatron_groups-1, i.e. at the end of the last TP ranks):
+        a zero group has zero q/k/v weights and zero linear_proj input columns, so its attention output
+        softmax(.) @ v = 0 is mapped to 0 (logits exact), and its gradients are exactly 0 (v = 0 and
+        W_o = 0 kill every path), so AdamW keeps it at 0. This is the one place that decides the layout.
+        """
+        if tp < 1:
+            raise ConfigError(f"tp={tp} must be >= 1")
+        return -(-self.num_kv_heads // tp) * tp
+
+    def megatron_heads(self, tp: int) -> int:
+        """Query heads of the Megatron model at TP (heads_per_group per group, padded groups included)."""
+        return self.megatron_groups(tp) * self.heads_per_group
+
+    def padded_groups(self, tp: int) -> int:
+        """Number of zero (padding) query groups at TP; 0 when TP divides num_kv_heads."""
+        return self.megatron_groups(tp) - self.num_kv_heads
+
     def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ConfigError when TP does not divide heads / KV groups / FFN, or PP the layers."""
+        """Raise ConfigError when TP does not divide the FFN, or PP the layers.
+
+        Heads / KV groups that TP does not divide are padded with zero groups (see megatron_groups), so
+        they do not restrict TP; the FFN (split column-wise, no exact padding here) and layers do.
+        """
         if tp < 1 or pp < 1:
             raise ConfigError(f"tp={tp} and pp={pp} must be >= 1")
-        for name, n in (("num_attention_heads", self.num_attention_heads), ("num_kv_heads (query groups)",
-                        self.num_kv_heads), ("ffn_hidden_size", self.ffn_hidden_size)):
-            if n % tp:
-                raise ConfigError(f"tensor parallel size {tp} does not divide {name}={n}: choose a TP that "
-                                  f"divides {n}")
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(f"tensor parallel size {tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: "
+                              f"choose a TP that divides {self.ffn_hidden_size}")
         if self.num_layers % pp:
             raise ConfigError(f"pipeline parallel size {pp} does not divide num_layers={self.num_layers}: "
                               f"choose a PP that divides {self.num_layers}")

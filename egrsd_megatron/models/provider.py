@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..config.schema import ModelConfig
 from .arch import ModelArch
+from .group_padding import zero_padding_groups_
 from .precision import cuda_capability, precision_fields, te_available
 
 
@@ -27,8 +28,9 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int
     from megatron.core.transformer.transformer_config import TransformerConfig
     arch.check_parallel(tp, pp)
     kw = dict(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.megatron_heads(tp),
+        # Padded (zero) KV groups when TP does not divide num_kv_heads: see ModelArch.megatron_groups.
+        num_query_groups=arch.megatron_groups(tp), kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, qk_layernorm=arch.qk_norm,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
         hidden_dropout=0.0, attention_dropout=0.0,
@@ -75,6 +77,8 @@ def build_model(arch: ModelArch, model_cfg: ModelConfig):
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=arch.rope_theta)
+    # Megatron's random init also fills the padding groups; they must be exactly zero (exactness invariant).
+    zero_padding_groups_(model, arch, tp, ps.get_tensor_model_parallel_rank())
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.egrsd_padded_vocab_size = padded

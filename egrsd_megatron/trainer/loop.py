@@ -33,9 +33,7 @@ def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
                           f"{world_size}: launch a multiple of {tp * pp} processes")
-    if arch.num_attention_heads % tp or arch.num_kv_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide the model's attention heads ({arch.num_attention_heads}) "
-                          f"and KV heads ({arch.num_kv_heads})")
+    arch.check_parallel(tp, pp)  # KV groups TP does not divide are zero-padded (ModelArch.megatron_groups)
     if arch.num_layers % pp:
         raise ConfigError(f"parallel.pp={pp} must divide the model's {arch.num_layers} layers")
     dp = world_size // (tp * pp)

@@ -124,8 +124,8 @@ def test_bad_inputs_name_the_tensor_and_file(hf_dirs, tmp_path):
         hf_to_megatron(variant("shape", bad), str(tmp_path / "o3"))
     with pytest.raises(ValueError, match=r"intermediate_size|mlp.gate_proj.weight has shape"):
         hf_to_megatron(variant("cfg", cfg_patch={"intermediate_size": 96}), str(tmp_path / "o4"))
-    with pytest.raises(ConfigError, match="does not divide num_kv_heads.*=2"):
-        hf_to_megatron(src, str(tmp_path / "o5"), tp=4)
+    with pytest.raises(ConfigError, match="does not divide ffn_hidden_size=128"):
+        hf_to_megatron(src, str(tmp_path / "o5"), tp=3)
     with pytest.raises(ConfigError, match="unknown architecture"):
         hf_to_megatron(variant("arch", cfg_patch={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}),
                        str(tmp_path / "o6"))

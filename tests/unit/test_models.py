@@ -73,13 +73,18 @@ def test_missing_key_and_bad_parallel():
     del d["hidden_size"]
     with pytest.raises(ConfigError, match="hidden_size"):
         ModelArch.from_hf_config(d)
-    a = PRESETS["qwen3_tiny"]                    # 4 heads, 2 kv heads, 2 layers
-    with pytest.raises(ConfigError, match="num_kv_heads"):
-        a.check_parallel(4, 1)
-    with pytest.raises(ConfigError, match="num_attention_heads"):
+    a = PRESETS["qwen3_tiny"]                    # 4 heads, 2 kv heads, 2 layers, ffn 128
+    a.check_parallel(4, 1)                       # KV groups padded 2 -> 4 (heads 4 -> 8)
+    assert (a.megatron_groups(4), a.megatron_heads(4), a.padded_groups(4)) == (4, 8, 2)
+    assert (a.megatron_groups(2), a.megatron_heads(2), a.padded_groups(2)) == (2, 4, 0)
+    with pytest.raises(ConfigError, match="does not divide ffn_hidden_size=128"):
         a.check_parallel(3, 1)
     with pytest.raises(ConfigError, match="num_layers=2"):
         a.check_parallel(1, 3)
+    smol = ModelArch(num_layers=30, hidden_size=576, num_attention_heads=9, num_kv_heads=3, head_dim=64,
+                     ffn_hidden_size=1536, vocab_size=49152, family="llama", qk_norm=False)
+    smol.check_parallel(2, 1)
+    assert (smol.megatron_groups(2), smol.megatron_heads(2), smol.megatron_groups(3)) == (4, 12, 3)
 
 
 def test_precision_fields(monkeypatch):
@@ -111,5 +116,7 @@ def test_transformer_config_fields():
     assert c.tensor_model_parallel_size == 2 and c.pipeline_model_parallel_size == 2
     assert c.pipeline_dtype == torch.float32 and c.recompute_granularity == "full"
     assert not transformer_config(PRESETS["llama_tiny"], ModelConfig(), 1, 1).qk_layernorm
-    with pytest.raises(ConfigError, match="num_kv_heads"):
-        transformer_config(a, ModelConfig(), tp=4, pp=1)
+    c4 = transformer_config(a, ModelConfig(), tp=4, pp=1)   # 2 KV groups padded to 4 at TP=4
+    assert (c4.num_attention_heads, c4.num_query_groups, c4.kv_channels) == (8, 4, 16)
+    with pytest.raises(ConfigError, match="ffn_hidden_size"):
+        transformer_config(a, ModelConfig(), tp=3, pp=1)

@@ -123,7 +123,7 @@ def test_qwen3_4b_tied_embedding_counted_once():
 
 
 @pytest.mark.parametrize("extra, nodes, gpn, match", [
-    (["parallel.tp=3"], 1, 6, "does not divide num_attention_heads=32"),
+    (["parallel.tp=5"], 1, 5, "does not divide ffn_hidden_size=12288"),
     (["parallel.tp=1", "parallel.pp=5"], 5, 1, "does not divide num_layers=36"),
     ([], 3, 5, r"world size 3 nodes x 5 GPUs = 15 is not divisible by parallel.tp=4 x parallel.pp=1"),
     (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 is not divisible by the data-parallel size DP=8"),
