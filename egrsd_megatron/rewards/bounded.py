@@ -139,6 +139,14 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
     pool = _pool(_num_workers(num_workers), "" if module.startswith(__package__ + ".") else module)
     futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
     outs = [_outcome(f) for f in futs]
+    # A timeout can also come from a machine too busy to give the worker its time slice (seen at load ~15 on
+    # 2 cores): retry timed-out items once, so a correct answer is not scored 0 because of load; a truly
+    # pathological one times out twice (2 x timeout_s) and scores 0.
+    again = [i for i, (_, kind) in enumerate(outs) if kind == "timeouts"]
+    if again:
+        retry = {i: pool.submit(fn, timeout_s, responses[i], answers[i]) for i in again}
+        for i, f in retry.items():
+            outs[i] = _outcome(f)
     scores = [s for s, _ in outs]
     stats: Dict[str, float] = {"n": len(scores), "timeouts": 0, "errors": 0, "rejected": 0,
                                "mean": (sum(scores) / len(scores)) if scores else 0.0,
