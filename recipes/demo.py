@@ -85,9 +85,9 @@ def main() -> int:
 
     # 1. data
     demo.egrsd("data", "data", "synth", "--n", "256", "--seed", "1", "--min-steps", "1", "--max-steps", "1",
-               "--out", os.path.join(data_dir, "train.jsonl"), "--overwrite")
+               "--out", os.path.join(data_dir, "train.jsonl"))
     demo.egrsd("data (held-out)", "data", "synth", "--n", str(eval_n), "--seed", "2", "--min-steps", "1",
-               "--max-steps", "1", "--out", os.path.join(data_dir, "synth.jsonl"), "--overwrite")
+               "--max-steps", "1", "--out", os.path.join(data_dir, "synth.jsonl"))
 
     # 2. model
     if quick:
@@ -106,8 +106,10 @@ def main() -> int:
         demo.phases.append({"phase": "model", "seconds": round(time.monotonic() - t, 1)})
         common = [] if args.steps is None else [f"train.steps={args.steps}"]
         gen = ["--max-new-tokens", "96"]
+    # Greedy, the training prompt templates (--config), the training reward.
     eval_args = ["--benchmarks", "synth", "--data-dir", data_dir, "--k", "1", "--temperature", "0",
-                 "--reward", "final_number", "--config", "demo_cpu", *gen, *(["--chat-format", "qwen3"] if quick else [])]
+                 "--reward", "final_number", *gen, "--no-progress",
+                 *(["--no-thinking", "--chat-format", "qwen3"] if quick else ["--config", "demo_cpu"])]
 
     # 3. convert
     mega = os.path.join(out, "megatron_tp2")
@@ -151,7 +153,7 @@ def main() -> int:
     rows = []
     for label, res in results.items():
         r = read_eval(res, "synth")
-        rows.append({"model": label, "accuracy": r["avg@k"], "mean_length": r["mean_length"],
+        rows.append({"model": label, "accuracy": r["accuracy"], "mean_length": r["mean_length"],
                      "mean_length_correct": r.get("mean_length_correct"), "truncation_rate": r.get("truncation_rate")})
     total = demo.elapsed()
     summary = {"quick": quick, "total_seconds": round(total, 1), "results": rows, "phases": demo.phases,

@@ -117,6 +117,9 @@ class RewardConfig:
     name: str = "math"                  # a registered reward: math | final_number | ...
     timeout_s: float = 5.0              # per-call bound, enforced from any thread or process
     num_workers: int = 0                # 0: all cores
+    # Reward of a rollout cut at rollout.max_new_tokens (no stop token), overriding the verifier; None:
+    # score its text like any other (DAPO-style overlong punishment when set, e.g. 0.0).
+    truncated_reward: Optional[float] = None
 
 
 @dataclass

@@ -29,6 +29,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-thinking", action="store_true", help="Qwen3 chat template with thinking off")
     p.add_argument("--chat-format", choices=("qwen3", "tokenizer"), default="qwen3",
                    help="qwen3: the project's Qwen3 template; tokenizer: the tokenizer's own chat template")
+    p.add_argument("--config", default=None,
+                   help="take the prompt templates and chat format from this training config (so the model is "
+                        "asked exactly as in training); --no-thinking / --chat-format are then ignored")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -58,8 +61,13 @@ def _eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed, reward=args.reward,
         engine=default_engine_name() if args.engine == "auto" else args.engine, tokenizer=args.tokenizer,
         limit=args.limit)
+    if args.config:
+        from ..config import load_config
+        prompt_cfg = load_config(args.config).prompt
+    else:
+        prompt_cfg = PromptConfig(thinking=not args.no_thinking, chat_format=args.chat_format)
     summary = run_eval(args.model, args.benchmarks, args.data_dir, args.out, settings, batch_size=args.batch_size,
-                       prompt_cfg=PromptConfig(thinking=not args.no_thinking, chat_format=args.chat_format), progress=not args.no_progress)
+                       prompt_cfg=prompt_cfg, progress=not args.no_progress)
     for name, m in {**summary["benchmarks"], "average": summary["average"]}.items():
         print(f"{name:>12}  accuracy {100 * m['accuracy']:6.2f}%  mean length {m['mean_length']:8.1f}  "
               f"truncated {100 * m['truncation_rate']:5.1f}%")

@@ -187,6 +187,8 @@ class Trainer:
             rewards, stats = score_batch([c.text for c in comps], [problems[prompts[k][0]].answer for k in mine],
                                          name=cfg.reward.name, timeout_s=cfg.reward.timeout_s,
                                          num_workers=cfg.reward.num_workers)
+        if cfg.reward.truncated_reward is not None:
+            rewards = [cfg.reward.truncated_reward if c.truncated else r for c, r in zip(comps, rewards)]
         local = [{"k": k, "response": list(c.response_ids), "text": c.text, "truncated": bool(c.truncated),
                   "reward": float(r)} for k, c, r in zip(mine, comps, rewards)]
         local_stats = {"timeouts": int(stats.get("timeouts", 0))}
