@@ -5,6 +5,9 @@ Layer spec: Transformer Engine's when TE is installed and CUDA is present (requi
 rank holds an equal slice; the padded size is recorded on the model as `model.egrsd_padded_vocab_size` and
 in checkpoint metadata. Padded logit columns (ids >= arch.vocab_size, all on the last TP rank) are NOT
 real tokens: callers mask them (see `vocab_slice`) before any softmax over the vocabulary.
+KV groups (and so heads) that TP does not divide are padded with exactly-zero groups (ModelArch.megatron_groups,
+models/group_padding.py): logits and gradients are unchanged, and build_model zeroes the padding that
+Megatron's random init filled. With padding the random init of the real weights differs from TP=1's.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The real pretrained SmolLM2-135M-Instruct (Llama family, tied embeddings): its cached safetensors copy
-matches transformers on the GGUF file; it converts to Megatron (TP=3: it has 3 KV groups, so TP=2 cannot
-split it) and gives transformers' logits (offline conversion and direct load); a deliberately swapped pair of
+matches transformers on the GGUF file; it converts to Megatron at TP=2 (its 3 KV groups are zero-padded
+to 4: ModelArch.megatron_groups) and gives transformers' logits (offline conversion and direct load); the
+padded checkpoint converts back to the original safetensors bit for bit; a deliberately swapped pair of
 tensors is detected by the same check."""
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _worker(rank, world, hf_dir, ckpt_dir, ids):
     out = {"tp_rank": ps.get_tensor_model_parallel_rank()}
     with torch.no_grad():
         model = build_model(arch, ModelConfig())
-        load_model_checkpoint(model, arch, ckpt_dir)        # converted offline at TP=3
+        load_model_checkpoint(model, arch, ckpt_dir)        # converted offline at TP=2 (padded groups)
         out["ckpt"] = forward_logits(model, ids)
         load_hf_weights(model, arch, hf_dir)                # direct load from safetensors
         out["hf"] = forward_logits(model, ids)
@@ -62,11 +63,21 @@ def test_smollm2_cached_copy_converts_and_matches(tmp_path):
                                                  dtype=torch.float32)(ids).logits
     assert torch.equal(ref, g)          # the cached copy IS the GGUF model
 
-    ckpt = hf_to_megatron(hf_dir, str(tmp_path / "meg"), tp=3)
-    res = run_distributed(_worker, 3, hf_dir, ckpt, ids.numpy(), timeout=600)
+    ckpt = hf_to_megatron(hf_dir, str(tmp_path / "meg"), tp=2)
+    res = run_distributed(_worker, 2, hf_dir, ckpt, ids.numpy(), timeout=600)
     res.sort(key=lambda r: r["tp_rank"])
     V = ref.shape[-1]
     full = {k: np.concatenate([r[k] for r in res], axis=-1)[..., :V] for k in ("ckpt", "hf", "swapped")}
     assert _rel(full["hf"], ref.numpy()) <= 1e-5
     assert _rel(full["ckpt"], ref.numpy()) <= 1e-5
     assert _rel(full["swapped"], ref.numpy()) > 1e-3     # the tolerance catches a layout error
+    # Megatron (TP=2, padded) -> HF drops the zero groups: the original tensors, bit for bit.
+    from safetensors import safe_open
+    from egrsd_megatron.checkpoint.convert import megatron_to_hf
+    back = megatron_to_hf(ckpt, str(tmp_path / "hf_back"))
+    src = os.path.join(hf_dir, "model.safetensors")
+    with safe_open(src, framework="pt") as a, safe_open(os.path.join(back, "model-00001-of-00001.safetensors"),
+                                                         framework="pt") as b:
+        assert set(a.keys()) - {"lm_head.weight"} == set(b.keys())
+        for k in b.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
