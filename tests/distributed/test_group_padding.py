@@ -99,8 +99,10 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
                 r["grads"] = grads
             if (tp, pp) == (2, 1):
                 save_model_checkpoint(model, arch, os.path.join(save_root, case), tokenizer_src=hf_dir)
-            # Checkpoints written at TP=2 (padded) load here: logits bit-identical to the direct HF load.
-            for name, ckpt in (("offline", offline[case]), ("saved", os.path.join(save_root, case))):
+            # Checkpoints written at TP=2 (padded) load here: logits bit-identical to the direct HF load. The
+            # offline conversion is loaded at the layouts other than its own (same layout: plain load_state_dict).
+            srcs = [("saved", os.path.join(save_root, case))] + ([("offline", offline[case])] if tp != 2 else [])
+            for name, ckpt in srcs:
                 m2 = build_model(arch, ModelConfig())
                 load_model_checkpoint(m2, arch, ckpt)
                 l2 = _run_layout(m2, arch, ids, w)
@@ -169,7 +171,7 @@ def test_padding_is_exactly_zero_and_stays_zero():
             assert (v["n_padding"] > 0) == expect, key
             padded_ranks += expect
             for k in ("init_pad", "loaded_pad", "grad_pad", "load_offline_pad", "load_saved_pad", "adam_pad"):
-                assert v[k] == 0.0, (key, k, v[k])
+                assert v.get(k, 0.0) == 0.0, (key, k, v[k])
             assert v["adam_moved"] and v["adam_gather_ok"], key
     assert padded_ranks == 2 * (3 + 3)   # 2 cases x (TP2 x DP3: 3 ranks + TP2 x PP3: 3 ranks)
 
@@ -181,8 +183,10 @@ def test_roundtrip_and_tp2_checkpoints_load_everywhere(tmp_path):
     root, hf_dirs, res, _ = results()
     for r in res:
         for key, v in r.items():
+            tp = int(key.split("/tp")[1].split("pp")[0])
             assert v["values_mismatch"] == [], key
-            assert v["load_offline_equal"] is True and v["load_saved_equal"] is True, key
+            assert ("load_offline_equal" in v) == (tp != 2), key
+            assert v.get("load_offline_equal", True) is True and v["load_saved_equal"] is True, key
     for case, hf_dir in hf_dirs.items():
         ref = load_file(os.path.join(hf_dir, "model.safetensors"))
         for name, ck in (("offline", os.path.join(root, f"off_{case}")), ("saved", os.path.join(root, "saved", case))):
