@@ -33,7 +33,8 @@ def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
                           f"{world_size}: launch a multiple of {tp * pp} processes")
-    arch.check_parallel(tp, pp)  # KV groups TP does not divide are zero-padded (ModelArch.megatron_groups)
+    if arch.ffn_hidden_size % tp:  # KV groups / heads TP does not divide are zero-padded (ModelArch.megatron_groups)
+        raise ConfigError(f"parallel.tp={tp} must divide the model's FFN size ({arch.ffn_hidden_size})")
     if arch.num_layers % pp:
         raise ConfigError(f"parallel.pp={pp} must divide the model's {arch.num_layers} layers")
     dp = world_size // (tp * pp)
