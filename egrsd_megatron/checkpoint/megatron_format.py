@@ -5,7 +5,9 @@ Layout written (what Megatron-LM's `load_checkpoint` reads with `--ckpt-format t
     <dir>/release/mp_rank_TT[_PPP]/model_optim_rng.pt {"model": state_dict, "checkpoint_version": 3.0,
                                                         "iteration": 0}   (_PPP only when PP > 1)
     <dir>/egrsd_checkpoint.json                      our metadata: arch, TP/PP written, dtype, padded vocab,
-                                                        source, tokenizer folder, Megatron-LM arguments
+                                                        padded attention groups/heads (zero KV groups added
+                                                        when TP does not divide them), source, tokenizer
+                                                        folder, Megatron-LM arguments (padded counts)
     <dir>/tokenizer/                                 tokenizer files copied from the source (if any)
 State-dict keys are GPTModel's local-spec names (per-stage layer numbering, `_extra_state` entries None),
 checked in the tests by `GPTModel.load_state_dict(..., strict=True)`, which is the call Megatron-LM makes.
