@@ -82,6 +82,7 @@ def main() -> int:
     demo = Demo(out, args.budget_min * 60)
     data_dir = os.path.join(out, "data")
     eval_n = args.eval_n or (8 if quick else 48)
+    config = "tiny_cpu" if quick else "demo_cpu"
 
     # 1. data
     demo.egrsd("data", "data", "synth", "--n", "256", "--seed", "1", "--min-steps", "1", "--max-steps", "1",
@@ -95,8 +96,8 @@ def main() -> int:
         from egrsd_megatron.testing.tiny import save_tiny_hf_model
         hf_dir = save_tiny_hf_model(os.path.join(out, "tiny_hf"))
         demo.phases.append({"phase": "model", "seconds": round(time.monotonic() - t, 1)})
-        common = ["prompt.chat_format=qwen3", "rollout.max_new_tokens=16", "rollout.group_size=4",
-                  "reward.name=final_number", "train.steps=%d" % (args.steps or 3), "optim.lr=1e-3"]
+        common = ["model.preset=hf", "model.init_from=megatron", "tokenizer.path=null", "parallel.tp=2",
+                  "train.steps=%d" % (args.steps or 3), "train.save_every=0", "train.prompts_per_step=2"]
         gen = ["--max-new-tokens", "16"]
     else:
         from egrsd_megatron.models.smollm2 import smollm2_hf_dir
@@ -109,7 +110,7 @@ def main() -> int:
     # Greedy, the training prompt templates (--config), the training reward.
     eval_args = ["--benchmarks", "synth", "--data-dir", data_dir, "--k", "1", "--temperature", "0",
                  "--reward", "final_number", *gen, "--no-progress",
-                 *(["--no-thinking", "--chat-format", "qwen3"] if quick else ["--config", "demo_cpu"])]
+                 "--config", config]
 
     # 3. convert
     mega = os.path.join(out, "megatron_tp2")
@@ -132,7 +133,7 @@ def main() -> int:
                       f"~{per_method / 60:.1f} min, budget {demo.budget_s / 60:.0f} min", flush=True)
                 break
         # 5./7. train (TP=2 over gloo)
-        demo.torchrun(f"train {method}", 2, "demo_cpu", f"model.hf_path={hf_dir}", f"model.load={mega}",
+        demo.torchrun(f"train {method}", 2, config, f"model.hf_path={hf_dir}", f"model.load={mega}",
                       f"data.train_path={os.path.join(data_dir, 'train.jsonl')}", f"loss.name={method}",
                       f"train.out_dir={run_dir}", "train.resume=none", *common)
         latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
