@@ -123,6 +123,7 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
     if path is None:
         raise FileNotFoundError("config key 'tokenizer.path' is unset and there is no model.hf_path to fall "
                                 "back to: set tokenizer.path=qwen3 or to a Hugging Face tokenizer folder")
+    path = os.path.expanduser(path)
     if path == "byte":  # 256 bytes + chat specials, for tiny test models (data/byte_tokenizer.py)
         from .byte_tokenizer import byte_tokenizer
         return byte_tokenizer()
