@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo_quick)")
     ap.add_argument("--budget-min", type=float, default=20.0, help="skip the GRPO baseline if it would not fit")
     ap.add_argument("--steps", type=int, default=None, help="training steps per method (default: the config's)")
-    ap.add_argument("--eval-n", type=int, default=None, help="held-out problems (default 48, quick 8)")
+    ap.add_argument("--eval-n", type=int, default=None, help="held-out problems (default 32, quick 8)")
     args = ap.parse_args()
 
     quick = args.quick
@@ -81,7 +81,7 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     demo = Demo(out, args.budget_min * 60)
     data_dir = os.path.join(out, "data")
-    eval_n = args.eval_n or (8 if quick else 48)
+    eval_n = args.eval_n or (8 if quick else 32)
     config = "tiny_cpu" if quick else "demo_cpu"
 
     # 1. data

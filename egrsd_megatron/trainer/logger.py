@@ -1,5 +1,6 @@
 """Step logging: a console line per step with rate and ETA under a progress bar, TensorBoard scalars
-always, W&B when configured, `metrics.jsonl` (one JSON object per step) and sampled rollouts to jsonl.
+always, W&B when configured, `metrics.jsonl` (one JSON object per step), `validation.jsonl` (one per
+validation) and sampled rollouts to `samples.jsonl`.
 Only global rank 0 logs.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ class StepLogger:
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.samples_path = os.path.join(out_dir, "samples.jsonl")
+        self.validation_path = os.path.join(out_dir, "validation.jsonl")
         # Resuming: drop lines of steps after the checkpoint (a killed run may have logged them), so the
         # files read as one uninterrupted run.
-        for path in (self.metrics_path, self.samples_path):
+        for path in (self.metrics_path, self.samples_path, self.validation_path):
             _truncate_after(path, start_step)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,7 +77,7 @@ class StepLogger:
     def log_eval(self, step: int, m: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
+        with open(self.validation_path, "a") as f:
             f.write(json.dumps({"step": step + 1, **{f"val/{k}": v for k, v in m.items()}}) + "\n")
         if self.tb is not None:
             for k, v in m.items():

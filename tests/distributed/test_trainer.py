@@ -95,21 +95,27 @@ def test_losses_identical_across_tp_and_pp(tmp_path):
             np.testing.assert_allclose(other[name]["grad_norm"], r["grad_norm"], rtol=1e-5, err_msg=name)
 
 
-def learn(rank: int, world: int, name: str, data: str, out: str) -> list:
+def learn(rank: int, world: int, name: str, data: str, out: str) -> tuple:
+    # With the validation hook on (every 7 steps, 4 held-out problems, greedy).
     _train(tiny_overrides(data, out, **{"loss.name": name, "train.steps": 14, "optim.lr": 2e-2,
                                         "rollout.group_size": 8, "train.prompts_per_step": 2,
-                                        "parallel.micro_batch_size": 8, "rollout.max_new_tokens": 8}))
+                                        "parallel.micro_batch_size": 8, "rollout.max_new_tokens": 8,
+                                        "train.eval_every": 7, "data.eval_path": data, "train.eval_samples": 4}))
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["accuracy"] for line in f]
+        acc = [json.loads(line)["accuracy"] for line in f]
+    with open(os.path.join(out, "validation.jsonl")) as f:
+        return acc, [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "egrsd"])
 def test_toy_reward_rises(tmp_path, name):
     data = write_data(str(tmp_path / "train.jsonl"))
-    acc = run_distributed(learn, 1, name, data, str(tmp_path / name), timeout=600)[0]
+    acc, val = run_distributed(learn, 1, name, data, str(tmp_path / name), timeout=600)[0]
     first, last = np.mean(acc[:3]), np.mean(acc[-3:])
     assert last > first + 0.15, f"{name}: digit fraction did not rise: {acc}"
+    # The validation hook ran at steps 7 and 14 and logged its metrics.
+    assert [v["step"] for v in val] == [7, 14] and all(0 <= v["val/accuracy"] <= 1 for v in val)
 
 
 # ------------------------------------------------------------------ config errors (no process group)
