@@ -111,7 +111,8 @@ def seed_everything(seed: int, rank_offset: int = 0) -> None:
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed (if needed), the CPU backend (if no CUDA) and Megatron parallel_state."""
-    from ..compat import apply_cpu_backend
+    from ..compat import apply_cpu_backend, check_megatron_core_version
+    check_megatron_core_version()   # on GPU too: names the installed and the supported versions
     use_cuda = torch.cuda.is_available()
     apply_cpu_backend()
     if not dist.is_initialized():

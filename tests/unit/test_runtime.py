@@ -69,3 +69,13 @@ def test_spawn_harness_results_errors_and_timeouts():
     with pytest.raises(TimeoutError, match=r"did not finish within 20 s"):
         run_distributed(_hangs, 2, timeout=20)
     assert time.monotonic() - t0 < 60
+
+
+def test_megatron_version_check(monkeypatch):
+    from importlib import metadata
+
+    from egrsd_megatron.compat import megatron_version
+    assert megatron_version.check_megatron_core_version() >= megatron_version._MIN
+    monkeypatch.setattr(metadata, "version", lambda name: "0.12.0")
+    with pytest.raises(ImportError, match=r"megatron-core 0.12.0 is installed; egrsd-megatron supports"):
+        megatron_version.check_megatron_core_version()
