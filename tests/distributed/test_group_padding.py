@@ -37,16 +37,8 @@ def tiny_arch(case: str):
 
 def save_tiny_hf(case: str, out_dir: str, seed: int) -> str:
     """A random transformers model of tiny_arch(case) (norm weights randomised too), saved as safetensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg_dict = tiny_arch(case).to_hf_config()
-    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p)) if n.endswith("norm.weight") else p.normal_(0, 0.2)
-    model.save_pretrained(out_dir)
-    return out_dir
+    from egrsd_megatron.testing.tiny import save_random_hf_model
+    return save_random_hf_model(tiny_arch(case), out_dir, seed, randomize_norms=True)
 
 
 def _padding_absmax(model, arch, grads: bool = False) -> float:

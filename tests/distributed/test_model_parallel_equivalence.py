@@ -33,19 +33,8 @@ def _arch(case: str):
 
 def make_hf_checkpoint(case: str, out_dir: str, seed: int = 0) -> str:
     """A random tiny transformers model of `case` saved as safetensors (norm weights randomised too)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg_dict = _arch(case).to_hf_config()
-    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **{k: v for k, v in cfg_dict.items()})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):   # ones would hide a q/k-norm or norm mix-up
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out_dir)
-    return out_dir
+    from egrsd_megatron.testing.tiny import save_random_hf_model
+    return save_random_hf_model(_arch(case), out_dir, seed, randomize_norms=True)
 
 
 def inputs_and_weights(arch, padded_vocab: int):
