@@ -41,9 +41,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json")
 
 
+def mp_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Megatron-LM's per-rank naming: mp_rank_TT, or mp_rank_TT_PPP with pipeline parallelism."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
 def rank_file(ckpt_dir: str, tp_rank: int, pp_rank: int, pp: int) -> str:
-    sub = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(ckpt_dir, "release", sub, "model_optim_rng.pt")
+    return os.path.join(ckpt_dir, "release", mp_rank_dir(tp_rank, pp_rank, pp), "model_optim_rng.pt")
 
 
 def megatron_lm_args(arch: ModelArch, tp: int, pp: int) -> List[str]:

@@ -37,11 +37,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def mp_rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """Megatron-LM's per-rank naming: mp_rank_TT, or mp_rank_TT_PPP with pipeline parallelism."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
 def _rng_state() -> Dict[str, Any]:
     from megatron.core import tensor_parallel
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -121,6 +116,7 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
 
 def _optim_file() -> str:
     from megatron.core import parallel_state as ps
+    from .megatron_format import mp_rank_dir
     return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                        ps.get_pipeline_model_parallel_world_size()) + ".pt"
 
