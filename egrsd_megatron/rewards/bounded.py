@@ -9,6 +9,13 @@ threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first cal
 2-core machine; a replacement after a timeout costs the same). As with any spawn-based multiprocessing, a script that scores rewards
 must keep its top-level work under `if __name__ == "__main__":` (workers re-import the main module).
 
+Signals meant for the trainer: Slurm delivers `--signal=USR1@...` and `scancel --signal` to every process of
+the job step, reward workers included, and SIGUSR1's default action kills a process. A worker therefore
+ignores SIGUSR1 (and SIGINT, the terminal's Ctrl-C to the whole process group): the trainer alone decides
+to save and exit. SIGTERM keeps its default, because the pool stops workers with it. A worker that dies
+anyway (killed before its initializer ran, out of memory, SIGTERM) costs one retry of the items it
+touched, on a rebuilt pool if pebble declared the pool broken.
+
 A daemonic process (multiprocessing's daemon=True) may not start children. A thread with a join timeout
 is no way out: sympy's big-integer arithmetic holds the GIL, so the caller would hang with it. So such a
 process lifts its own daemon flag before starting the pool (that flag only guards child creation; its
@@ -22,6 +29,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.util as mp_util
 import os
+import signal
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,10 +43,13 @@ RawReward = Callable[[str, str], float]
 
 _lock = threading.Lock()
 _pools: Dict[Tuple[int, int, str], object] = {}   # (pid, workers, preloaded module) -> pebble.ProcessPool
+_exit_hooked: set = set()   # pids that registered shutdown_pools as an exit finalizer
 _counters = {"calls": 0, "timeouts": 0, "errors": 0, "rejected": 0}
 
 
 def _init_worker(preload: str = "") -> None:
+    for sig in (signal.SIGUSR1, signal.SIGINT):   # the trainer's signals, not ours (see module docstring)
+        signal.signal(sig, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Pay math-verify's import and grammar build here, not inside the first task's time budget.
@@ -61,16 +72,38 @@ def _pool(workers: int, preload: str = ""):
     with _lock:
         pool = _pools.get(key)
         if pool is None or not pool.active:
+            if pool is not None:          # broken (a worker died while none was busy): free what is left
+                pool.stop()
             method = os.environ.get("EGRSD_REWARD_START_METHOD", "spawn")
+            _start_resource_tracker_deaf()
             pool = ProcessPool(max_workers=workers, initializer=_init_worker, initargs=(preload,),
                                context=mp.get_context(method))
             _pools[key] = pool
-            # A multiprocessing child leaves through os._exit (no atexit): its exit code terminates daemonic
-            # children and then joins every child, racing pebble's worker replacement (a hang). A finalizer
-            # with an exit priority runs before that, in children and (via multiprocessing's atexit hook)
-            # in the main process alike.
-            mp_util.Finalize(pool, shutdown_pools, exitpriority=100)
+            if os.getpid() not in _exit_hooked:
+                # A multiprocessing child leaves through os._exit (no atexit): its exit code terminates
+                # daemonic children and then joins every child, racing pebble's worker replacement (a hang).
+                # A finalizer with an exit priority runs before that, in children and (via
+                # multiprocessing's atexit hook) in the main process alike. It is tied to no object: one
+                # tied to a pool would stop every pool when a replaced one is garbage-collected.
+                mp_util.Finalize(None, shutdown_pools, exitpriority=100)
+                _exit_hooked.add(os.getpid())
         return pool
+
+
+def _start_resource_tracker_deaf() -> None:
+    """Start multiprocessing's resource tracker (which pebble's locks need) with SIGUSR1 blocked.
+
+    It ignores SIGINT and SIGTERM itself, but a job-step-wide SIGUSR1 would kill it (Python then relaunches
+    it with a warning and prints KeyErrors at exit). A blocked signal mask survives fork and exec, so the
+    tracker never sees SIGUSR1; in this thread the block lasts only for the call, and a SIGUSR1 that arrives
+    meanwhile stays pending and is delivered when it is lifted: the trainer never misses it.
+    """
+    from multiprocessing import resource_tracker
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @atexit.register
@@ -103,15 +136,11 @@ def _outcome(fut) -> Tuple[float, str]:
         return 0.0, "timeouts"
     except RewardRejected:
         return 0.0, "rejected"
-    except BrokenProcessPool as e:
-        # Workers cannot even start (e.g. the main script re-runs unguarded): scoring everything 0 would
-        # silently poison training, so stop here.
-        raise RuntimeError("reward worker processes could not start; if this is a script, put its top-level "
-                           "code under `if __name__ == \"__main__\":` (workers are spawned and re-import "
-                           "the main module), or set EGRSD_REWARD_START_METHOD=fork") from e
-    except ProcessExpired as e:   # the worker died (e.g. out of memory): 0, counted, worker replaced
+    except BrokenProcessPool:   # pebble gave the pool up (a worker died while none was busy): retried
+        return 0.0, "broken"
+    except ProcessExpired as e:   # the worker died in this task (out of memory, a signal): retried once
         log.warning("reward worker died: %s", e)
-        return 0.0, "errors"
+        return 0.0, "expired"
     except Exception as e:  # noqa: BLE001 - a reward bug scores 0 and is counted, never kills training
         log.warning("reward raised %r: scored 0", e)
         return 0.0, "errors"
@@ -136,17 +165,27 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
     # Rewards of this package share one pool; a reward from another module (a test's, a user's) gets a pool
     # whose workers import that module at start, so the import never eats into a task's time budget.
     module = getattr(fn, "__module__", "") or ""
-    pool = _pool(_num_workers(num_workers), "" if module.startswith(__package__ + ".") else module)
+    workers, preload = _num_workers(num_workers), "" if module.startswith(__package__ + ".") else module
+    pool = _pool(workers, preload)
     futs = [pool.submit(fn, timeout_s, r, a) for r, a in zip(responses, answers)]
     outs = [_outcome(f) for f in futs]
-    # A timeout can also come from a machine too busy to give the worker its time slice (seen at load ~15 on
-    # 2 cores): retry timed-out items once, so a correct answer is not scored 0 because of load; a truly
-    # pathological one times out twice (2 x timeout_s) and scores 0.
-    again = [i for i, (_, kind) in enumerate(outs) if kind == "timeouts"]
+    # Retry once what the machine, not the answer, may have caused. A timeout can come from a machine too
+    # busy to give the worker its time slice (seen at load ~15 on 2 cores), a dead worker from a signal or
+    # the OOM killer: a correct answer must not score 0 for that. A truly pathological answer times out
+    # twice (2 x timeout_s) and scores 0.
+    again = [i for i, (_, kind) in enumerate(outs) if kind in ("timeouts", "expired", "broken")]
     if again:
+        pool = _pool(workers, preload)    # a new pool if pebble declared this one broken
         retry = {i: pool.submit(fn, timeout_s, responses[i], answers[i]) for i in again}
         for i, f in retry.items():
             outs[i] = _outcome(f)
+    if any(kind == "broken" for _, kind in outs):
+        # Twice broken: workers cannot even start (e.g. the main script re-runs unguarded). Scoring
+        # everything 0 would silently poison training, so stop here.
+        raise RuntimeError("reward worker processes could not start; if this is a script, put its top-level "
+                           "code under `if __name__ == \"__main__\":` (workers are spawned and re-import "
+                           "the main module), or set EGRSD_REWARD_START_METHOD=fork")
+    outs = [(s, "errors" if kind == "expired" else kind) for s, kind in outs]
     scores = [s for s, _ in outs]
     stats: Dict[str, float] = {"n": len(scores), "timeouts": 0, "errors": 0, "rejected": 0,
                                "mean": (sum(scores) / len(scores)) if scores else 0.0,

@@ -79,7 +79,8 @@ def test_kill_preempt_resume_is_bitwise(tmp_path):
     # Resume; preempt with SIGUSR1 after it logged step 3: it must finish that step, save, exit 42.
     pb = _start(over(b), tmp_path / "b2.log")
     _wait(pb, lambda: 3 in _steps_logged(b), "B's step 3 after resume")
-    pb.send_signal(signal.SIGUSR1)
+    # To the whole process group, as Slurm delivers it: reward workers and helpers must survive it.
+    os.killpg(pb.pid, signal.SIGUSR1)
     assert pb.wait(timeout=300) == 42, open(tmp_path / "b2.log").read()[-3000:]
     saved = int(_latest(b).split("_")[1])
     assert saved >= 3, f"preemption did not checkpoint the step it finished (latest={_latest(b)})"

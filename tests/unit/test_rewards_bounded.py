@@ -113,3 +113,36 @@ def test_batch_uses_all_cores_and_preloads_foreign_modules():
     keys = [k for k in bounded._pools if k[0] == os.getpid()]
     assert (os.getpid(), os.cpu_count(), "") in keys                     # num_workers=0: one worker per core
     assert (os.getpid(), os.cpu_count(), __name__) in keys               # this module imported at worker start
+
+
+def _worker_pids():
+    return [p.pid for p in mp.active_children() if p.pid is not None]
+
+
+def test_workers_ignore_the_trainers_signals():
+    """Slurm sends `--signal=USR1@...` to every process of the step: a reward worker must survive it (and
+    Ctrl-C's SIGINT to the process group), leaving the trainer to save and exit."""
+    import os
+    import signal
+    score_batch(["\\boxed{1}"] * 2, ["1"] * 2, timeout_s=60)
+    pids = _worker_pids()
+    assert pids, "no reward workers to signal"
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert set(pids) <= set(_worker_pids()), "a reward worker died of SIGUSR1/SIGINT"
+    scores, stats = score_batch(["\\boxed{1}", "\\boxed{3}"], ["1", "2"], timeout_s=60)
+    assert scores == [1.0, 0.0] and stats["errors"] == 0
+
+
+def test_killed_workers_cost_a_retry_not_a_score():
+    """Workers killed while idle (pebble then declares the pool broken) or mid-task: the batch is retried on
+    replacement workers and scores as if nothing happened."""
+    import os
+    import signal
+    score_batch(["\\boxed{1}"] * 2, ["1"] * 2, timeout_s=60)
+    for pid in _worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    scores, stats = score_batch(["\\boxed{1}", "\\boxed{3}", "\\boxed{2}"], ["1", "2", "2"], timeout_s=60)
+    assert scores == [1.0, 0.0, 1.0] and stats["errors"] == 0
