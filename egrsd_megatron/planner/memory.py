@@ -13,6 +13,8 @@ static (resident the whole step):
   optimizer      P_s x 12 (fp32 master + Adam m + v) for bf16 params, P_s x 8 (m, v) for fp32 params;
                  / DP with the distributed optimizer
   teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
+  reference copy P_s x 2 (bf16) when loss.kl_coef > 0 and teacher.mode is not frozen (a frozen teacher
+                 already holds the initial weights, which are the reference)
   rollout engine hf: the whole model unsharded, N_params x 2 (bf16; the transformers engine is refitted
                  from the gathered shards); vllm: rollout_gpu_fraction x GPU memory (pre-allocated)
   overhead       CUDA context, NCCL buffers, allocator fragmentation (a flat allowance)
@@ -152,6 +154,7 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
             "gradients (fp32)": P * 4.0,
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
             "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
+            "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,
             "rollout engine": (arch.num_params() * 2.0 if cfg.rollout.engine == "hf"
                                else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB),
             "overhead": settings.overhead_gb * GB,

@@ -69,8 +69,10 @@ class StepLogger:
                 f"| len {m.get('response_length', float('nan')):.1f} | loss {m.get('loss', float('nan')):+.4f} "
                 f"| gate {m.get('gate_mean', float('nan')):.3f} floor {m.get('gate_floor_frac', float('nan')):.3f} "
                 f"| gen {m.get('time/generate', 0):.1f}s teach {m.get('time/teacher', 0):.1f}s "
-                f"train {m.get('time/student', 0):.1f}s opt {m.get('time/optimizer', 0):.1f}s "
-                f"| {m.get('tokens_per_s', 0):.0f} tok/s | ETA {eta:.0f}s")
+                + (f"ref {m['time/reference']:.1f}s " if "time/reference" in m else "")
+                + f"train {m.get('time/student', 0):.1f}s opt {m.get('time/optimizer', 0):.1f}s "
+                + (f"| kl_ref {m['kl_ref_mean']:.2e} " if "kl_ref_mean" in m else "")
+                + f"| {m.get('tokens_per_s', 0):.0f} tok/s | ETA {eta:.0f}s")
         self.bar.write(line)
         self.bar.update(1)
 

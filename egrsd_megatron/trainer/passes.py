@@ -2,6 +2,9 @@
 
 1. Teacher pass (forward only, no grad): teacher sequences (teacher prompt + the student's response ids)
    -> on the last pipeline stage, the teacher logits at the response positions, kept per micro-batch.
+1b. Reference pass (only when loss.kl_coef > 0; forward only): the STUDENT sequences through the
+   reference policy (the initial weights) -> per-token log-probs of the response, kept per micro-batch
+   ([b, R] floats: the vocabulary is reduced right away, so this costs no logits memory).
 2. Student pass (forward + backward): student sequences -> response logits -> ONE fused `token_stats`
    call with the teacher logits (student log-prob with grad, teacher log-prob, teacher entropy, and the
    KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens.
@@ -63,16 +66,46 @@ def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch]) -> D
     return kept
 
 
+@torch.no_grad()
+def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch], *, vocab_size: int,
+                   tp_group) -> Dict[int, torch.Tensor]:
+    """Return {micro-batch index: log pi_ref(y_t | x, y_<t) [b, R] fp32} (last stage; empty elsewhere).
+
+    The student's own context (no privileged information): the k3 term of method.md compares the policy
+    with its starting point, not with the teacher. Computed with the vocabulary-parallel `token_stats`
+    (reference logits passed as both arguments: its teacher half repeats the work, which is a small part
+    of a forward pass and keeps one tested implementation of the TP log-softmax).
+    """
+    kept: Dict[int, torch.Tensor] = {}
+
+    def keep(mb: MicroBatch, logits: torch.Tensor):
+        resp = gather_positions(logits, mb.student_resp_pos)
+        stats = token_stats(resp, resp, mb.targets.to(logits.device), group=tp_group, vocab_size=vocab_size)
+        kept[mb.index] = stats.student_logprob.detach()
+        return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
+
+    was_training = reference.training
+    reference.eval()
+    try:
+        _run_schedule(reference, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids", keep,
+                      forward_only=True)
+    finally:
+        reference.train(was_training)
+    return kept
+
+
 def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teacher_logits: Dict[int, torch.Tensor],
                  loss_cfg: LossConfig, *, denominator: float, vocab_size: int, tp_group,
                  old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+                 ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  forward_only: bool = False) -> List[dict]:
     """Forward + backward over all micro-batches; returns per-micro-batch metric dicts (last stage).
 
     `old_logprobs` (PPO epochs > 1): the behaviour policy's log-probs per micro-batch; None means
     on-policy (old = current, detached), the usual single-epoch case. Fills `old_logprobs` when given
     an empty dict. `denominator`: the global number of valid tokens (loss.aggregation=token_mean) or of
-    sequences (seq_mean_token_mean) over all data-parallel ranks and micro-batches.
+    sequences (seq_mean_token_mean) over all data-parallel ranks and micro-batches. `ref_logprobs`: the
+    reference pass's output, required when loss.kl_coef > 0.
     """
     kl_mode = divergence_kind(loss_cfg)
 
@@ -88,6 +121,9 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teache
             mb.advantages.to(logits.device), stats.student_logprob.detach(), stats.teacher_logprob,
             stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
         extra = {"kl": stats.kl} if stats.kl is not None else {}
+        if loss_cfg.kl_coef > 0:
+            ref = (ref_logprobs or {}).get(mb.index)   # missing: policy_loss names what is needed
+            extra["ref_logprob"] = ref.to(logits.device) if ref is not None else None
         loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg,
                                     denominator=denominator, **extra)
         metrics = {**weight_metrics, **metrics, "num_tokens": float(mb.num_tokens)}

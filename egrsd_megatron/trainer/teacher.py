@@ -7,6 +7,9 @@ Modes (`teacher.mode`):
 - live:   the current student weights (no copy); the teacher pass runs them under no_grad.
 - sync:   a second instance re-copied from the student every `sync_every` steps (saved in checkpoints,
           since it is not recoverable from the initial weights).
+
+The reference policy of the optional k3 KL term (loss.kl_coef > 0) is also the initial weights: the
+frozen teacher's copy when teacher.mode=frozen (no extra memory), else one more `frozen_copy`.
 """
 from __future__ import annotations
 
@@ -17,15 +20,28 @@ import torch
 from ..config import TeacherConfig
 
 
+def frozen_copy(student: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A second instance holding the student's CURRENT weights, without grads (this rank's shards only)."""
+    copy = build()
+    copy.requires_grad_(False)
+    copy_weights(copy, student)
+    return copy
+
+
+def copy_weights(dst_model: torch.nn.Module, src_model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for dst, src in zip(dst_model.state_dict().values(), src_model.state_dict().values()):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+
+
 class Teacher:
     def __init__(self, cfg: TeacherConfig, student: torch.nn.Module, build: Callable[[], torch.nn.Module]):
         self.cfg = cfg
         self.student = student
         self.copy: Optional[torch.nn.Module] = None
         if cfg.mode in ("frozen", "sync"):
-            self.copy = build()
-            self.copy.requires_grad_(False)
-            self.sync()
+            self.copy = frozen_copy(student, build)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -37,10 +53,7 @@ class Teacher:
 
     def sync(self) -> None:
         if self.copy is not None:
-            with torch.no_grad():
-                for dst, src in zip(self.copy.state_dict().values(), self.student.state_dict().values()):
-                    if isinstance(dst, torch.Tensor):
-                        dst.copy_(src)
+            copy_weights(self.copy, self.student)
 
     def after_step(self, step: int) -> bool:
         """Call after optimizer step `step` (0-based). Returns True when the teacher was re-synced."""

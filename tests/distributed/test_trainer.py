@@ -19,6 +19,10 @@ from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
 
 LOSSES = ["grpo", "rlsd", "egrsd", "cl_egrsd", "opsd"]
+# Every loss, plus the k3 KL to the reference policy (with a live teacher, so the reference is its own
+# frozen copy rather than the frozen teacher's).
+VARIANTS = {**{name: {"loss.name": name} for name in LOSSES},
+            "egrsd_kl_ref": {"loss.name": "egrsd", "loss.kl_coef": 0.5, "teacher.mode": "live"}}
 
 
 def digit_fraction(response: str, answer: str) -> float:  # noqa: ARG001 - reward signature
@@ -58,14 +62,14 @@ def _train(overrides: list) -> list:
 
 
 def run_all_losses(rank: int, world: int, tp: int, pp: int, data: str, out: str) -> dict:
-    """Train 2 steps with every loss name; return per-step losses and rewards (from rank 0's log)."""
+    """Train 2 steps with every loss variant; return per-step losses and rewards (from rank 0's log)."""
     out_by_loss = {}
-    for name in LOSSES:
+    for name, variant in VARIANTS.items():
         run_dir = os.path.join(out, f"{name}_tp{tp}_pp{pp}")
         # optim.eps=1e-4: Adam divides by sqrt(v) + eps, which turns gradient components that are pure
         # rounding noise (~1e-9, different per layout) into full lr-sized steps of random sign; a larger
         # eps keeps those tiny, so step 2 compares the same model rather than amplified noise.
-        _train(tiny_overrides(data, run_dir, **{"loss.name": name, "parallel.tp": tp, "parallel.pp": pp,
+        _train(tiny_overrides(data, run_dir, **{**variant, "parallel.tp": tp, "parallel.pp": pp,
                                                 "optim.eps": 1e-4}))
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -81,7 +85,8 @@ def test_losses_identical_across_tp_and_pp(tmp_path):
     ref = run_distributed(run_all_losses, 1, 1, 1, data, str(tmp_path), timeout=600)[0]
     tp2 = run_distributed(run_all_losses, 2, 2, 1, data, str(tmp_path), timeout=600)[0]
     pp2 = run_distributed(run_all_losses, 2, 1, 2, data, str(tmp_path), timeout=600)[0]
-    for name in LOSSES:
+    assert set(ref) == set(VARIANTS)
+    for name in VARIANTS:
         r = ref[name]
         # The rollouts must be the same (same weights, per-rollout seeds): rewards and lengths equal exactly.
         assert r["accuracy"] == tp2[name]["accuracy"] == pp2[name]["accuracy"], name
@@ -116,6 +121,36 @@ def test_toy_reward_rises(tmp_path, name):
     assert last > first + 0.15, f"{name}: digit fraction did not rise: {acc}"
     # The validation hook ran at steps 7 and 14 and logged its metrics.
     assert [v["step"] for v in val] == [7, 14] and all(0 <= v["val/accuracy"] <= 1 for v in val)
+
+
+def kl_runs(rank: int, world: int, data: str, out: str) -> dict:
+    rows = {}
+    for coef in (0.0, 0.5):
+        run_dir = os.path.join(out, f"kl{coef}")
+        # OPSD (sampled signal): a reward-free advantage, so step 1 already moves the policy.
+        _train(tiny_overrides(data, run_dir, **{"loss.name": "opsd", "loss.kl_coef": coef, "train.steps": 2,
+                                                "teacher.mode": "live"}))
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows[coef] = [json.loads(line) for line in f]
+    return rows
+
+
+def test_kl_reference_is_the_initial_policy(tmp_path):
+    """k3 = exp(lref - lS) - (lref - lS) - 1 with the reference = the INITIAL weights (method.md).
+
+    Step 1: policy == reference, so k3 and its gradient are exactly 0 and the step equals the kl_coef=0 run
+    (same update, same step-2 rollouts). Step 2: the policy moved, k3 > 0, and the loss differs from the
+    kl_coef=0 run by exactly kl_coef x mean k3 (token_mean, one rank: D = all valid tokens).
+    A live teacher (a reference taken from it would be the CURRENT weights, k3 = 0 again).
+    """
+    data = write_data(str(tmp_path / "train.jsonl"))
+    rows = run_distributed(kl_runs, 1, data, str(tmp_path), timeout=600)[0]
+    base, kl = rows[0.0], rows[0.5]
+    assert "kl_ref_mean" not in base[0] and kl[0]["kl_ref_mean"] == 0.0
+    assert kl[0]["loss"] == base[0]["loss"] and kl[0]["grad_norm"] == base[0]["grad_norm"]
+    assert kl[1]["accuracy"] == base[1]["accuracy"] and kl[1]["response_length"] == base[1]["response_length"]
+    assert base[0]["grad_norm"] > 0 and kl[1]["kl_ref_mean"] > 1e-6, (base[0], kl[1])
+    np.testing.assert_allclose(kl[1]["loss"] - base[1]["loss"], 0.5 * kl[1]["kl_ref_mean"], rtol=1e-4, atol=1e-9)
 
 
 # ------------------------------------------------------------------ config errors (no process group)
