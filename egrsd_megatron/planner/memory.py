@@ -29,8 +29,10 @@ training transient (during the student pass):
                    full recompute: 2h per layer (the checkpointed layer input) + one layer's activations.
                  x b x S x L_s x in-flight micro-batches (1F1B: PP on the first stage, 1 on the last).
   logits         last stage: the student's output logits for one micro-batch and their gradient,
-                 2 x b x S x V/t x 4 (fp32); the teacher's response logits kept for every micro-batch of the
-                 step, n_mb x b x R x V/t x 2 (bf16; x 4 for fp32 compute); the token_stats working set,
+                 2 x b x S x V/t x 4 (fp32); the teacher's output as the trainer keeps it: one micro-batch's
+                 response logits b x R x V/t x 2 (bf16; x 4 for fp32 compute) with PP=1 and one PPO epoch,
+                 else for every micro-batch either its per-token log-prob + entropy (n_mb x b x R x 8) or,
+                 for OPSD's reverse_kl/jsd signals, its logits (n_mb x b x R x V/t x 2); the token_stats working set,
                  4 fp32 [chunk, V/t] buffers (both sides' upcast chunk and their exponentials).
 rollout transient (during generation; never at the same time as the student pass):
   KV cache       hf: rows x S x L x 2 (K and V) x kv x 2 bytes, rows = min(rollout.max_batch, rollouts this
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from ..config.schema import ConfigError, ExperimentConfig
+from ..losses.registry import divergence_kind
 from ..models.arch import ModelArch
 from .layout import Layout, make_layout
 
@@ -166,7 +169,16 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
         train = {"activations": act}
         if stage == pp - 1:
             train["student logits + grad (fp32)"] = 2.0 * b * S * V / tp * 4
-            train["teacher logits (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * V / tp * compute_bytes)
+            # What trainer/loop.py keeps of the teacher: one micro-batch's response logits when each teacher
+            # pass runs right before its student pass (PP=1, one PPO epoch); else every micro-batch's
+            # per-token log-prob and entropy (fp32), or their full logits for a divergence loss (OPSD KL/JSD).
+            if pp == 1 and cfg.train.ppo_epochs == 1:
+                train["teacher logits (one micro-batch)"] = float(b * R * V / tp * compute_bytes)
+            elif divergence_kind(cfg.loss):
+                train["teacher logits (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * V / tp
+                                                                    * compute_bytes)
+            else:
+                train["teacher token stats (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * 2 * 4)
             train["token_stats chunk"] = 4.0 * settings.stats_chunk * V / tp * 4
         rollout: Dict[str, float] = {}
         if cfg.rollout.engine == "hf":

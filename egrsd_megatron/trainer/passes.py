@@ -1,10 +1,13 @@
 """The two model passes of a training step, both through Megatron's forward/backward schedule.
 
 1. Teacher pass (forward only, no grad): teacher sequences (teacher prompt + the student's response ids)
-   -> on the last pipeline stage, the teacher logits at the response positions, kept per micro-batch.
+   -> on the last pipeline stage, the teacher logits at the response positions, kept per micro-batch
+   (or, when all micro-batches must be held at once and the loss needs no full-distribution divergence,
+   only the teacher's per-token log-prob and entropy).
 1b. Reference pass (only when loss.kl_coef > 0; forward only): the STUDENT sequences through the
    reference policy (the initial weights) -> per-token log-probs of the response, kept per micro-batch
    ([b, R] floats: the vocabulary is reduced right away, so this costs no logits memory).
+   (The teacher and reference passes are forward-only passes of one function, `_forward_scores`.)
 2. Student pass (forward + backward): student sequences -> response logits -> ONE fused `token_stats`
    call with the teacher logits (student log-prob with grad, teacher log-prob, teacher entropy, and the
    KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens.
@@ -16,13 +19,13 @@ already normalised globally (data-parallel ranks x micro-batches sum to the glob
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..models import causal_mask
 from ..losses import LossConfig, divergence_kind, policy_loss, token_advantages
-from ..ops.vocab_parallel import token_stats
+from ..ops.vocab_parallel import TokenStats, token_stats
 from .batch import MicroBatch, gather_positions
 
 
@@ -47,54 +50,63 @@ def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_l
         micro_batch_size=micro_batches[0].student_ids.shape[0], forward_only=forward_only)
 
 
+VocabReduce = Tuple[int, Optional[object]]   # (true vocab_size, tensor-parallel group)
+
+
 @torch.no_grad()
-def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch]) -> Dict[int, torch.Tensor]:
-    """Return {micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage)."""
-    kept: Dict[int, torch.Tensor] = {}
+def _forward_scores(model: torch.nn.Module, micro_batches: List[MicroBatch], ids_attr: str, pos_attr: str,
+                    reduce: Optional[VocabReduce]) -> Dict[int, Union[torch.Tensor, TokenStats]]:
+    """Forward-only pass; per micro-batch (last stage) the logits at the response positions [b, R, V_local],
+    or with `reduce` only their per-token statistics (TokenStats of the logits against themselves: the
+    log-prob of each response token and the entropy, [b, R] each, no logits kept)."""
+    kept: Dict[int, Union[torch.Tensor, TokenStats]] = {}
 
     def keep(mb: MicroBatch, logits: torch.Tensor):
-        kept[mb.index] = gather_positions(logits, mb.teacher_resp_pos).detach()
+        resp = gather_positions(logits, getattr(mb, pos_attr)).detach()
+        if reduce is None:
+            kept[mb.index] = resp
+        else:
+            vocab_size, tp_group = reduce
+            kept[mb.index] = token_stats(resp, resp, mb.targets.to(logits.device), group=tp_group,
+                                         vocab_size=vocab_size)
         return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
 
-    was_training = teacher.training
-    teacher.eval()
+    was_training = model.training
+    model.eval()
     try:
-        _run_schedule(teacher, micro_batches, micro_batches[0].teacher_ids.shape[1], "teacher_ids", keep,
+        _run_schedule(model, micro_batches, getattr(micro_batches[0], ids_attr).shape[1], ids_attr, keep,
                       forward_only=True)
     finally:
-        teacher.train(was_training)
+        model.train(was_training)
     return kept
 
 
-@torch.no_grad()
+def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch],
+                 reduce: Optional[VocabReduce] = None) -> Dict[int, Union[torch.Tensor, TokenStats]]:
+    """{micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage).
+
+    reduce=(vocab_size, tp_group): keep only the teacher's per-token log-prob and entropy instead, for when
+    every micro-batch's teacher output must be held at once (PP > 1, PPO epochs > 1) and the loss needs no
+    divergence between the full distributions (all but OPSD's reverse_kl/jsd signals). That is [b, R]
+    floats instead of [b, R, V/TP] (e.g. 64 rollouts x 4096 tokens x 19k columns in bf16 = 10 GB for Qwen3
+    at TP=8), for 2 more collectives per chunk than the fused student+teacher call.
+    """
+    return _forward_scores(teacher, micro_batches, "teacher_ids", "teacher_resp_pos", reduce)
+
+
 def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch], *, vocab_size: int,
                    tp_group) -> Dict[int, torch.Tensor]:
     """Return {micro-batch index: log pi_ref(y_t | x, y_<t) [b, R] fp32} (last stage; empty elsewhere).
 
     The student's own context (no privileged information): the k3 term of method.md compares the policy
-    with its starting point, not with the teacher. Computed with the vocabulary-parallel `token_stats`
-    (reference logits passed as both arguments: its teacher half repeats the work, which is a small part
-    of a forward pass and keeps one tested implementation of the TP log-softmax).
+    with its starting point, not with the teacher. Reduced over the vocabulary right away by `token_stats`.
     """
-    kept: Dict[int, torch.Tensor] = {}
-
-    def keep(mb: MicroBatch, logits: torch.Tensor):
-        resp = gather_positions(logits, mb.student_resp_pos)
-        stats = token_stats(resp, resp, mb.targets.to(logits.device), group=tp_group, vocab_size=vocab_size)
-        kept[mb.index] = stats.student_logprob.detach()
-        return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
-
-    was_training = reference.training
-    reference.eval()
-    try:
-        _run_schedule(reference, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids", keep,
-                      forward_only=True)
-    finally:
-        reference.train(was_training)
-    return kept
+    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", (vocab_size, tp_group))
+    return {k: v.student_logprob for k, v in stats.items()}  # type: ignore[union-attr]
 
 
-def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teacher_logits: Dict[int, torch.Tensor],
+def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
+                 teacher_logits: Dict[int, Union[torch.Tensor, TokenStats]],
                  loss_cfg: LossConfig, *, denominator: float, vocab_size: int, tp_group,
                  old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
@@ -112,8 +124,12 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch], teache
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, mb.student_resp_pos)
         targets, mask = mb.targets.to(logits.device), mb.mask.to(logits.device)
-        stats = token_stats(resp, teacher_logits[mb.index], targets, group=tp_group, vocab_size=vocab_size,
-                            kl=kl_mode)
+        teacher = teacher_logits[mb.index]
+        if isinstance(teacher, TokenStats):   # reduced by teacher_pass: the student half only
+            own = token_stats(resp, resp.detach(), targets, group=tp_group, vocab_size=vocab_size)
+            stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
+        else:
+            stats = token_stats(resp, teacher, targets, group=tp_group, vocab_size=vocab_size, kl=kl_mode)
         old = stats.student_logprob.detach()
         if old_logprobs is not None:
             old = old_logprobs.setdefault(mb.index, old)
