@@ -7,13 +7,20 @@ Layout:
                                                           `egrsd eval --model` and `egrsd convert megatron-to-hf
                                                           --ckpt` take this folder as it is
         optim/mp_rank_<tp:02d>[_<pp:03d>].pt              optimizer + scheduler (+ sync teacher) per model-parallel
-                                                          shard, written by data-parallel rank 0
+                                                          shard, written by data-parallel rank 0; with
+                                                          parallel.distributed_optimizer its "optimizer" holds
+                                                          only the param groups (hyper-parameters) and
+        optim/mp_rank_<tp:02d>[_<pp:03d>]_dp_<dp:03d>.pt  each data-parallel rank's ZeRO-1 shard of the Adam
+                                                          states, keyed by global parameter index
         rng/rank_<global:05d>.pt                          python, numpy, torch, Megatron tracker RNG
         trainer_state.json                                step, data sampler position, counters, config
     <root>/latest                                         names the newest COMPLETE step folder
 Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N`, then
 rewrites `latest` (temp file + rename), then prunes to the last `keep_last`. A crash at any point
 leaves `latest` naming a complete checkpoint.
+Optimizer kinds: the full state and the ZeRO-1 shards use the same global parameter numbering, so a
+checkpoint resumes with either `parallel.distributed_optimizer` setting and any data-parallel size (each
+rank reads the shard files one at a time and keeps the states of the parameters it owns).
 """
 from __future__ import annotations
 
@@ -92,9 +99,16 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
     model_dir = save_model_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
     if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
+    from ..trainer.optim import is_sharded, param_groups_state, shard_state
+    sharded = is_sharded(optimizer)
+    if sharded:  # ZeRO-1: every data-parallel rank writes its own shard of the Adam states
+        torch.save({"state": shard_state(optimizer), "dp_rank": ps.get_data_parallel_rank(),
+                    "dp_size": ps.get_data_parallel_world_size()},
+                   os.path.join(tmp, "optim", _shard_file(ps.get_data_parallel_rank())))
     if ps.get_data_parallel_rank() == 0:
-        payload = {"optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
-                   "iteration": step}
+        payload = {"optimizer": param_groups_state(optimizer) if sharded else optimizer.state_dict(),
+                   "optimizer_shards": ps.get_data_parallel_world_size() if sharded else 0,
+                   "opt_param_scheduler": scheduler.state_dict(), "iteration": step}
         if teacher is not None:
             payload["teacher"] = teacher.state_dict()
         torch.save(payload, os.path.join(tmp, "optim", _optim_file()))
@@ -121,12 +135,41 @@ def _optim_file() -> str:
                        ps.get_pipeline_model_parallel_world_size()) + ".pt"
 
 
+def _shard_file(dp_rank: int) -> str:
+    return _optim_file()[: -len(".pt")] + f"_dp_{dp_rank:03d}.pt"
+
+
+def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str, Any]:
+    """The optimizer state_dict to load on this rank: the full one, or the ZeRO-1 shards merged (keeping
+    only the states this rank's optimizer owns when it is itself sharded)."""
+    from ..trainer.optim import is_sharded, owned_indices
+    sd = payload["optimizer"]
+    keep = owned_indices(optimizer) if is_sharded(optimizer) else None
+    n = int(payload.get("optimizer_shards", 0))
+    if n == 0:
+        if keep is not None:
+            sd = {**sd, "state": {i: st for i, st in sd["state"].items() if i in keep}}
+        return sd
+    state: Dict[int, Any] = {}
+    for r in range(n):
+        f = os.path.join(path, "optim", _shard_file(r))
+        if not os.path.isfile(f):
+            raise FileNotFoundError(
+                f"{f} is missing: the checkpoint {path} was written with parallel.distributed_optimizer=true at "
+                f"data-parallel size {n} and needs all {n} optimizer shard files; the checkpoint is incomplete "
+                f"(resume from another step folder)")
+        shard = torch.load(f, map_location="cpu", weights_only=False)
+        state.update({i: st for i, st in shard["state"].items() if keep is None or i in keep})
+        del shard
+    return {**sd, "state": state}
+
+
 def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, scheduler,
                      teacher: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """Restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
 
-    The checkpoint must have been written at the same TP x PP (optimizer states are per shard); the
-    data-parallel size may differ only if the world size per shard is unchanged.
+    The checkpoint must have been written at the same TP x PP (optimizer states are per model shard).
+    The data-parallel size and `parallel.distributed_optimizer` may differ from the run that wrote it.
     """
     from .megatron_format import load_model_checkpoint
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -136,7 +179,7 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
                                 f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
     payload = torch.load(file, map_location="cpu", weights_only=False)
     load_model_checkpoint(model, arch, os.path.join(path, "model"))
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
     scheduler.load_state_dict(payload["opt_param_scheduler"])
     if teacher is not None and "teacher" in payload:
         teacher.load_state_dict(payload["teacher"])

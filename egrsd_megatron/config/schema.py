@@ -58,7 +58,7 @@ class ParallelConfig:
     tp: int = 1                         # tensor parallel size
     pp: int = 1                         # pipeline parallel size (data parallel = world / (tp * pp))
     micro_batch_size: int = 4           # sequences per micro-batch in the training forward/backward
-    distributed_optimizer: bool = False  # Megatron's distributed optimizer (sharded Adam states)
+    distributed_optimizer: bool = False  # ZeRO-1: AdamW states sharded over the data-parallel group
 
     def validate(self) -> None:
         for k in ("tp", "pp", "micro_batch_size"):

@@ -1,21 +1,41 @@
-"""AdamW with linear warmup + cosine decay, over this rank's parameter shards.
+"""AdamW with linear warmup + cosine decay, over this rank's parameter shards; optionally ZeRO-1.
 
 Why torch AdamW rather than Megatron's optimizer here: Megatron's optimizer needs DDP-wrapped models
 and CUDA tensors for its grad clipping; with gradients finalised by `distributed.grads` every rank
 updates its own shards identically to what Megatron's (non-distributed) optimizer would compute, on CPU
-and GPU alike. The distributed (ZeRO-1) optimizer is not wired into this trainer yet.
+and GPU alike.
+
+`parallel.distributed_optimizer=true` (ZeRO-1): the Adam states (exp_avg, exp_avg_sq, step) are sharded
+over the data-parallel group with `torch.distributed.optim.ZeroRedundancyOptimizer` wrapping the same
+AdamW (same param groups, same decay split, foreach=False). Each DP rank owns whole parameters (torch
+partitions them greedily by size, so each rank holds about 1/DP of the state elements), updates only
+those, then broadcasts them to the other DP ranks. Gradients are still all-reduced in full by
+`distributed.grads` (grad clipping and the non-finite check need the full gradient on every rank), so
+only the optimizer-state memory shrinks, which is what ZeRO stage 1 is. The update of each parameter
+is the same single-tensor AdamW arithmetic on the same gradient, so weights are bitwise identical to
+the non-sharded optimizer (tests/distributed/test_zero.py).
+Why not Megatron's DistributedOptimizer: it needs Megatron DDP's contiguous grad buffers (the trainer
+finalises plain `.grad` itself) and its CUDA-only clip path. The collective it would need is not the
+obstacle: with torch 2.13, gloo does run `dist.reduce_scatter_tensor` and `dist.all_gather_into_tensor`
+(checked in a 2-process gloo run; both are flagged deprecated in favour of reduce_scatter_single /
+all_gather_single). ZeroRedundancyOptimizer uses only broadcast, which every backend has.
+Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`shard_state`) with global
+parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 
 from ..config import OptimConfig
 
 
-def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
+                    dp_group: Optional[Any] = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with `dp_group` (the data-parallel process group) ZeRO-1:
+    a ZeroRedundancyOptimizer over that group, each rank keeping the AdamW state of its share."""
     decay, no_decay = [], []
     for m in model_chunks:
         for n, p in m.named_parameters():
@@ -25,7 +45,48 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig) -> to
             (no_decay if p.ndim == 1 or n.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: identical update order on every backend keeps CPU resume bitwise reproducible.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    if dp_group is None:
+        return torch.optim.AdamW(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the
+    # checkpoint loaders and the rollout refit hold references to them); one broadcast per parameter.
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group,
+                                   parameters_as_bucket_view=False, **kwargs)
+
+
+def is_sharded(opt: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    return isinstance(opt, ZeroRedundancyOptimizer)
+
+
+def _global_index(opt: torch.optim.Optimizer) -> Dict[torch.Tensor, int]:
+    """Parameter -> index in `Optimizer.state_dict()` numbering (params in order over the param groups):
+    the same numbering for AdamW and ZeroRedundancyOptimizer built from the same groups."""
+    return {p: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+
+
+def owned_indices(opt: torch.optim.Optimizer) -> Set[int]:
+    """Global indices of the parameters whose Adam state this rank keeps (all of them unless sharded)."""
+    index = _global_index(opt)
+    groups = opt.optim.param_groups if is_sharded(opt) else opt.param_groups
+    return {index[p] for g in groups for p in g["params"]}
+
+
+def shard_state(opt: torch.optim.Optimizer) -> Dict[int, Dict[str, Any]]:
+    """This rank's Adam states keyed by global index (the whole state for a non-sharded optimizer).
+    Parameters that never got a gradient have no state yet (AdamW creates it at their first step)."""
+    index = _global_index(opt)
+    local = opt.optim if is_sharded(opt) else opt
+    return {index[p]: dict(st) for p, st in local.state.items() if st}
+
+
+def param_groups_state(opt: torch.optim.Optimizer) -> Dict[str, Any]:
+    """`Optimizer.state_dict()` without the per-parameter state: hyper-parameters (lr, betas, ...) and
+    the global parameter indices of each group. For ZeroRedundancyOptimizer this does not need the
+    collective `consolidate_state_dict()` that its own `state_dict()` requires."""
+    sd = torch.optim.Optimizer.state_dict(opt)
+    return {"state": {}, "param_groups": sd["param_groups"]}
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
