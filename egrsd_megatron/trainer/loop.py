@@ -4,6 +4,7 @@ Each step, on every rank:
   draw prompts (this data-parallel rank's share) -> refit the rollout engine from the Megatron shards
   -> G rollouts per prompt (split across the model-parallel ranks, then all-gathered) -> rewards
   -> group advantages -> teacher pass (teacher prompt + the same response ids, no grad)
+  -> [loss.kl_coef > 0: reference pass, the student sequences through the initial weights, no grad]
   -> student pass: fused token_stats -> token advantages -> policy loss (global token mean) -> backward
   -> finalise grads (TP/PP/DP) -> clip -> AdamW -> metrics -> checkpoint when due.
 """
@@ -46,12 +47,6 @@ def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
         raise ConfigError(f"parallel.micro_batch_size={cfg.parallel.micro_batch_size} must divide the "
                           f"{per_rank} rollouts per data-parallel rank (train.prompts_per_step / DP x "
                           f"rollout.group_size)")
-    if cfg.parallel.distributed_optimizer:
-        raise ConfigError("parallel.distributed_optimizer=true is not supported by this trainer yet "
-                          "(it uses AdamW over each rank's shards); set it to false")
-    if cfg.loss.kl_coef > 0:
-        raise ConfigError("loss.kl_coef > 0 (k3 KL to a reference policy) needs reference log-probs, which this "
-                          "trainer does not compute yet; set loss.kl_coef=0")
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is not set: point it at a jsonl/parquet/datasets file "
                           "(e.g. one made by `egrsd data synth`)")
@@ -90,11 +85,18 @@ class Trainer:
 
         from ..models import build_model
         self.model = self._init_model(build_model(self.arch, cfg.model))
-        from .teacher import Teacher
+        from .teacher import Teacher, frozen_copy
         self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model))
+        # The k3 KL's reference policy: the initial weights (built before _resume loads the student's).
+        self.reference: Optional[torch.nn.Module] = None
+        if cfg.loss.kl_coef > 0:
+            self.reference = self.teacher.copy if cfg.teacher.mode == "frozen" else \
+                frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
 
         from .optim import build_optimizer, build_scheduler
-        self.optimizer = build_optimizer([self.model], cfg.optim)
+        # parallel.distributed_optimizer: ZeRO-1, the AdamW states sharded over the data-parallel group.
+        self.optimizer = build_optimizer([self.model], cfg.optim, dp_group=ps.get_data_parallel_group()
+                                         if cfg.parallel.distributed_optimizer else None)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
 
         from ..rollout import SamplingParams, make_engine
@@ -167,7 +169,7 @@ class Trainer:
                                 tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- one step
-    def _rollouts(self, problems) -> List[Dict[str, Any]]:
+    def _rollouts(self, problems, student_prompts: List[List[int]]) -> List[Dict[str, Any]]:
         """G completions per problem, scored; identical list on every rank of the model-parallel group."""
         from ..checkpoint.hf_mapping import gather_hf_state_dict
         from ..rewards import score_batch
@@ -175,7 +177,7 @@ class Trainer:
         cfg = self.cfg
         self.engine.update_weights(gather_hf_state_dict(self.model, self.arch))
         G = cfg.rollout.group_size
-        prompts = [(i, self.builder.student_prompt_ids(p)) for i, p in enumerate(problems) for _ in range(G)]
+        prompts = [(i, student_prompts[i]) for i in range(len(problems)) for _ in range(G)]
         mine = list(range(self.mp_rank, len(prompts), self.mp_size))
         # One seed per rollout from (run seed, step, global rollout index): the same rollouts whatever the
         # TP/PP/DP layout and whichever rank generates them.
@@ -209,8 +211,8 @@ class Trainer:
 
     def train_step(self) -> Dict[str, float]:
         from ..distributed.grads import clip_grads, finalize_grads
-        from ..losses import group_advantages
-        from .passes import student_pass, teacher_pass
+        from ..losses import divergence_kind, group_advantages
+        from .passes import reference_pass, student_pass, teacher_pass
         cfg, ps = self.cfg, self.ps
         timings: Dict[str, float] = {}
         t0 = time.monotonic()
@@ -220,15 +222,17 @@ class Trainer:
         per = cfg.train.prompts_per_step // self.dp
         problems = batch[self.info.dp_rank * per:(self.info.dp_rank + 1) * per]
 
-        recs = self._rollouts(problems)
+        # Each problem's two prompts, tokenized once per step.
+        student_prompts = [self.builder.student_prompt_ids(p) for p in problems]
+        teacher_prompts = [self.builder.teacher_prompt_ids(p) for p in problems]
+        recs = self._rollouts(problems, student_prompts)
         timings["time/generate"] = time.monotonic() - t0
 
         G = cfg.rollout.group_size
         rewards = torch.tensor([r["reward"] for r in recs], dtype=torch.float32)
         adv = group_advantages(rewards, G, normalize_std=cfg.loss.normalize_std) if cfg.loss.uses_reward \
             else torch.zeros_like(rewards)
-        samples = [Sample(student_prompt=self.builder.student_prompt_ids(problems[r["problem"]]),
-                          teacher_prompt=self.builder.teacher_prompt_ids(problems[r["problem"]]),
+        samples = [Sample(student_prompt=student_prompts[r["problem"]], teacher_prompt=teacher_prompts[r["problem"]],
                           response=r["response"], advantage=float(a), reward=r["reward"],
                           truncated=r["truncated"], group=r["problem"])
                    for r, a in zip(recs, adv.tolist())]
@@ -241,20 +245,29 @@ class Trainer:
 
         # Teacher logits at the response positions are the step's largest buffer ([b, R, V/TP] each). Without
         # pipeline parallelism (and with one PPO epoch) each micro-batch's teacher pass runs right before its
-        # student pass, so one micro-batch of them is alive at a time; with PP the schedule needs them all.
+        # student pass, so one micro-batch of them is alive at a time. With PP (or PPO epochs) every
+        # micro-batch's teacher output is needed at once: then only its per-token log-prob and entropy are
+        # kept, unless the loss compares the full distributions (OPSD reverse_kl / jsd).
         interleave = ps.get_pipeline_model_parallel_world_size() == 1 and cfg.train.ppo_epochs == 1
+        reduce = None if divergence_kind(cfg.loss) else (self.arch.vocab_size, ps.get_tensor_model_parallel_group())
         t_teacher = 0.0
         t2 = time.monotonic()
-        teacher_logits: Dict[int, torch.Tensor] = {}
+        teacher_logits: Dict[int, Any] = {}
         if not interleave:
-            teacher_logits = teacher_pass(self.teacher.model, mbs)
+            teacher_logits = teacher_pass(self.teacher.model, mbs, reduce=reduce)
             t_teacher = time.monotonic() - t2
         old: Optional[Dict[int, torch.Tensor]] = {} if cfg.train.ppo_epochs > 1 else None
         mb_metrics: List[dict] = []
         skipped = False
         grad_norm = float("nan")
-        pass_args = dict(denominator=denominator, vocab_size=self.arch.vocab_size,
-                         tp_group=ps.get_tensor_model_parallel_group(), old_logprobs=old)
+        tp_group = ps.get_tensor_model_parallel_group()
+        ref_logprobs = None
+        if self.reference is not None:   # [b, R] per micro-batch: small, so all at once
+            tt = time.monotonic()
+            ref_logprobs = reference_pass(self.reference, mbs, vocab_size=self.arch.vocab_size, tp_group=tp_group)
+            timings["time/reference"] = time.monotonic() - tt
+        pass_args = dict(denominator=denominator, vocab_size=self.arch.vocab_size, tp_group=tp_group,
+                         old_logprobs=old, ref_logprobs=ref_logprobs)
         for _epoch in range(cfg.train.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             if interleave:
@@ -280,7 +293,8 @@ class Trainer:
             timings["time/optimizer"] = timings.get("time/optimizer", 0.0) + time.monotonic() - tt
         self.scheduler.step()
         timings["time/teacher"] = t_teacher
-        timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0)
+        timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0) \
+            - timings.get("time/reference", 0.0)
         if skipped:
             self.counters["nonfinite_skipped"] += 1
             self.counters["nonfinite_in_row"] += 1
