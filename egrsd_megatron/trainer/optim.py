@@ -19,6 +19,8 @@ finalises plain `.grad` itself) and its CUDA-only clip path. The collective it w
 obstacle: with torch 2.13, gloo does run `dist.reduce_scatter_tensor` and `dist.all_gather_into_tensor`
 (checked in a 2-process gloo run; both are flagged deprecated in favour of reduce_scatter_single /
 all_gather_single). ZeroRedundancyOptimizer uses only broadcast, which every backend has.
+bf16 parameters (model.params_dtype=bf16, the cluster configs) get `MasterWeightAdamW`: fp32 master
+weights and moments in the optimizer state, so small updates are not rounded away.
 Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`shard_state`) with global
 parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
 """
@@ -28,8 +30,9 @@ import math
 from typing import Any, Dict, List, Optional, Set
 
 import torch
+from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
 
-from ..config import OptimConfig
+from ..config import ConfigError, OptimConfig
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
@@ -46,13 +49,81 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: identical update order on every backend keeps CPU resume bitwise reproducible.
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    low_precision = any(p.dtype != torch.float32 for g in groups for p in g["params"])
+    cls = MasterWeightAdamW if low_precision else torch.optim.AdamW
     if dp_group is None:
-        return torch.optim.AdamW(groups, **kwargs)
+        return cls(groups, **kwargs)
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for g in groups for p in g["params"]})
+    if len(dtypes) > 1:
+        odd = [n for m in model_chunks for n, p in m.named_parameters() if p.requires_grad and p.dtype == torch.float32]
+        raise ConfigError(
+            f"parallel.distributed_optimizer=true needs every trainable parameter in one dtype (torch's "
+            f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(dtypes)} ones, e.g. "
+            f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
+            f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
     from torch.distributed.optim import ZeroRedundancyOptimizer
     # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the
     # checkpoint loaders and the rollout refit hold references to them); one broadcast per parameter.
-    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group,
+    # With MasterWeightAdamW the fp32 masters live in the optimizer state, so ZeRO shards them too.
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=dp_group,
                                    parameters_as_bucket_view=False, **kwargs)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for bf16 parameters with fp32 master weights (what Megatron's mixed-precision optimizer does).
+
+    An RL fine-tuning step (lr ~1e-6) changes a weight by far less than bf16's resolution (2^-8 relative),
+    so AdamW run on bf16 parameters rounds most updates away and the model barely learns. Here each
+    parameter's optimizer state holds an fp32 `master` copy and fp32 moments; a step upcasts the gradient,
+    runs torch's own single-tensor AdamW arithmetic on the master, and writes the master back rounded to
+    the parameter's dtype. Memory per parameter: 4 (master) + 8 (moments) bytes, as the planner counts.
+    Written here because torch has no such optimizer and Megatron's needs its DDP grad buffers (above).
+    The masters are part of `state_dict()`, so checkpoints (and ZeRO-1 shards) carry them and a resume
+    continues from the fp32 values, not from the rounded parameters.
+    """
+
+    def __init__(self, params, **kwargs) -> None:
+        for flag in ("amsgrad", "fused", "capturable", "differentiable"):
+            if kwargs.get(flag):
+                raise ValueError(f"MasterWeightAdamW does not support {flag}=True")
+        super().__init__(params, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        # One parameter at a time through torch's functional AdamW (the same single-tensor arithmetic as
+        # torch.optim.AdamW with foreach=False): only one fp32 gradient copy is alive at a time.
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)   # on the host, like torch's default
+                    st["master"] = p.detach().to(torch.float32, copy=True)
+                    st["exp_avg"] = torch.zeros_like(st["master"])
+                    st["exp_avg_sq"] = torch.zeros_like(st["master"])
+                adam(
+                    [st["master"]], [p.grad.to(torch.float32)], [st["exp_avg"]], [st["exp_avg_sq"]], [],
+                    [st["step"]], foreach=False, capturable=False, differentiable=False, fused=None,
+                    grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
+                    amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=group["maximize"])
+                p.copy_(st["master"])
+        return None
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # torch casts every loaded state tensor to its parameter's dtype, which would round the fp32
+        # masters and moments to bf16: put the saved fp32 tensors back.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+        for i, p in zip(ids, params):
+            for key, value in (state_dict["state"].get(i) or {}).items():
+                if key != "step" and torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
 def is_sharded(opt: torch.optim.Optimizer) -> bool:

@@ -215,3 +215,44 @@ def test_zero1_checkpoints_resume_bitwise_and_across_kinds_and_dp(tmp_path):
               max(abs(r["grad_norm"] - q["grad_norm"]) for r, q in zip(rows, ref[2:])), "max |weight diff|", wdiff)
         assert wdiff < 1e-5, wdiff
     assert "mp_rank_00_dp_001.pt is missing" in res["error"] and "data-parallel size 2" in res["error"], res["error"]
+
+
+# ------------------------------------------------------------------ bf16 parameters: fp32 master weights
+def bf16_runs(rank, world, data, out):
+    """bf16 parameters (the cluster configs) at DP=2: A MasterWeightAdamW, 3 steps, checkpoint at 2;
+    B resumed from A's step-2 checkpoint; then ZeRO-1, which this CPU model (fp32 torch norms) refuses."""
+    import torch
+
+    from egrsd_megatron.config import ConfigError
+    from egrsd_megatron.trainer.optim import MasterWeightAdamW
+    bf16 = {"model.params_dtype": "bf16", "model.precision": "bf16", "loss.name": "opsd", "train.steps": 3}
+    a, b = os.path.join(out, "a"), os.path.join(out, "b")
+    ta = _run(_overrides(data, a, False, **bf16, **{"train.save_every": 2}))
+    assert type(ta.optimizer) is MasterWeightAdamW
+    masters = {n: ta.optimizer.state[p]["master"].clone() for n, p in ta.model.named_parameters()}
+    res = {"a": _weights(ta), "b": _weights(_run(_overrides(data, b, False, **bf16,
+                                                            **{"train.resume": _ckpt(a, 2)})))}
+    res["dtypes"] = {str(w.dtype) for w in res["a"].values()}
+    # The parameters are the fp32 masters rounded, and the masters moved off the bf16 grid.
+    res["rounded"] = all(torch.equal(res["a"][n], m.to(res["a"][n].dtype)) for n, m in masters.items())
+    res["off_grid"] = sum(int((m != m.to(torch.bfloat16).float()).sum()) for m in masters.values())
+    res["a"], res["b"] = ({n: w.float() for n, w in res[x].items()} for x in ("a", "b"))   # numpy has no bf16
+    ckpt = torch.load(os.path.join(_ckpt(a, 2), "optim", "mp_rank_00.pt"), weights_only=False)["optimizer"]
+    res["saved_master_dtypes"] = {str(st["master"].dtype) for st in ckpt["state"].values()}
+    try:
+        _run(_overrides(data, os.path.join(out, "zero"), True, **bf16))
+    except ConfigError as err:
+        res["zero_error"] = str(err)
+    return res
+
+
+@pytest.mark.slow
+def test_bf16_params_keep_fp32_masters_and_resume_bitwise(tmp_path):
+    data = _data(tmp_path)
+    for res in run_distributed(bf16_runs, 2, data, str(tmp_path), timeout=900):
+        assert "torch.bfloat16" in res["dtypes"] and res["rounded"] and res["off_grid"] > 0
+        assert res["saved_master_dtypes"] == {"torch.float32"}
+        for name, w in res["a"].items():
+            assert np.array_equal(w, res["b"][name]), name
+        assert "parallel.distributed_optimizer=true needs every trainable parameter in one dtype" \
+            in res.get("zero_error", ""), res.get("zero_error")
