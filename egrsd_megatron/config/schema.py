@@ -132,6 +132,12 @@ class RolloutConfig:
     max_new_tokens: int = 256
     stop: List[str] = field(default_factory=list)
     max_batch: int = 16                 # hf engine: rows per generation sub-batch (bounds memory)
+    # vllm engine only (rollout/vllm_engine.py); None: the engine's default for the device.
+    gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (weights + KV cache); `egrsd plan` counts it
+    vllm_dtype: Optional[str] = None     # bfloat16 on GPU, float32 on CPU
+    vllm_kv_cache_gb: Optional[float] = None   # fixed KV cache size (CPU default 1 GiB)
+    vllm_enforce_eager: Optional[bool] = None  # no CUDA graphs / torch.compile (CPU default True)
+    vllm_max_model_len: Optional[int] = None
 
     def validate(self) -> None:
         _check(self.engine in ("hf", "vllm"), "rollout.engine", f"got {self.engine!r}; expected hf or vllm")
@@ -139,6 +145,9 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
+        _check(self.vllm_dtype in (None, "bfloat16", "float16", "float32"), "rollout.vllm_dtype",
+               f"got {self.vllm_dtype!r}; expected bfloat16, float16 or float32")
 
 
 @dataclass

@@ -20,8 +20,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="per-GPU memory budget in GB (default 80)")
     p.add_argument("--stats-chunk", type=int, default=1024, help="token_stats chunk size in tokens")
     p.add_argument("--no-flash-attention", action="store_true", help="count the S x S attention probabilities")
-    p.add_argument("--rollout-gpu-fraction", type=float, default=0.3,
-                   help="vllm engine: its share of GPU memory (default 0.3)")
+    p.add_argument("--rollout-gpu-fraction", type=float, default=None,
+                   help="vllm engine: its share of GPU memory (default: the config's rollout.gpu_memory_utilization)")
     p.add_argument("--overhead-gb", type=float, default=4.0, help="CUDA context, NCCL, fragmentation allowance")
     p.add_argument("--json", dest="json_out", default=None, help="also write the plan as JSON to this file")
     p.set_defaults(func=_plan)
@@ -36,7 +36,8 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     settings = PlanSettings(gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, stats_chunk=args.stats_chunk,
                             flash_attention=not args.no_flash_attention,
-                            rollout_gpu_fraction=args.rollout_gpu_fraction, overhead_gb=args.overhead_gb)
+                            rollout_gpu_fraction=(args.rollout_gpu_fraction if args.rollout_gpu_fraction is not None
+                                                  else cfg.rollout.gpu_memory_utilization), overhead_gb=args.overhead_gb)
     p = plan(cfg, resolve_arch(cfg.model), args.nodes, args.gpus_per_node, settings)
     print(format_plan(p))
     if args.json_out:

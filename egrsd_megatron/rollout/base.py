@@ -1,6 +1,6 @@
 """The rollout interface: sampling parameters, one completion per prompt, and the engine contract.
 
-Engines (hf_engine.HFEngine on CPU/GPU, vllm_engine.VLLMEngine on GPU) all honour the same contract so
+Engines (hf_engine.HFEngine and vllm_engine.VLLMEngine, each on CPU or GPU) all honour the same contract so
 the trainer and the evaluator never care which one runs:
 - `generate(prompts, params, seeds=None)` returns one Completion per prompt entry, in order. Callers
   repeat a prompt G times for a group.
