@@ -90,8 +90,10 @@ class Plan:
 
 
 def layer_params(arch: ModelArch, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank (matrices / TP, norms replicated)."""
-    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    """Parameters of one transformer layer on one TP rank (matrices / TP, norms replicated). Heads and KV
+    groups as Megatron holds them at this TP: zero groups appended when TP does not divide them."""
+    h = arch.hidden_size
+    q, kv = arch.megatron_heads(tp) * arch.head_dim, arch.megatron_groups(tp) * arch.head_dim
     sharded = h * (q + 2 * kv) + q * h + 3 * h * arch.ffn_hidden_size
     replicated = 2 * h + (2 * arch.head_dim if arch.qk_norm else 0)
     return sharded // tp + replicated

@@ -132,6 +132,17 @@ def test_teacher_memory_follows_what_the_trainer_keeps(extra, key, per_rollout_t
     assert not any(k.startswith("teacher") and k != key for k in p.train_transient)
 
 
+def test_padded_kv_groups_are_counted():
+    """SmolLM2-135M (9 heads in 3 KV groups of 64) at TP=2: Megatron holds 4 groups = 12 heads."""
+    from egrsd_megatron.planner.memory import layer_params
+    arch = resolve_arch(load_config("demo_cpu").model)
+    assert (arch.num_attention_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size) == (9, 3, 64, 576)
+    # q = 12 x 64 = 768, kv = 4 x 64 = 256: 576 x (768 + 512) + 768 x 576 + 3 x 576 x 1536 = 3,833,856 / 2
+    # + norms 2 x 576 (SmolLM2 has no QK-norm).
+    assert layer_params(arch, 2) == 3_833_856 // 2 + 1152
+    assert layer_params(arch, 1) == (576 * (576 + 384) + 576 * 576 + 3 * 576 * 1536) + 1152
+
+
 def test_qwen3_4b_tied_embedding_counted_once():
     arch = resolve_arch(load_config("base", ["model.preset=qwen3_4b"]).model)
     # Per layer: 2560 x 6144 + 4096 x 2560 + 3 x 2560 x 9728 = 100,925,440, + norms 2 x 2560 + 256 = 5,376;
