@@ -7,6 +7,9 @@
 2. Qwen3 tiny and 0.6B-shaped GPTModel (Transformer Engine layer spec when TE is present), bf16 and FP8
    (hybrid, delayed): forward + backward tokens/s and peak memory, loss finite, FP8 logits close to bf16 ones
    (same weights), and bf16 close to fp32 on the tiny model.
+3. MasterWeightAdamW (bf16 params, fp32 masters): masters equal fp32 AdamW bitwise; step time.
+4. The vllm rollout engine (when vllm is installed): greedy vs the hf engine, refit A -> B -> A, and
+   generation tokens/s of both engines.
 Prints a table and writes everything to --out (JSON). A check that fails prints FAIL and the exit code is 1;
 an FP8 case refused on a pre-Hopper GPU is recorded as "refused" (that refusal is itself the expected
 behaviour there).
@@ -208,6 +211,93 @@ def model_checks(fast: bool) -> None:
                 check(f"{preset} {b} logits vs {a}", rel < tol, f"rms diff / std = {rel:.4f} (tol {tol})")
 
 
+def check_master_weights(numel: int) -> None:
+    """MasterWeightAdamW on the device: its fp32 masters follow torch AdamW on fp32 copies bitwise (same
+    bf16-representable gradients), the bf16 parameters are their rounding; step time vs that AdamW."""
+    from egrsd_megatron.trainer.optim import MasterWeightAdamW
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    shapes = [(numel // 1024, 1024), (1024,)]
+    low = [torch.nn.Parameter(torch.randn(s, device=DEV, generator=g).to(torch.bfloat16)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().float()) for p in low]
+    opt_low, opt_ref = MasterWeightAdamW(low, **kw), torch.optim.AdamW(ref, **kw)
+    for _ in range(3):
+        grads = [torch.randn(s, device=DEV, generator=g).to(torch.bfloat16) for s in shapes]
+        for p, q, gr in zip(low, ref, grads):
+            p.grad, q.grad = gr, gr.float()
+        opt_low.step()
+        opt_ref.step()
+    ok = all(torch.equal(opt_low.state[p]["master"], q.detach()) for p, q in zip(low, ref))
+    rounded = all(torch.equal(p.detach(), q.detach().to(torch.bfloat16)) for p, q in zip(low, ref))
+    check(f"MasterWeightAdamW masters == fp32 AdamW bitwise ({numel:,} params)", ok and rounded,
+          f"masters equal: {ok}, params are their rounding: {rounded}")
+    t_low, t_ref = timed(opt_low.step, 5), timed(opt_ref.step, 5)
+    RESULTS["speed"].append({"case": f"MasterWeightAdamW step, {numel:,} bf16 params", "tokens_per_s": 0.0,
+                             "ms": t_low * 1e3, "peak_gb": peak_gb(), "vs_fp32_adamw": t_low / t_ref})
+
+
+def vllm_checks(fast: bool) -> None:
+    """The vllm rollout engine on this GPU (bf16), against the hf engine (bf16) on a tiny random Qwen3:
+    greedy agreement, refit (dummy weights -> A; A -> B -> A reproduces A exactly), and generation speed.
+    vLLM allows one engine per process, so everything goes through one engine."""
+    import dataclasses
+    import importlib.util
+    import tempfile
+    if importlib.util.find_spec("vllm") is None:
+        RESULTS["checks"].append({"name": "vllm engine", "ok": True, "detail": "skipped: vllm not installed"})
+        print("SKIP vllm engine: vllm not installed", flush=True)
+        return
+    from egrsd_megatron.data.byte_tokenizer import byte_tokenizer
+    from egrsd_megatron.models.presets import PRESETS
+    from egrsd_megatron.rollout import SamplingParams
+    from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
+    from egrsd_megatron.rollout.vllm_engine import make_vllm_engine
+    from egrsd_megatron.testing.tiny import save_random_hf_model
+    arch = dataclasses.replace(PRESETS["qwen3_tiny_chat"], head_dim=32)   # vLLM CPU has no head_dim 16 kernel
+    root = tempfile.mkdtemp(prefix="gpu_check_vllm_")
+    tok = byte_tokenizer()
+    a, b = (save_random_hf_model(arch, os.path.join(root, x), seed=i, randomize_norms=True, tokenizer=tok)
+            for i, x in enumerate("AB"))
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    hf = {x: HFEngine(build_hf_model({}, d, dtype=dtype).to(DEV), tok) for x, d in (("A", a), ("B", b))}
+    prompts = [[5 + (i * 7 + j) % 200 for j in range(8 + i)] for i in range(8)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=32)
+    t = time.perf_counter()
+    engine = make_vllm_engine(argparse.Namespace(), arch.to_hf_config(), tok)   # dummy weights
+    start_s = time.perf_counter() - t
+    try:
+        def named(d):
+            return build_hf_model({}, d).state_dict().items()
+        engine.update_weights(named(a))
+        out_a = [c.response_ids for c in engine.generate(prompts, greedy)]
+        ref_a = [c.response_ids for c in hf["A"].generate(prompts, greedy)]
+        first = sum(x[0] == y[0] for x, y in zip(out_a, ref_a))
+        prefix = [next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(out_a, ref_a)]
+        exact = DEV.type != "cuda"   # fp32 on CPU: token for token; bf16 kernels differ on a GPU
+        check("vllm greedy vs hf engine (tiny Qwen3)", (prefix == [len(x) for x in out_a]) if exact
+              else first == len(prompts), f"first tokens equal {first}/{len(prompts)}, mean equal prefix "
+              f"{sum(prefix) / len(prefix):.1f}/{greedy.max_new_tokens} ({dtype})")
+        engine.update_weights(named(b))
+        out_b = [c.response_ids for c in engine.generate(prompts, greedy)]
+        ref_b = [c.response_ids for c in hf["B"].generate(prompts, greedy)]
+        engine.update_weights(named(a))
+        again = [c.response_ids for c in engine.generate(prompts, greedy)]
+        check("vllm refit A -> B -> A", again == out_a and out_b != out_a
+              and sum(x[0] == y[0] for x, y in zip(out_b, ref_b)) == len(prompts),
+              f"A again identical: {again == out_a}; B differs from A: {out_b != out_a}")
+        rows = [prompts[i % len(prompts)] for i in range(16 if fast else 64)]
+        params = SamplingParams(temperature=1.0, max_new_tokens=64 if fast else 256, seed=0)
+        for name, eng in (("vllm", engine), ("hf", hf["A"])):
+            t = time.perf_counter()
+            n = sum(len(c.response_ids) for c in eng.generate(rows, params))
+            sec = time.perf_counter() - t
+            RESULTS["speed"].append({"case": f"{name} engine generate {len(rows)} rows x {params.max_new_tokens}",
+                                     "tokens_per_s": n / sec, "ms": sec * 1e3, "peak_gb": peak_gb(),
+                                     "engine_start_s": start_s if name == "vllm" else None})
+    finally:
+        engine.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check.json")
@@ -240,7 +330,9 @@ def main() -> int:
     init_distributed(tp=1, pp=1, seed=1234)
     n_tok, vocab = (64, 1000) if not cuda else (2048 if args.fast else 8192, 151936)
     for name, fn in (("token_stats", lambda: check_token_stats(n_tok, vocab)),
-                     ("models", lambda: model_checks(args.fast))):
+                     ("models", lambda: model_checks(args.fast)),
+                     ("master weights", lambda: check_master_weights(2**16 if not cuda else 2**26)),
+                     ("vllm", lambda: vllm_checks(args.fast or not cuda))):
         try:
             fn()
         except Exception as e:  # noqa: BLE001
