@@ -1,7 +1,8 @@
 """Gradient finalisation and clipping for Megatron-Core models without Megatron's DDP wrapper.
 
 Why not Megatron's `finalize_model_grads` / `clip_grad_norm_fp32`: both expect DDP-wrapped models
-(`main_grad` buffers) and the clip asserts CUDA tensors; these work on plain `.grad` on CPU and GPU.
+(`main_grad` buffers) and the clip asserts CUDA tensors; these work on CPU and GPU, on plain `.grad` or
+on this module's own fp32 `main_grad` accumulators.
 
 After backward, per rank:
 1. QK-layernorm weights are replicated across TP ranks but see different heads on each: their grads are
@@ -11,17 +12,56 @@ After backward, per rank:
 3. Data parallel: each DP rank's loss is already divided by the GLOBAL token count, so grads are
    all-reduced with SUM over the DP group.
 Clipping: the global L2 norm over all model-parallel shards, counting TP-replicated params once.
+
+Low-precision (bf16) parameters accumulate their gradient in fp32, as Megatron's DDP does with its
+`main_grad` buffers: `attach_fp32_grad_accumulators` hooks each such parameter so that, after every
+backward, its bf16 `.grad` is added into an fp32 `main_grad` and freed. Summed over many micro-batches,
+each micro-batch's gradient is then rounded to fp32, not the running sum to bf16. Everything here (and
+the optimizer) reads a parameter's gradient through `grad_of`.
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 
 
+def grad_of(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient a step uses: the fp32 `main_grad` accumulator when the parameter has one, else `.grad`."""
+    g = getattr(p, "main_grad", None)
+    return g if g is not None else p.grad
+
+
+def _fold_into_main_grad(p: torch.nn.Parameter) -> None:
+    p.main_grad.add_(p.grad)
+    p.grad = None
+
+
+def attach_fp32_grad_accumulators(model_chunks: List[torch.nn.Module]) -> int:
+    """Give every trainable non-fp32 parameter an fp32 `main_grad` fed by a post-accumulate-grad hook;
+    returns how many parameters got one. Memory: 4 bytes per such parameter (the planner counts it)."""
+    n = 0
+    for m in model_chunks:
+        for p in m.parameters():
+            if p.requires_grad and p.dtype != torch.float32 and getattr(p, "main_grad", None) is None:
+                p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+                p.register_post_accumulate_grad_hook(_fold_into_main_grad)
+                n += 1
+    return n
+
+
+def zero_grads(model_chunks: List[torch.nn.Module]) -> None:
+    """Drop `.grad` and zero the fp32 accumulators (call before a step's first backward)."""
+    for m in model_chunks:
+        for p in m.parameters():
+            p.grad = None
+            if getattr(p, "main_grad", None) is not None:
+                p.main_grad.zero_()
+
+
 def _grads(params: Iterable[torch.nn.Parameter]) -> List[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
+    return [g for g in map(grad_of, params) if g is not None]
 
 
 def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
@@ -38,8 +78,8 @@ def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
     from megatron.core import parallel_state as ps
 
     # 1. QK-layernorm partial grads across TP.
-    qk = [p.grad for m in model_chunks for n, p in m.named_parameters()
-          if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)]
+    qk = _grads(p for m in model_chunks for n, p in m.named_parameters()
+                if "q_layernorm" in n or "k_layernorm" in n)
     _all_reduce_coalesced(qk, ps.get_tensor_model_parallel_group())
 
     # 2. Tied word embeddings shared between the first and last pipeline stage.
@@ -47,8 +87,8 @@ def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
         for m in model_chunks:
             if getattr(m, "share_embeddings_and_output_weights", False):
                 w = m.shared_embedding_or_output_weight()
-                if w is not None and w.grad is not None:
-                    dist.all_reduce(w.grad, group=ps.get_embedding_group())
+                if w is not None and grad_of(w) is not None:
+                    dist.all_reduce(grad_of(w), group=ps.get_embedding_group())
 
     # 3. Data parallel.
     if ps.get_data_parallel_world_size() > 1:
@@ -64,14 +104,15 @@ def global_grad_norm(model_chunks: List[torch.nn.Module]) -> torch.Tensor:
     sq = torch.zeros((), dtype=torch.float64)
     for m in model_chunks:
         for p in m.parameters():
-            if p.grad is None:
+            g = grad_of(p)
+            if g is None:
                 continue
             # Tied output weight on the last stage duplicates the first stage's embedding: count once.
             if getattr(p, "shared", False) and ps.get_pipeline_model_parallel_world_size() > 1 \
                     and not ps.is_pipeline_first_stage():
                 continue
             if param_is_not_tensor_parallel_duplicate(p) or ps.get_tensor_model_parallel_rank() == 0:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
+                sq += g.detach().double().pow(2).sum().cpu()
     sq = sq.to(next(model_chunks[0].parameters()).device)
     dist.all_reduce(sq, group=ps.get_model_parallel_group())
     return sq.sqrt().float()
@@ -84,7 +125,6 @@ def clip_grads(model_chunks: List[torch.nn.Module], max_norm: float) -> float:
         coef = max_norm / (norm + 1e-6)
         if coef < 1:
             for m in model_chunks:
-                for p in m.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef.to(p.grad.dtype))
+                for g in _grads(m.parameters()):
+                    g.mul_(coef.to(g.dtype))
     return float(norm)

@@ -9,8 +9,8 @@ b = micro-batch size, n_mb = micro-batches per step per DP rank, L_s = layers pe
 static (resident the whole step):
   weights        P_s x 2 (bf16 params) or x 4 (fp32 params)
   fp8 copies     P_s x 2 when precision=fp8 (Transformer Engine caches an FP8 weight and its transpose)
-  gradients      P_s x 2 (bf16 params) or x 4 (fp32): the trainer accumulates `.grad` in the parameter dtype;
-                 the optimizer upcasts one parameter's gradient at a time (trainer/optim.py)
+  gradients      P_s x 4: fp32 `main_grad` accumulators for bf16 params (distributed/grads.py; each bf16
+                 `.grad` is folded in and freed right after it is produced), or fp32 `.grad
   optimizer      P_s x 12 (fp32 master + Adam m + v) for bf16 params, P_s x 8 (m, v) for fp32 params;
                  / DP with the distributed optimizer
   teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
@@ -157,7 +157,7 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
         static = {
             "weights": P * wbytes,
             "fp8 weight copies": P * 2.0 if cfg.model.precision == "fp8" else 0.0,
-            "gradients": P * float(wbytes),
+            "gradients (fp32)": P * 4.0,
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
             "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
             "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,

@@ -85,6 +85,8 @@ class Trainer:
 
         from ..models import build_model
         self.model = self._init_model(build_model(self.arch, cfg.model))
+        from ..distributed.grads import attach_fp32_grad_accumulators
+        attach_fp32_grad_accumulators([self.model])   # bf16 params: gradients summed in fp32 (main_grad)
         from .teacher import Teacher, frozen_copy
         self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model))
         # The k3 KL's reference policy: the initial weights (built before _resume loads the student's).
@@ -210,7 +212,7 @@ class Trainer:
         return t.tolist()
 
     def train_step(self) -> Dict[str, float]:
-        from ..distributed.grads import clip_grads, finalize_grads
+        from ..distributed.grads import clip_grads, finalize_grads, zero_grads
         from ..losses import divergence_kind, group_advantages
         from .passes import reference_pass, student_pass, teacher_pass
         cfg, ps = self.cfg, self.ps
@@ -269,7 +271,7 @@ class Trainer:
         pass_args = dict(denominator=denominator, vocab_size=self.arch.vocab_size, tp_group=tp_group,
                          old_logprobs=old, ref_logprobs=ref_logprobs)
         for _epoch in range(cfg.train.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            zero_grads([self.model])
             if interleave:
                 mb_metrics = []
                 for mb in mbs:
@@ -287,7 +289,7 @@ class Trainer:
             bad = 0.0 if (math.isfinite(grad_norm) and math.isfinite(local_loss)) else 1.0
             if self._all_reduce([bad], op=dist.ReduceOp.MAX)[0] > 0:
                 skipped = True
-                self.optimizer.zero_grad(set_to_none=True)
+                zero_grads([self.model])
                 break
             self.optimizer.step()
             timings["time/optimizer"] = timings.get("time/optimizer", 0.0) + time.monotonic() - tt

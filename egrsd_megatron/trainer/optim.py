@@ -33,6 +33,7 @@ import torch
 from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
 
 from ..config import ConfigError, OptimConfig
+from ..distributed.grads import grad_of
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
@@ -74,7 +75,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     An RL fine-tuning step (lr ~1e-6) changes a weight by far less than bf16's resolution (2^-8 relative),
     so AdamW run on bf16 parameters rounds most updates away and the model barely learns. Here each
-    parameter's optimizer state holds an fp32 `master` copy and fp32 moments; a step upcasts the gradient,
+    parameter's optimizer state holds an fp32 `master` copy and fp32 moments; a step takes the gradient
+    (the fp32 `main_grad` accumulator when distributed.grads attached one, else `.grad`), upcasts it,
     runs torch's own single-tensor AdamW arithmetic on the master, and writes the master back rounded to
     the parameter's dtype. Memory per parameter: 4 (master) + 8 (moments) bytes, as the planner counts.
     Written here because torch has no such optimizer and Megatron's needs its DDP grad buffers (above).
@@ -97,7 +99,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = grad_of(p)
+                if grad is None:
                     continue
                 st = self.state[p]
                 if not st:
@@ -106,7 +109,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     st["exp_avg"] = torch.zeros_like(st["master"])
                     st["exp_avg_sq"] = torch.zeros_like(st["master"])
                 adam(
-                    [st["master"]], [p.grad.to(torch.float32)], [st["exp_avg"]], [st["exp_avg_sq"]], [],
+                    [st["master"]], [grad.to(torch.float32)], [st["exp_avg"]], [st["exp_avg_sq"]], [],
                     [st["step"]], foreach=False, capturable=False, differentiable=False, fused=None,
                     grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
                     amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],

@@ -97,3 +97,81 @@ def test_build_optimizer_picks_masters_for_bf16_only():
     assert type(build_optimizer([torch.nn.Linear(4, 4).to(torch.bfloat16)], cfg)) is MasterWeightAdamW
     with pytest.raises(ValueError, match="amsgrad"):
         MasterWeightAdamW(fp32.parameters(), amsgrad=True)
+
+
+def test_bf16_gradients_accumulate_in_fp32_main_grad():
+    """32 micro-batches into one bf16 weight: the fp32 accumulator equals the float64 sum of the per-micro-batch
+    bf16 gradients to fp32 rounding; plain `.grad` accumulation in bf16 is far off."""
+    from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators, grad_of, zero_grads
+    torch.manual_seed(0)
+    hooked = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    plain, single = copy.deepcopy(hooked), copy.deepcopy(hooked)
+    assert attach_fp32_grad_accumulators([hooked]) == 1 and attach_fp32_grad_accumulators([hooked]) == 0
+    ref = torch.zeros(64, 64, dtype=torch.float64)
+    for _ in range(32):
+        x = torch.randn(8, 64).to(torch.bfloat16)
+        hooked(x).float().pow(2).mean().backward()
+        plain(x).float().pow(2).mean().backward()
+        ref += torch.autograd.grad(single(x).float().pow(2).mean(), single.weight)[0].double()
+        assert hooked.weight.grad is None            # folded into main_grad and freed
+    acc = grad_of(hooked.weight)
+    assert acc is hooked.weight.main_grad and acc.dtype == torch.float32
+    scale = float(ref.abs().max())
+    err_fp32 = float((acc.double() - ref).abs().max())
+    err_bf16 = float((plain.weight.grad.double() - ref).abs().max())
+    assert err_fp32 < 1e-6 * scale and err_bf16 > 100 * err_fp32, (err_fp32, err_bf16, scale)
+    zero_grads([hooked])
+    assert float(hooked.weight.main_grad.abs().max()) == 0.0
+
+
+def test_master_weight_adamw_steps_on_the_fp32_accumulator():
+    from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
+    _, low = _pair()
+    model = torch.nn.Module()
+    model.w, model.b = low
+    attach_fp32_grad_accumulators([model])
+    ref = [torch.nn.Parameter(p.detach().float()) for p in low]
+    grads = [torch.randn(p.shape, dtype=torch.float64) * 1e-3 for p in low]   # not bf16-representable
+    for p, q, g in zip(low, ref, grads):
+        p.main_grad.copy_(g)
+        q.grad = g.float()
+    MasterWeightAdamW(low, **KW).step()
+    torch.optim.AdamW(ref, **KW).step()
+    assert all(torch.equal(p.detach(), q.detach().to(torch.bfloat16)) for p, q in zip(low, ref))
+
+
+def _zero_vs_single(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
+    from egrsd_megatron.trainer.optim import is_sharded, shard_state
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1)
+    out = {}
+    for zero in (False, True):
+        torch.manual_seed(0)   # the same bf16 model and data on every rank and for both kinds
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)).to(torch.bfloat16)
+        attach_fp32_grad_accumulators([model])
+        opt = build_optimizer([model], cfg, dp_group=dist.group.WORLD if zero else None)
+        assert is_sharded(opt) == zero
+        for _ in range(3):
+            for p in model.parameters():
+                p.main_grad.zero_()
+            model(torch.randn(4, 32).to(torch.bfloat16)).float().pow(2).mean().backward()
+            opt.step()
+        out[zero] = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        if zero:
+            out["master_dtypes"] = sorted({str(st["master"].dtype) for st in shard_state(opt).values()})
+            out["n_local"] = len(shard_state(opt))
+    return out
+
+
+def test_zero1_over_master_weight_adamw_matches_unsharded():
+    """ZeroRedundancyOptimizer wrapping MasterWeightAdamW (bf16 params, fp32 accumulators) at DP=2: the same
+    weights as the unsharded optimizer, each rank holding the fp32 masters of its own share."""
+    from egrsd_megatron.testing import run_distributed
+    res = run_distributed(_zero_vs_single, 2, timeout=300)
+    for r in res:
+        assert r["master_dtypes"] == ["torch.float32"]
+        for name, w in r[False].items():
+            assert (w == r[True][name]).all(), name
+    assert sorted(r["n_local"] for r in res) != [4, 4] and sum(r["n_local"] for r in res) == 4
