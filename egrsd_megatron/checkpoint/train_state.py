@@ -180,6 +180,12 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     payload = torch.load(file, map_location="cpu", weights_only=False)
     load_model_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
+    from ..trainer.optim import is_sharded
+    if is_sharded(optimizer):
+        # ZeroRedundancyOptimizer.load_state_dict also keeps a dtype-cast copy of this rank's states in the
+        # wrapper's own `state`, which nothing reads (steps and shard_state use the local optimizer's):
+        # free it rather than hold this rank's Adam states (and fp32 masters) twice.
+        optimizer.state.clear()
     scheduler.load_state_dict(payload["opt_param_scheduler"])
     if teacher is not None and "teacher" in payload:
         teacher.load_state_dict(payload["teacher"])
