@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..utils import atomic_write_json, atomic_write_text
+from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -99,7 +100,6 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
     model_dir = save_model_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
     if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
-    from ..trainer.optim import is_sharded, param_groups_state, shard_state
     sharded = is_sharded(optimizer)
     if sharded:  # ZeRO-1: every data-parallel rank writes its own shard of the Adam states
         torch.save({"state": shard_state(optimizer), "dp_rank": ps.get_data_parallel_rank(),
@@ -142,7 +142,6 @@ def _shard_file(dp_rank: int) -> str:
 def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str, Any]:
     """The optimizer state_dict to load on this rank: the full one, or the ZeRO-1 shards merged (keeping
     only the states this rank's optimizer owns when it is itself sharded)."""
-    from ..trainer.optim import is_sharded, owned_indices
     sd = payload["optimizer"]
     keep = owned_indices(optimizer) if is_sharded(optimizer) else None
     n = int(payload.get("optimizer_shards", 0))
@@ -180,7 +179,6 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     payload = torch.load(file, map_location="cpu", weights_only=False)
     load_model_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
-    from ..trainer.optim import is_sharded
     if is_sharded(optimizer):
         # ZeroRedundancyOptimizer.load_state_dict also keeps a dtype-cast copy of this rank's states in the
         # wrapper's own `state`, which nothing reads (steps and shard_state use the local optimizer's):

@@ -251,7 +251,8 @@ class Trainer:
         # micro-batch's teacher output is needed at once: then only its per-token log-prob and entropy are
         # kept, unless the loss compares the full distributions (OPSD reverse_kl / jsd).
         interleave = ps.get_pipeline_model_parallel_world_size() == 1 and cfg.train.ppo_epochs == 1
-        reduce = None if divergence_kind(cfg.loss) else (self.arch.vocab_size, ps.get_tensor_model_parallel_group())
+        tp_group = ps.get_tensor_model_parallel_group()
+        reduce = None if divergence_kind(cfg.loss) else (self.arch.vocab_size, tp_group)
         t_teacher = 0.0
         t2 = time.monotonic()
         teacher_logits: Dict[int, Any] = {}
@@ -262,7 +263,6 @@ class Trainer:
         mb_metrics: List[dict] = []
         skipped = False
         grad_norm = float("nan")
-        tp_group = ps.get_tensor_model_parallel_group()
         ref_logprobs = None
         if self.reference is not None:   # [b, R] per micro-batch: small, so all at once
             tt = time.monotonic()

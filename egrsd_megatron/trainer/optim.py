@@ -21,13 +21,13 @@ obstacle: with torch 2.13, gloo does run `dist.reduce_scatter_tensor` and `dist.
 all_gather_single). ZeroRedundancyOptimizer uses only broadcast, which every backend has.
 bf16 parameters (model.params_dtype=bf16, the cluster configs) get `MasterWeightAdamW`: fp32 master
 weights and moments in the optimizer state, so small updates are not rounded away.
-Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`shard_state`) with global
-parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
+Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`checkpoint.optimizer_state`) with
+global parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
@@ -50,16 +50,15 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: identical update order on every backend keeps CPU resume bitwise reproducible.
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
-    low_precision = any(p.dtype != torch.float32 for g in groups for p in g["params"])
-    cls = MasterWeightAdamW if low_precision else torch.optim.AdamW
+    dtypes = {p.dtype for g in groups for p in g["params"]}
+    cls = torch.optim.AdamW if dtypes <= {torch.float32} else MasterWeightAdamW
     if dp_group is None:
         return cls(groups, **kwargs)
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for g in groups for p in g["params"]})
     if len(dtypes) > 1:
         odd = [n for m in model_chunks for n, p in m.named_parameters() if p.requires_grad and p.dtype == torch.float32]
         raise ConfigError(
             f"parallel.distributed_optimizer=true needs every trainable parameter in one dtype (torch's "
-            f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(dtypes)} ones, e.g. "
+            f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} ones, e.g. "
             f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
             f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -127,40 +126,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for key, value in (state_dict["state"].get(i) or {}).items():
                 if key != "step" and torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-
-
-def is_sharded(opt: torch.optim.Optimizer) -> bool:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    return isinstance(opt, ZeroRedundancyOptimizer)
-
-
-def _global_index(opt: torch.optim.Optimizer) -> Dict[torch.Tensor, int]:
-    """Parameter -> index in `Optimizer.state_dict()` numbering (params in order over the param groups):
-    the same numbering for AdamW and ZeroRedundancyOptimizer built from the same groups."""
-    return {p: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-
-
-def owned_indices(opt: torch.optim.Optimizer) -> Set[int]:
-    """Global indices of the parameters whose Adam state this rank keeps (all of them unless sharded)."""
-    index = _global_index(opt)
-    groups = opt.optim.param_groups if is_sharded(opt) else opt.param_groups
-    return {index[p] for g in groups for p in g["params"]}
-
-
-def shard_state(opt: torch.optim.Optimizer) -> Dict[int, Dict[str, Any]]:
-    """This rank's Adam states keyed by global index (the whole state for a non-sharded optimizer).
-    Parameters that never got a gradient have no state yet (AdamW creates it at their first step)."""
-    index = _global_index(opt)
-    local = opt.optim if is_sharded(opt) else opt
-    return {index[p]: dict(st) for p, st in local.state.items() if st}
-
-
-def param_groups_state(opt: torch.optim.Optimizer) -> Dict[str, Any]:
-    """`Optimizer.state_dict()` without the per-parameter state: hyper-parameters (lr, betas, ...) and
-    the global parameter indices of each group. For ZeroRedundancyOptimizer this does not need the
-    collective `consolidate_state_dict()` that its own `state_dict()` requires."""
-    sd = torch.optim.Optimizer.state_dict(opt)
-    return {"state": {}, "param_groups": sd["param_groups"]}
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -72,7 +72,7 @@ def _adam_elements(state):
 
 def equivalence(rank, world, tp, data, out):
     """Both optimizer kinds; per rank: final weights, and for ZeRO the owned parameters and state sizes."""
-    from egrsd_megatron.trainer.optim import is_sharded, owned_indices
+    from egrsd_megatron.checkpoint.optimizer_state import is_sharded, owned_indices
     res = {}
     for zero in (False, True):
         run_dir = os.path.join(out, f"tp{tp}_zero{int(zero)}")

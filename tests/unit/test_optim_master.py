@@ -144,7 +144,7 @@ def _zero_vs_single(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
-    from egrsd_megatron.trainer.optim import is_sharded, shard_state
+    from egrsd_megatron.checkpoint.optimizer_state import is_sharded, shard_state
     cfg = OptimConfig(lr=1e-3, weight_decay=0.1)
     out = {}
     for zero in (False, True):
