@@ -139,14 +139,14 @@ def _make_inputs(n: int, v_local: int, v: int, dtype: torch.dtype, rank: int, se
 
 
 def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, group, rank: int,
-             v: int, chunk: int):
+             v: int, chunk: int, temps: Optional[dict] = None):
     from egrsd_megatron.ops.vocab_parallel import token_stats
     v_local = student.shape[1]
     if variant == "fused":
         x = student.requires_grad_(True)
 
         def step():
-            st = token_stats(x, teacher, y, group=group, vocab_size=v, chunk_size=chunk)
+            st = token_stats(x, teacher, y, group=group, vocab_size=v, chunk_size=chunk, **(temps or {}))
             st.student_logprob.sum().backward()
             x.grad = None
             return st.student_logprob.detach(), st.teacher_entropy
@@ -212,7 +212,7 @@ def _worker(rank: int, world: int, grid: List[tuple], opts: dict) -> List[dict]:
             student, teacher, y = _make_inputs(n, v_local, v, dtype, rank, opts["seed"])
             outputs = {}
             for k in runnable:
-                step, prepare = _step_fn(k, student, teacher, y, group, rank, v, opts["chunk"])
+                step, prepare = _step_fn(k, student, teacher, y, group, rank, v, opts["chunk"], opts.get("temps"))
                 times, peaks = [], []
                 for rep in range(opts["warmup"] + opts["reps"]):
                     if prepare:
@@ -307,13 +307,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--total-budget-gib", type=float, default=10.0,
                    help="... or whose footprint summed over the ranks exceeds this (shared machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="(a) only: token_stats(temperature=...)")
+    p.add_argument("--entropy-temperature", type=float, default=None,
+                   help="(a) only: token_stats(entropy_temperature=...) (default: = --temperature)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     from egrsd_megatron.testing.spawn import run_distributed
     from egrsd_megatron.utils.atomic import atomic_write_json
     opts = {"threads": args.threads, "mem_budget_gib": args.mem_budget_gib, "reps": args.reps,
             "total_budget_gib": args.total_budget_gib,
-            "warmup": args.warmup, "chunk": args.chunk, "seed": args.seed}
+            "warmup": args.warmup, "chunk": args.chunk, "seed": args.seed,
+            "temps": {"temperature": args.temperature, "entropy_temperature": args.entropy_temperature}}
     for tp in args.tp:
         bad = [v for v in args.v if v % tp]
         if bad:

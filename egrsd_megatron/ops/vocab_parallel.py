@@ -12,11 +12,20 @@ vocabulary, without ever gathering it:
                      "forward": KL(pT||pS) = sum_v pT (log pT - log pS)
                      ("jsd", beta): beta KL(pT||M) + (1 - beta) KL(pS||M),  M = beta pT + (1 - beta) pS
 
+With a sampling temperature T every distribution above is softmax(z / T) (pS and pT alike: the policy
+the rollout engine sampled from, and the teacher scored at the same T, as verl / TRL do). The scaling is
+fused: (z - m) / T is formed inside each fp32 work block, never as a full copy of the logits, and the
+backward carries the chain-rule 1 / T. T = 1 runs exactly the T-free operations (bitwise the kernel before
+temperatures existed). The teacher entropy (the gate's) may be taken at its own temperature T_H
+(`entropy_temperature`, e.g. 1.0 while T = 0.7): two more local sums per row in the same pass, paid only
+when T_H != T.
+
 Collectives per chunk of `chunk_size` tokens in forward: one all-reduce MAX and one all-reduce SUM (a third
 SUM only for JSD); none in backward. The math and memory plan are in `vocab_parallel_fn`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -98,10 +107,19 @@ def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
                          f"fix the labels (ignore-index / padding ids must be replaced before token_stats)")
 
 
+def _inverse_temperature(name: str, value: float) -> float:
+    t = float(value)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"token_stats: {name}={value!r} must be a finite number > 0 (the statistics are of "
+                         f"softmax(z / {name}); greedy decoding has no distribution to score)")
+    return 1.0 / t
+
+
 def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
                 group: Optional[dist.ProcessGroup] = None, vocab_size: Optional[int] = None,
                 chunk_size: int = 1024, student_entropy: bool = False, kl: KLSpec = None,
-                check_finite: bool = True, block_elems: Optional[int] = None) -> TokenStats:
+                check_finite: bool = True, block_elems: Optional[int] = None, temperature: float = 1.0,
+                entropy_temperature: Optional[float] = None) -> TokenStats:
     """Fused full-vocabulary token statistics from vocabulary-parallel logits.
 
     student_logits, teacher_logits: [N, V_local] or [B, T, V_local], this rank's contiguous vocabulary slice
@@ -112,6 +130,11 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
       work buffer (rows x V_local), which bounds the extra memory. check_finite: raise NonFiniteLogitsError on a
       NaN / +inf logit or an all -inf token (costs one host sync per chunk). block_elems None: the
       per-device DEFAULT_BLOCK_ELEMS.
+    temperature: T > 0; every statistic (log-probs, entropies, KL / JSD) is of softmax(z / T), gradients
+      included (d/dz = (1 / T) d/d(z / T)). 1.0 (default): bitwise the untempered statistics.
+    entropy_temperature: T_H for `teacher_entropy` only (H of softmax(z_T / T_H)); None: T_H = T. Everything
+      else, the JSD's internal teacher entropy included, stays at T.
+    Reduced use with one set of logits, token_stats(z, z.detach(), y, temperature=T): log pi_T(y) and H(pi_T).
     Gradients flow to student_logits through student_logprob, student_entropy and kl; never to teacher_logits.
     """
     _validate(student_logits, teacher_logits, targets)
@@ -120,6 +143,10 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     if chunk_size < 1 or block_elems < 1:
         raise ValueError(f"chunk_size={chunk_size} and block_elems={block_elems} must be >= 1")
     mode, beta = _parse_kl(kl)
+    inv_t = _inverse_temperature("temperature", temperature)
+    inv_h = None
+    if entropy_temperature is not None and float(entropy_temperature) != float(temperature):
+        inv_h = _inverse_temperature("entropy_temperature", entropy_temperature)
     tp, rank = _group_layout(group)
     v_local = student_logits.shape[-1]
     if vocab_size is None:
@@ -138,7 +165,8 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     chunk = int(chunk_size)
     spec = FnSpec(group=group, vocab_start=vocab_start, valid=valid, chunk=chunk,
                   block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
-                  student_entropy=bool(student_entropy), kl=mode, beta=beta, check_finite=bool(check_finite))
+                  student_entropy=bool(student_entropy), kl=mode, beta=beta, check_finite=bool(check_finite),
+                  inv_t=inv_t, entropy_inv_t=inv_h)
     if y.numel() == 0:
         z = lambda: s2.new_zeros(lead, dtype=torch.float32) + 0.0 * s2.sum()  # noqa: E731 - keeps the graph
         return TokenStats(z(), z().detach(), z().detach(), z() if student_entropy else None, z() if mode else None)

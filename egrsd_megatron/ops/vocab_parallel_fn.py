@@ -3,7 +3,8 @@
 Notation (per token, one rank holds the columns [v0, v0 + V_local) of the vocabulary; `valid` of them are
 real ids, the rest Megatron padding and never read):
     m      = max_v z_v                        (global, ONE all-reduce MAX for student and teacher together)
-    d_v    = z_v - m <= 0,  e_v = exp(d_v)
+    d_v    = (z_v - m) / T <= 0,  e_v = exp(d_v)   (temperature T > 0: max_v z_v / T = m / T, so m is
+                                                 shared; T = 1 skips the multiply: bitwise the T-free math)
     Z      = sum_v e_v,     A = sum_v e_v d_v  (shifted sums: no cancellation for |z| ~ 1e4)
     log p(y) = d_y - log Z,                    H = log Z - A / Z
     reverse KL(pS||pT) = D / ZS - log ZS + log ZT,  D = sum_v eS_v (dS_v - dT_v)
@@ -15,7 +16,10 @@ Generalized JSD (arXiv 2601.18734, GKD convention with the teacher weighted by b
     KL(pT||M) = -HT - sum pT log M,  KL(pS||M) = -HS - sum pS log M
   log M needs the global normalizers, so sum pT log M and sum pS log M take a THIRD all-reduce SUM.
 
-Backward uses no collective: it recomputes log pS = (zS - m) - log Z (m, log Z saved per token) block by
+Teacher entropy at its own T_H (spec.entropy_inv_t, only when T_H != T): ZH = sum exp(d'/T_H),
+AH = (1/T_H) sum exp(d'/T_H) d' with d' = zT - m, two more rows of the same all-reduce SUM; H = log ZH - AH/ZH.
+
+Backward uses no collective: it recomputes log pS = (zS - m) / T - log Z (m, log Z saved per token) block by
 block and applies, for upstream weights g,
     d log pS(y) / dz = onehot(y) - pS
     d HS / dz        = -pS (log pS + HS)
@@ -23,6 +27,7 @@ block and applies, for upstream weights g,
     d KL(T||S) / dz  = pS - pT
     d JSD_beta / dz  = (1 - beta) pS (log pS - log M - KL(S||M))
 written as  grad = pS * (a log pS + b X + c) [- g_fwd pT] [+ g_lp onehot]  with X = log pT or log M.
+These are derivatives in u = z / T; d/dz = (1 / T) d/du, applied by scaling the upstream weights g by 1 / T.
 
 Memory: fp32 work happens in row blocks of at most `block_rows` x `valid` elements: three such buffers
 (student, teacher, one shared exp/scratch) are allocated once per call and reused; the inputs are
@@ -62,6 +67,9 @@ class FnSpec:
     kl: Optional[str]                   # None | "reverse" | "forward" | "jsd"
     beta: float                         # JSD weight of the teacher
     check_finite: bool
+    inv_t: float = 1.0                  # 1 / T: every statistic is of softmax(z / T)
+    # 1 / T_H for the teacher entropy output; None: T_H = T (same sums, no extra work).
+    entropy_inv_t: Optional[float] = None
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> None:
@@ -139,7 +147,12 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     # --- local shifted sums, one row block at a time ---------------------------------------------------
     need_as = spec.student_entropy or spec.kl == "jsd"
     need_d = spec.kl in ("reverse", "forward")
-    names = ["zs", "zt", "at", "ys", "yt"] + (["as"] if need_as else []) + (["d"] if need_d else [])
+    inv_t = spec.inv_t
+    scaled = inv_t != 1.0  # T = 1 runs exactly the T-free operations (bitwise the pre-temperature kernel)
+    sep_h = spec.entropy_inv_t is not None
+    inv_h = spec.entropy_inv_t if sep_h else inv_t
+    names = ["zs", "zt", "at", "ys", "yt"] + (["as"] if need_as else []) + (["d"] if need_d else []) \
+        + (["zh", "ah"] if sep_h else [])
     row = {k: i for i, k in enumerate(names)}
     sums = torch.zeros(len(names), n, dtype=torch.float32, device=dev)
     local, owned = _target_index(y, spec)
@@ -148,11 +161,24 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
             r = r1 - r0
             ds = buf.s[:r].copy_(zs[r0:r1]).sub_(m_s[r0:r1, None])
             dt = buf.t[:r].copy_(zt[r0:r1]).sub_(m_t[r0:r1, None])
+            if scaled:  # d = (z - m) / T in place: max(z / T) = m / T for T > 0, so m itself is reused
+                ds.mul_(inv_t)
             sums[row["ys"], r0:r1] = _gather_owned(ds, local[r0:r1], owned[r0:r1])
-            sums[row["yt"], r0:r1] = _gather_owned(dt, local[r0:r1], owned[r0:r1])
+            # Gathered before any clamp (a -inf target keeps log p = -inf), scaled like dt would be.
+            yt = _gather_owned(dt, local[r0:r1], owned[r0:r1])
+            sums[row["yt"], r0:r1] = yt.mul_(inv_t) if scaled else yt
+            if sep_h:
+                # Teacher entropy at T_H from the unscaled d (clamped: 0 * _NEG = 0), before dt is scaled:
+                # A_H = sum e^{d / T_H} (d / T_H) = (1 / T_H) sum e^{d / T_H} d.
+                dt.clamp_(min=_NEG)
+                e = torch.mul(dt, inv_h, out=buf.e[:r]).exp_()
+                sums[row["zh"], r0:r1] = e.sum(-1)
+                sums[row["ah"], r0:r1] = _rowdot(e, dt).mul_(inv_h)
+            if scaled:
+                dt.mul_(inv_t)
             if need_as or need_d:  # ds enters a product with e below; alone it only feeds exp()
                 ds.clamp_(min=_NEG)
-            dt.clamp_(min=_NEG)
+            dt.clamp_(min=_NEG)  # also catches (_NEG / T) = -inf for T < 1
             e = buf.e[:r]
             if spec.kl == "forward":
                 # Teacher first, then the teacher buffer becomes dT - dS (both in [_NEG, 0]: no overflow).
@@ -182,9 +208,10 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     out = {
         "ls": g["ys"] - log_zs,
         "lt": g["yt"] - log_zt,
-        "ht": log_zt - g["at"] / g["zt"],
+        "ht": log_zt - g["at"] / g["zt"],   # at T: the JSD below needs this one
         "m_s": m_s, "logz_s": log_zs, "m_t": m_t, "logz_t": log_zt,
     }
+    out["ht_out"] = g["zh"].log() - g["ah"] / g["zh"] if sep_h else out["ht"]
     if need_as:
         out["hs"] = log_zs - g["as"] / g["zs"]
     if spec.kl == "reverse":
@@ -196,9 +223,13 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     return out
 
 
-def _log_probs(out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
-    """out = (z - m) - log Z in fp32: z - m is exact near the max, and log Z is small."""
-    return out.copy_(z).sub_(m[:, None]).sub_(log_z[:, None])
+def _log_probs(out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor,
+               inv_t: float = 1.0) -> torch.Tensor:
+    """out = (z - m) / T - log Z in fp32: z - m is exact near the max, and log Z is small."""
+    out.copy_(z).sub_(m[:, None])
+    if inv_t != 1.0:
+        out.mul_(inv_t)
+    return out.sub_(log_z[:, None])
 
 
 def _log_mixture_(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
@@ -219,8 +250,8 @@ def _jsd_chunk(zs: torch.Tensor, zt: torch.Tensor, st: dict, spec: FnSpec, buf: 
     if spec.valid > 0:
         for r0, r1 in _spans(n, spec.block_rows):
             r = r1 - r0
-            ls = _log_probs(buf.s[:r], zs[r0:r1], st["m_s"][r0:r1], st["logz_s"][r0:r1]).clamp_(min=_NEG)
-            lt = _log_probs(buf.t[:r], zt[r0:r1], st["m_t"][r0:r1], st["logz_t"][r0:r1]).clamp_(min=_NEG)
+            ls = _log_probs(buf.s[:r], zs[r0:r1], st["m_s"][r0:r1], st["logz_s"][r0:r1], spec.inv_t).clamp_(min=_NEG)
+            lt = _log_probs(buf.t[:r], zt[r0:r1], st["m_t"][r0:r1], st["logz_t"][r0:r1], spec.inv_t).clamp_(min=_NEG)
             lm = _log_mixture_(buf.e[:r].copy_(lt), ls, spec.beta)
             plm[0, r0:r1] = _rowdot(lt.exp_(), lm)
             plm[1, r0:r1] = _rowdot(ls.exp_(), lm)
@@ -260,13 +291,13 @@ class TokenStatsFunction(torch.autograd.Function):
         saved = [cat[k] if k in cat else empty() for k in _SAVED]
         ctx.save_for_backward(student, teacher if spec.kl else None, targets, *saved)
         ctx.spec = spec
-        ctx.mark_non_differentiable(cat["lt"], cat["ht"])
+        ctx.mark_non_differentiable(cat["lt"], cat["ht_out"])
         if not spec.student_entropy:
             ctx.mark_non_differentiable(hs)
         if not spec.kl:
             ctx.mark_non_differentiable(kl)
         ctx.set_materialize_grads(False)
-        return cat["ls"], cat["lt"], cat["ht"], hs, kl
+        return cat["ls"], cat["lt"], cat["ht_out"], hs, kl
 
     @staticmethod
     def backward(ctx, g_ls, g_lt, g_ht, g_hs, g_kl):  # type: ignore[override]
@@ -287,6 +318,11 @@ class TokenStatsFunction(torch.autograd.Function):
         g_ls = zeros if g_ls is None else g_ls.float()
         g_hs = zeros if g_hs is None else g_hs.float()
         g_kl = zeros if g_kl is None else g_kl.float()
+        inv_t = spec.inv_t
+        if inv_t != 1.0:
+            # Every statistic is a function of u = z / T, so d/dz = (1 / T) d/du; the gradient below is
+            # linear in (g_ls, g_hs, g_kl), so the 1 / T rides on them.
+            g_ls, g_hs, g_kl = g_ls * inv_t, g_hs * inv_t, g_kl * inv_t
         if spec.kl == "jsd":
             g_kl = g_kl * (1.0 - spec.beta)
         # Per-token coefficients of grad = pS * (a log pS + b X + c): see the module docstring.
@@ -312,19 +348,20 @@ class TokenStatsFunction(torch.autograd.Function):
             if not full:
                 # log-prob (and forward KL) only: grad = pS * c [- g_fwd pT] + g_lp onehot, and
                 # pS * c = exp(z - m) * (c / Z): the 1/Z rides on the per-token coefficient.
-                p = torch.exp(buf.e[:r].copy_(zs_all[r0:r1]).sub_(m_s[r0:r1, None]), out=buf.e[:r])
+                d = buf.e[:r].copy_(zs_all[r0:r1]).sub_(m_s[r0:r1, None])
+                p = torch.exp(d.mul_(inv_t) if inv_t != 1.0 else d, out=buf.e[:r])
                 p.mul_(c_over_z[r0:r1, None])
                 if spec.kl == "forward":
-                    x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1]).exp_()
+                    x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1], inv_t).exp_()
                     p.addcmul_(x, g_kl[r0:r1, None], value=-1.0)
                 _add_onehot(p, owned[r0:r1], local[r0:r1], g_ls[r0:r1])
                 grad[r0:r1, :spec.valid].copy_(p)
                 continue
-            lp = _log_probs(buf.s[:r], zs_all[r0:r1], m_s[r0:r1], logz_s[r0:r1])
+            lp = _log_probs(buf.s[:r], zs_all[r0:r1], m_s[r0:r1], logz_s[r0:r1], inv_t)
             p = torch.exp(lp, out=buf.e[:r])
             lp.clamp_(min=_NEG)  # where p == 0: keeps 0 * log p finite below
             if spec.kl is not None:
-                x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1])
+                x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1], inv_t)
                 if spec.kl == "forward":
                     x.exp_()  # pT
                 else:

@@ -9,6 +9,15 @@ the trainer and the evaluator never care which one runs:
   on which other rows share its batch or on sub-batching; that is what lets an interrupted evaluation
   resume and reproduce the uninterrupted file.
 - `update_weights(named_tensors)` refits the engine in place from full Hugging Face-named tensors.
+- Each Completion carries `logprobs[i]`, the log-prob of `response_ids[i]` under the distribution the engine
+  drew it from: log softmax(filter(z / T)), i.e. after the temperature and after top-k / top-p truncation
+  when those are on (renormalised over the kept tokens). Greedy (T = 0): the log-prob of the argmax token
+  under softmax(z), T = 1 and no truncation (what vLLM's processed logprobs give for a greedy request).
+- Stopping: a row stops after a token in `stop_token_ids`, or when its generated ids END WITH one of
+  `stop_sequences` (token-id sequences, e.g. `rollout.stop` strings encoded by `stop_sequences_from_strings`).
+  The stop token / sequence is KEPT in response_ids (and in logprobs), so the response mask covers it and the
+  policy learns to emit it. Matching is on token ids: a stop string that the model spells with another
+  tokenization (a merge across its boundary) does not stop the row.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_token_ids: List[int] = field(default_factory=list)
     seed: Optional[int] = None
+    stop_sequences: List[List[int]] = field(default_factory=list)   # token-id sequences (see module docstring)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -40,28 +50,63 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.stop_sequences = [[int(t) for t in seq] for seq in self.stop_sequences]
+        for i, seq in enumerate(self.stop_sequences):
+            if not seq:
+                raise ValueError(f"SamplingParams.stop_sequences[{i}] is empty: a stop sequence needs >= 1 token")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def ends_with_stop(self, ids: Sequence[int]) -> bool:
+        """True when `ids` (a row's generated ids so far) end with a stop token or a stop sequence."""
+        if ids and ids[-1] in self.stop_token_ids:
+            return True
+        return any(len(ids) >= len(seq) and list(ids[-len(seq):]) == seq for seq in self.stop_sequences)
+
     @classmethod
-    def from_config(cls, rollout_cfg: Any, stop_token_ids: Sequence[int], seed: Optional[int] = None
-                    ) -> "SamplingParams":
+    def from_config(cls, rollout_cfg: Any, stop_token_ids: Sequence[int], seed: Optional[int] = None,
+                    tokenizer: Any = None) -> "SamplingParams":
         """From a `RolloutConfig` (or `EvalConfig`: same field names). `stop_token_ids` come from the
-        tokenizer/prompt builder (e.g. PromptBuilder.eos_token_ids); string stops in `rollout.stop`
-        must be mapped to ids by the caller (a multi-token string cannot be one stop id)."""
+        tokenizer/prompt builder (e.g. PromptBuilder.eos_token_ids); the strings of `rollout.stop` (when the
+        config has that field) become token sequences through `tokenizer` (required then)."""
+        strings = list(getattr(rollout_cfg, "stop", None) or [])
         return cls(temperature=float(rollout_cfg.temperature), top_p=float(rollout_cfg.top_p),
                    top_k=int(rollout_cfg.top_k), max_new_tokens=int(rollout_cfg.max_new_tokens),
-                   stop_token_ids=list(stop_token_ids), seed=seed)
+                   stop_token_ids=list(stop_token_ids), seed=seed,
+                   stop_sequences=stop_sequences_from_strings(strings, tokenizer) if strings else [])
+
+
+def stop_sequences_from_strings(strings: Sequence[str], tokenizer: Any) -> List[List[int]]:
+    """Each `rollout.stop` string as the token ids the tokenizer gives it alone (no special tokens)."""
+    if tokenizer is None or not hasattr(tokenizer, "encode"):
+        raise ValueError("rollout.stop: mapping stop strings to token sequences needs the tokenizer; pass "
+                         "tokenizer= to SamplingParams.from_config (or empty rollout.stop)")
+    out = []
+    for i, s in enumerate(strings):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"rollout.stop[{i}] = {s!r}: each stop must be a non-empty string")
+        ids = list(tokenizer.encode(s, add_special_tokens=False))
+        if not ids:
+            raise ValueError(f"rollout.stop[{i}] = {s!r} encodes to no tokens with this tokenizer")
+        out.append([int(t) for t in ids])
+    return out
 
 
 @dataclass
 class Completion:
     prompt_ids: List[int]
-    response_ids: List[int]     # no padding; ends with the stop token when one was generated
+    response_ids: List[int]     # no padding; ends with the stop token / sequence when one was generated
     text: str                   # decoded response, special tokens skipped
-    truncated: bool             # hit max_new_tokens without a stop token
+    truncated: bool             # hit max_new_tokens without a stop token / sequence
+    # log-prob of each response id under the sampling distribution (module docstring); aligned with
+    # response_ids. Engines always fill it; empty only in a Completion built by hand (test fakes).
+    logprobs: List[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.logprobs and len(self.logprobs) != len(self.response_ids):
+            raise ValueError(f"Completion: {len(self.logprobs)} logprobs for {len(self.response_ids)} response ids")
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,9 @@ Prompts are LEFT padded so every row's next token sits in the last column; posit
 tokens (cumsum of the mask), so padding changes neither positions nor attention. Decoding is one cached
 forward per new token; as rows finish they are dropped from the batch and the KV cache
 (Cache.batch_select_indices), so a long tail costs only its own rows. Works on CPU (fp32) and on a GPU.
+Each sampled token's log-prob comes from the very logits it was drawn from (sampling.select_next: after the
+temperature and any top-k / top-p truncation; greedy: softmax(z) at T = 1). A row stops after a stop token
+id or once its ids end with a stop sequence, which is kept (rollout/base.py).
 """
 from __future__ import annotations
 
@@ -80,17 +83,18 @@ class HFEngine(RolloutEngine):
 
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, pos, cache)
-        stop_ids = set(params.stop_token_ids)
         responses: List[List[int]] = [[] for _ in prompts]
+        logprobs: List[List[float]] = [[] for _ in prompts]
         stopped = [False] * B
         active = list(range(B))            # original row of each row still in the batch
         last_pos = pos[:, -1]
         for t in range(params.max_new_tokens):
-            nxt = select_next(logits, params, [gens[r] for r in active])
+            nxt, lp = select_next(logits, params, [gens[r] for r in active])
             keep = []
-            for j, (r, tok) in enumerate(zip(active, nxt.tolist())):
+            for j, (r, tok, lpt) in enumerate(zip(active, nxt.tolist(), lp.tolist())):
                 responses[r].append(tok)
-                if tok in stop_ids:
+                logprobs[r].append(lpt)
+                if params.ends_with_stop(responses[r]):
                     stopped[r] = True
                 else:
                     keep.append(j)
@@ -107,7 +111,7 @@ class HFEngine(RolloutEngine):
             logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache)
 
         return [Completion(prompt_ids=list(p), response_ids=responses[i], text=self._decode(responses[i]),
-                           truncated=not stopped[i]) for i, p in enumerate(prompts)]
+                           truncated=not stopped[i], logprobs=logprobs[i]) for i, p in enumerate(prompts)]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,

@@ -5,13 +5,18 @@ Hugging Face's sampler uses one global stream per batch, so a row's tokens would
 mates and on sub-batching, and an interrupted evaluation could not be resumed reproducibly.
 The filtering order (temperature, then top-k, then top-p over the renormalised remainder) is the one
 vLLM and Hugging Face use.
+
+`check_training_sampling` is the trainer's guard: it refuses settings under which the trainer's log-probs
+(token_stats of softmax(z / T) over the FULL vocabulary) would not be those of the distribution the rollouts
+were drawn from, or under which a group's G rollouts are all identical.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List, Tuple
 
 import torch
 
+from ..config.schema import ConfigError
 from .base import SamplingParams
 
 
@@ -32,12 +37,51 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return x
 
 
-def select_next(logits: torch.Tensor, params: SamplingParams, generators: List[torch.Generator]) -> torch.Tensor:
-    """Token ids [B] from logits [B, V]: argmax when greedy, else a draw from each row's generator."""
+def select_next(logits: torch.Tensor, params: SamplingParams, generators: List[torch.Generator]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [B], their fp32 log-probs [B]) from logits [B, V]: argmax when greedy, else a draw from
+    each row's generator.
+
+    The log-prob is of the distribution sampled from: log softmax(filter_logits(z)) = log softmax(z / T)
+    restricted to the top-k / top-p survivors and renormalised over them. Greedy: log softmax(z) (T = 1, no
+    truncation) at the argmax, the convention vLLM's processed logprobs follow for a greedy request.
+    """
     if params.greedy:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+        tok = torch.argmax(logits, dim=-1)
+        return tok, torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None]).squeeze(1)
+    x = filter_logits(logits, params)
+    probs = torch.softmax(x, dim=-1)  # the draw is unchanged from before log-probs were returned
+    logp = torch.log_softmax(x, dim=-1)
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     for i, g in enumerate(generators):
         out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-    return out
+    return out, logp.gather(1, out[:, None]).squeeze(1)
+
+
+def check_training_sampling(rollout_cfg: Any) -> None:
+    """Raise ConfigError (naming the key) for rollout settings training must not run with.
+
+    - rollout.temperature == 0: greedy decoding makes all G rollouts of a group identical (zero
+      group-relative advantage) and has no sampling distribution whose log-prob the update could use.
+    - rollout.top_p < 1 / rollout.top_k > 0: the rollouts would be drawn from a truncated, renormalised
+      distribution, while the trainer's log-probs (student, teacher, reference, old; token_stats) are of the
+      full softmax(z / T); the ratio and the gradient would be of another policy (off-policy). Refused rather
+      than emulated: the truncation set depends on the exact logits of the rollout engine (bf16 vLLM vs the
+      trainer), so trainer-side truncation would not reproduce it token for token. Evaluation may use both.
+    """
+    t = float(rollout_cfg.temperature)
+    if t == 0:
+        raise ConfigError("config key 'rollout.temperature': 0 (greedy) is not allowed in training: all "
+                          "rollout.group_size rollouts of a prompt would be identical (no group-relative signal) "
+                          "and there is no sampling distribution to score; use a temperature > 0 (e.g. 1.0). "
+                          "Greedy evaluation is set in the eval config, not here")
+    if float(rollout_cfg.top_p) < 1.0:
+        raise ConfigError(f"config key 'rollout.top_p': {rollout_cfg.top_p} < 1 is not allowed in training: the "
+                          f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
+                          f"drawn from the top-p nucleus would be off-policy; set rollout.top_p=1.0 (evaluation may "
+                          f"still use top-p)")
+    if int(rollout_cfg.top_k) > 0:
+        raise ConfigError(f"config key 'rollout.top_k': {rollout_cfg.top_k} > 0 is not allowed in training: the "
+                          f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
+                          f"drawn from the top-k tokens would be off-policy; set rollout.top_k=0 (evaluation may "
+                          f"still use top-k)")

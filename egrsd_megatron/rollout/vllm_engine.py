@@ -27,6 +27,16 @@ How it works with vLLM 0.32 (checked against the installed package):
 - Per-row seeds map to vLLM's per-request `SamplingParams.seed` (a generator per request). EOS is ignored
   (`ignore_eos=True`): as in the hf engine, a row stops only at `params.stop_token_ids`. Text is decoded
   with the tokenizer here (vLLM's incremental detokenizer holds back a trailing partial UTF-8 sequence).
+- Sampled-token log-probs (NOT YET RUN: written against vLLM's documented API, to be checked with
+  `make test-vllm`, tests/optin/test_vllm_logprobs.py): the engine starts with
+  `logprobs_mode="processed_logprobs"` (log-probs of the distribution sampled from, after temperature and
+  top-k / top-p, the hf engine's convention; for a greedy request vLLM scores softmax(z) at T = 1) and asks
+  each request for `logprobs=0` (the sampled token only); `Completion.logprobs[i]` is
+  `output.logprobs[i][token_ids[i]].logprob`.
+- Stop sequences (rollout/base.py): one-token sequences become vLLM `stop_token_ids`; vLLM has no
+  token-sequence stop, so a row is cut after the first position where its ids end with a longer sequence
+  (the same rule as the hf engine, the sequence kept). The tokens vLLM generated past that point are
+  wasted work, bounded by max_new_tokens.
 - Side effects of an in-process vLLM, undone here: it reseeds the process-global RNGs (random, numpy,
   torch); on CPU it replaces `torch.set_num_threads` with a no-op; its shutdown destroys the default
   process group even when it was the caller's. vLLM's parallel state is process-global, so one engine per
@@ -155,7 +165,9 @@ class VLLMEngine(RolloutEngine):
             model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=self.dtype,
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True, load_format=load_format, enforce_eager=enforce_eager,
-            skip_tokenizer_init=skip_tokenizer_init, seed=0)
+            skip_tokenizer_init=skip_tokenizer_init, seed=0,
+            # Log-probs of the processed (tempered, truncated) distribution the token was drawn from.
+            logprobs_mode="processed_logprobs")
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len is not None:
@@ -175,10 +187,11 @@ class VLLMEngine(RolloutEngine):
         check_prompts(prompts, seeds)
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
         # top_k 0 = off in both APIs; temperature 0 = greedy in both (vLLM then ignores top_p/top_k).
+        stop_ids = list(params.stop_token_ids) + [seq[0] for seq in params.stop_sequences if len(seq) == 1]
         sps = [self._vllm.SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
-            seed=int(s) & (2**63 - 1), ignore_eos=True, detokenize=False)
+            max_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
+            seed=int(s) & (2**63 - 1), ignore_eos=True, detokenize=False, logprobs=0)
             for s in row_seeds]
         reqs = [{"prompt_token_ids": list(p)} for p in prompts]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)
@@ -187,11 +200,16 @@ class VLLMEngine(RolloutEngine):
             c = o.outputs[0]
             # finish_reason "stop": a stop token id, kept in token_ids; "length": max_new_tokens reached.
             ids = list(c.token_ids)
+            lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
+            truncated = c.finish_reason == "length"
+            cut = _first_stop_end(ids, params)
+            if cut is not None and cut < len(ids):
+                ids, lps, truncated = ids[:cut], lps[:cut], False
             # Decoded here, as the hf engine does: vLLM's incremental detokenizer holds back a trailing
             # incomplete UTF-8 sequence, so its text can differ from tokenizer.decode at the end.
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            result.append(Completion(prompt_ids=list(p), response_ids=ids, text=text,
-                                     truncated=c.finish_reason == "length"))
+            result.append(Completion(prompt_ids=list(p), response_ids=ids, text=text, truncated=truncated,
+                                     logprobs=lps))
         return result
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
@@ -213,6 +231,15 @@ class VLLMEngine(RolloutEngine):
                 client.shutdown()
         else:
             client.shutdown()
+
+
+def _first_stop_end(ids: List[int], params: SamplingParams) -> Optional[int]:
+    """Length of the shortest prefix of `ids` that ends with a stop token or sequence (None: no stop)."""
+    stop_ids = set(params.stop_token_ids)
+    for n in range(1, len(ids) + 1):
+        if ids[n - 1] in stop_ids or any(n >= len(q) and ids[n - len(q):n] == q for q in params.stop_sequences):
+            return n
+    return None
 
 
 def make_vllm_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from egrsd_megatron.testing.spawn import run_distributed
-from tests.unit.test_vocab_parallel import (KL_MODES, RTOL_BF16_GRAD, RTOL_FP32, assert_matches, make_case,
-                                            reference_stats, run_token_stats)
+from tests.unit.test_vocab_parallel import (KL_MODES, RTOL_BF16_GRAD, RTOL_FP32, TEMPERATURES, assert_matches,
+                                            assert_within_derived, make_case, reference_stats, run_token_stats)
 
 # name -> (seed, n, v_total, vocab_size, dtype, kl, chunk_size, rows per work block)
 CASES = {f"fp32-{kl}": (0, 45, 64, 57, "float32", kl, 16, 5) for kl in KL_MODES}
@@ -24,6 +24,9 @@ CASES.update({
     # vocab 12 of 64 columns: at TP=2 rank 1, at TP=4 ranks 1-3 hold padding only.
     "tiny-vocab-forward": (9, 20, 64, 12, "float32", "forward", 6, 4),
 })
+# Sampling temperature (fp32 case 0, vocab 57 of 64): name -> (kl, temperature, entropy_temperature).
+TEMP_CASES = {f"T{t}-{kl}": (kl, t, None) for t in TEMPERATURES for kl in KL_MODES}
+TEMP_CASES.update({f"T{t}-H1-{kl}": (kl, t, 1.0) for t in TEMPERATURES for kl in (None, ("jsd", 0.3))})
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                 "all_to_all_single", "reduce", "gather", "scatter")
 
@@ -71,6 +74,12 @@ def _worker(rank: int, world: int) -> dict:
         zs, zt, vl = _slice(c, rank, world)
         out["cases"][name] = run_token_stats(zs, zt, c["y"], c["w"], kl, group=group, vocab_size=c["vocab_size"],
                                              chunk_size=chunk, block_elems=rows * vl)
+    out["temp"] = {}
+    c, _, _, _ = _case("fp32-None")
+    zs, zt, vl = _slice(c, rank, world)
+    for name, (kl, t, t_h) in TEMP_CASES.items():
+        out["temp"][name] = run_token_stats(zs, zt, c["y"], c["w"], kl, group=group, vocab_size=57, chunk_size=16,
+                                            block_elems=5 * vl, temperature=t, entropy_temperature=t_h)
     # Collectives per forward and backward (45 tokens, chunk 16: 3 chunks).
     c, _, _, _ = _case("fp32-None")
     zs, zt, vl = _slice(c, rank, world)
@@ -125,6 +134,14 @@ def _check_world(world: int) -> None:
             grad_rtol = RTOL_BF16_GRAD if "bf16" in name else RTOL_FP32
             assert_matches(ours, ref, RTOL_FP32, grad_rtol, f"TP={world} rank {rank} {name}")
             assert np.all(ours["grad"][:, c["vocab_size"]:] == 0.0)
+    c, _, _, _ = _case("fp32-None")
+    for name, (kl, t, t_h) in TEMP_CASES.items():
+        ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl, temperature=t, entropy_temperature=t_h)
+        for rank, res in enumerate(results):
+            ours = dict(res["temp"][name])
+            ours["grad"] = np.concatenate([r["temp"][name]["grad"] for r in results], axis=1)
+            assert_within_derived(ours, ref, c["w"], 57, t, f"TP={world} rank {rank} {name}")
+            assert np.all(ours["grad"][:, 57:] == 0.0)
     chunks = math.ceil(45 / 16)
     for kl in KL_MODES:
         for rank, res in enumerate(results):

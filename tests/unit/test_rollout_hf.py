@@ -166,3 +166,114 @@ def test_vllm_engine_errors_clearly_without_vllm():
         pass
     with pytest.raises(RuntimeError, match="vllm"):
         make_engine(SimpleNamespace(engine="vllm"), TINY, None)
+
+
+# ------------------------------------------------------------------- sampled-token log-probs and stops
+from egrsd_megatron.config.schema import ConfigError  # noqa: E402
+from egrsd_megatron.rollout.base import Completion, stop_sequences_from_strings  # noqa: E402
+from egrsd_megatron.rollout.sampling import check_training_sampling  # noqa: E402
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+@torch.no_grad()
+def _full_forward_logits(model: torch.nn.Module, prompt, response) -> torch.Tensor:
+    """fp32 logits predicting each response token, from ONE uncached, unpadded forward over prompt+response."""
+    seq = torch.tensor([list(prompt) + list(response)])
+    logits = model(input_ids=seq, use_cache=False).logits[0].float()
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(response)]
+
+
+def _logit_tol(model: torch.nn.Module, logits: torch.Tensor, temperature: float) -> float:
+    """Derived bound on |engine log-prob - reference log-prob|.
+
+    Both sides run the same fp32 model; they differ only in rounding (KV cache + left padding + batch vs one
+    full forward). Each logit passes through n_layers x 3 matmul chains plus the head, each a sum of at most
+    K = max(hidden, intermediate) terms: relative error <= (3 n_layers + 1) K eps32 of the logit scale
+    M = max |z|. A log-prob of softmax(z / T) moves by at most 2 max_v |dz_v| / T.
+    """
+    c = model.config
+    k = max(c.hidden_size, c.intermediate_size)
+    return 2.0 * (3 * c.num_hidden_layers + 1) * k * EPS32 * float(logits.abs().max()) / temperature
+
+
+@pytest.mark.parametrize("extra", [{}, {"top_k": 20}, {"top_p": 0.8}], ids=["full", "top_k", "top_p"])
+def test_logprobs_at_temperature_match_full_forward(extra):
+    model = _model(2)
+    t = 0.7
+    params = SamplingParams(temperature=t, max_new_tokens=10, **extra)
+    outs = HFEngine(model, max_batch=3).generate(PROMPTS, params, seeds=[1, 2, 3, 4])
+    worst = 0.0
+    for p, c in zip(PROMPTS, outs):
+        assert len(c.logprobs) == len(c.response_ids) == 10
+        z = _full_forward_logits(model, p, c.response_ids)
+        # The distribution sampled from: log_softmax(z / T), truncated (and renormalised) when top-k/p is on.
+        ref = torch.log_softmax(filter_logits(z, params), -1).gather(1, torch.tensor(c.response_ids)[:, None])[:, 0]
+        ours = torch.tensor(c.logprobs)
+        tol = _logit_tol(model, z, t)
+        err = float((ours - ref).abs().max())
+        worst = max(worst, err)
+        assert err <= tol, f"prompt {p}: |logprob - reference| = {err:.3g} > derived tol {tol:.3g}"
+        if not extra:
+            # Negative control: the T = 1 log-probs are far from what the engine returned.
+            at_one = torch.log_softmax(z, -1).gather(1, torch.tensor(c.response_ids)[:, None])[:, 0]
+            assert float((at_one - ours).abs().max()) > 100 * tol
+    assert worst < 1e-4  # fp32 agreement in practice (the bound above is the worst case)
+
+
+def test_greedy_logprob_is_log_softmax_at_temperature_one(engine):
+    outs = engine.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))
+    for p, c in zip(PROMPTS, outs):
+        z = _full_forward_logits(engine.model, p, c.response_ids)
+        ref = torch.log_softmax(z, -1).gather(1, torch.tensor(c.response_ids)[:, None])[:, 0]
+        assert float((torch.tensor(c.logprobs) - ref).abs().max()) <= _logit_tol(engine.model, z, 1.0)
+
+
+def test_stop_sequence_ends_row_and_is_kept(engine):
+    ref = greedy_reference(engine.model, PROMPTS[0], 12)
+    seq = ref[3:5]
+    first = next(i for i in range(1, 12) if ref[i - 1:i + 1] == seq)  # first position where seq is complete
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_sequences=[seq])
+    out = engine.generate(PROMPTS, params)
+    assert out[0].response_ids == ref[:first + 1] and out[0].response_ids[-2:] == seq and not out[0].truncated
+    assert len(out[0].logprobs) == len(out[0].response_ids)
+    for p, c in zip(PROMPTS[1:], out[1:]):
+        r = greedy_reference(engine.model, p, 12)
+        hit = next((i for i in range(1, 12) if r[i - 1:i + 1] == seq), None)
+        assert c.response_ids == (r if hit is None else r[:hit + 1])
+        assert c.truncated == (hit is None)
+
+
+def test_stop_strings_map_through_the_tokenizer():
+    class Tok:
+        def encode(self, s, add_special_tokens=False):
+            return [ord(ch) % 96 for ch in s]
+    cfg = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, stop=["ab", "</x>"])
+    p = SamplingParams.from_config(cfg, [3], tokenizer=Tok())
+    assert p.stop_sequences == [[97 % 96, 98 % 96], [ord(c) % 96 for c in "</x>"]] and p.stop_token_ids == [3]
+    assert p.ends_with_stop([7, 1, 2]) and p.ends_with_stop([5, 3]) and not p.ends_with_stop([2, 1])
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        SamplingParams.from_config(cfg, [3])
+    with pytest.raises(ValueError, match=r"rollout.stop\[0\] = ''"):
+        stop_sequences_from_strings([""], Tok())
+
+
+def test_completion_logprobs_must_align():
+    with pytest.raises(ValueError, match="2 logprobs for 3 response ids"):
+        Completion(prompt_ids=[1], response_ids=[1, 2, 3], text="", truncated=True, logprobs=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("key,over,why", [
+    ("rollout.temperature", {"temperature": 0.0}, "identical"),
+    ("rollout.top_p", {"top_p": 0.9}, "off-policy"),
+    ("rollout.top_k", {"top_k": 20}, "off-policy"),
+])
+def test_check_training_sampling_refuses(key, over, why):
+    cfg = SimpleNamespace(**{"temperature": 0.7, "top_p": 1.0, "top_k": 0, **over})
+    with pytest.raises(ConfigError, match=rf"'{key}'.*{why}"):
+        check_training_sampling(cfg)
+
+
+def test_check_training_sampling_accepts_plain_sampling():
+    for t in (0.7, 1.0, 1.3):
+        check_training_sampling(SimpleNamespace(temperature=t, top_p=1.0, top_k=0))

@@ -57,8 +57,12 @@ def _xlogy(p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, vocab_size: int,
-                    kl) -> Dict[str, np.ndarray]:
-    """float64 values of every statistic and d(sum w0 lS + w1 HS + w2 KL)/d zS, row by row."""
+                    kl, temperature: float = 1.0, entropy_temperature: Optional[float] = None
+                    ) -> Dict[str, np.ndarray]:
+    """float64 values of every statistic and d(sum w0 lS + w1 HS + w2 KL)/d zS, row by row, every
+    distribution softmax(z / temperature) (the teacher entropy at entropy_temperature when given); the
+    gradient is autograd through the division, with respect to the raw logits."""
+    t_h = temperature if entropy_temperature is None else entropy_temperature
     zs64 = zs[:, :vocab_size].double()
     zt64 = zt[:, :vocab_size].double()
     n = zs.shape[0]
@@ -68,11 +72,12 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
         keep = torch.isfinite(zs64[i]) & torch.isfinite(zt64[i])
         cols = keep.nonzero().squeeze(1)
         row = zs64[i, cols].clone().requires_grad_(True)
-        ls = torch.log_softmax(row, -1)
-        lt = torch.log_softmax(zt64[i, cols], -1)
+        ls = torch.log_softmax(row / temperature, -1)
+        lt = torch.log_softmax(zt64[i, cols] / temperature, -1)
+        lh = torch.log_softmax(zt64[i, cols] / t_h, -1)
         ps, pt = ls.exp(), lt.exp()
         tgt = int((cols == int(y[i])).nonzero()[0])
-        vals = {"ls": ls[tgt], "lt": lt[tgt], "ht": -_xlogy(pt, lt), "hs": -_xlogy(ps, ls),
+        vals = {"ls": ls[tgt], "lt": lt[tgt], "ht": -_xlogy(lh.exp(), lh), "hs": -_xlogy(ps, ls),
                 "kl": torch.zeros((), dtype=torch.float64)}
         if kl == "reverse":
             vals["kl"] = _xlogy(ps, ls - lt)
@@ -93,11 +98,13 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
 
 
 def run_token_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kl, group=None,
-                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: Optional[int] = None) -> dict:
-    """token_stats with student entropy, and the gradient of the same weighted sum as the reference."""
+                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: Optional[int] = None,
+                    **temperatures) -> dict:
+    """token_stats with student entropy, and the gradient of the same weighted sum as the reference.
+    temperatures: token_stats' temperature / entropy_temperature (absent: the defaults)."""
     zs = zs.detach().clone().requires_grad_(True)
     st = token_stats(zs, zt, y, group=group, vocab_size=vocab_size, chunk_size=chunk_size,
-                     student_entropy=True, kl=kl, block_elems=block_elems)
+                     student_entropy=True, kl=kl, block_elems=block_elems, **temperatures)
     loss = (w[0] * st.student_logprob).sum() + (w[1] * st.student_entropy).sum()
     if kl is not None:
         loss = loss + (w[2] * st.kl).sum()
@@ -123,6 +130,39 @@ def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: s
     assert gerr.max() <= grad_rtol, f"{what}: grad rel err {gerr.max():.3g} at {np.unravel_index(gerr.argmax(), gerr.shape)}"
 
 
+EPS32 = float(torch.finfo(torch.float32).eps)
+TEMPERATURES = [0.7, 1.3]
+
+
+def assert_within_derived(ours: dict, ref: dict, w: torch.Tensor, vocab_size: int, temperature: float,
+                          what: str) -> None:
+    """Check against the float64 reference with a per-row tolerance DERIVED from fp32 rounding.
+
+    Every statistic of row i is a sum over the row's V real columns of terms built from d_v = (z_v - m) / T
+    by a few fp32 operations (subtract the max, scale by 1 / T, exp, multiply-add: 4 roundings, each a
+    relative eps32). No term of row i exceeds M_i = 1 + log V + max_k |stat_k[i]| in magnitude (log Z is
+    in [0, log V]; p_v |log p_v| <= 1/e; the target terms are the statistics themselves), and the fp32 sum of
+    V terms adds at most V roundings (the worst-case linear bound, not the typical sqrt(V)). So
+        |value error| <= 4 eps32 V M_i.
+    The gradient of sum_k w_k stat_k with respect to z is (1 / T) times a combination of the same
+    per-column terms with weights w, hence |grad error| <= 4 eps32 V M_i (|w0| + |w1| + |w2|) / T.
+    (The TP all-reduce adds one rounding per rank: fewer than V terms, inside the same bound.)
+    """
+    stats = ("ls", "lt", "ht", "hs", "kl")
+    mag = 1.0 + math.log(vocab_size) + np.max(np.abs(np.stack([ref[k] for k in stats])), axis=0)
+    tol = 4 * EPS32 * vocab_size * mag
+    for k in stats:
+        assert np.all(np.isfinite(ours[k])), f"{what}: {k} not finite: {ours[k]}"
+        err = np.abs(ours[k] - ref[k])
+        i = int(err.argmax())
+        assert np.all(err <= tol), f"{what}: {k} err {err[i]:.3g} > tol {tol[i]:.3g} at token {i}"
+    gtol = tol * np.abs(w.double().numpy()).sum(0) / temperature
+    gerr = np.abs(ours["grad"] - ref["grad"]).max(axis=1)
+    assert np.all(np.isfinite(ours["grad"])), f"{what}: gradient not finite"
+    i = int(gerr.argmax())
+    assert np.all(gerr <= gtol), f"{what}: grad err {gerr[i]:.3g} > tol {gtol[i]:.3g} at row {i}"
+
+
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("kl", KL_MODES, ids=str)
 def test_fp32_matches_float64_reference(kl) -> None:
@@ -144,6 +184,101 @@ def test_bf16_inputs(kl) -> None:
     ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, chunk_size=7)
     # Math is fp32 on the exact bf16 values: only the bf16 gradient output is coarse.
     assert_matches(ours, ref, RTOL_FP32, RTOL_BF16_GRAD, f"bf16 kl={kl}")
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kl", KL_MODES, ids=str)
+def test_temperature_matches_float64_reference(kl, temperature) -> None:
+    # Values and gradients of softmax(z / T) statistics against float64 autograd through z / T; the same hard
+    # rows (-inf entries, uniform rows, |z| ~ 1e4), several chunks and blocks.
+    c = make_case(0, 45, 64, 57)
+    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl, temperature=temperature)
+    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16,
+                           block_elems=5 * 57, temperature=temperature)
+    assert_within_derived(ours, ref, c["w"], 57, temperature, f"T={temperature} kl={kl}")
+    assert np.all(ours["grad"][:, 57:] == 0.0), "padded columns must get zero gradient"
+    # The temperature really changes the answer (the test would be vacuous if T were ignored).
+    plain = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl)
+    assert np.abs(plain["ls"] - ref["ls"]).max() > 0.1 and np.abs(plain["grad"] - ref["grad"]).max() > 0.01
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kl", [None, "forward", ("jsd", 0.3)], ids=str)
+def test_teacher_entropy_at_its_own_temperature(kl, temperature) -> None:
+    # The gate's knob: H of softmax(zT / 1) while every other statistic (the JSD's internal HT included)
+    # stays at T.
+    c = make_case(10, 30, 64, 60)
+    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 60, kl, temperature=temperature,
+                          entropy_temperature=1.0)
+    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=60, chunk_size=7,
+                           block_elems=3 * 60, temperature=temperature, entropy_temperature=1.0)
+    assert_within_derived(ours, ref, c["w"], 60, temperature, f"T={temperature} T_H=1 kl={kl}")
+    at_t = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 60, kl, temperature=temperature)
+    assert np.abs(at_t["ht"] - ref["ht"]).max() > 0.05, "T_H = 1 must differ from T_H = T on this case"
+    # entropy_temperature equal to temperature is the plain path, bit for bit.
+    same = token_stats(c["zs"], c["zt"], c["y"], kl=kl, temperature=temperature, entropy_temperature=temperature)
+    plain = token_stats(c["zs"], c["zt"], c["y"], kl=kl, temperature=temperature)
+    assert torch.equal(same.teacher_entropy, plain.teacher_entropy)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_set_of_logits_at_temperature(temperature) -> None:
+    # The teacher / reference passes' reduced use: token_stats(z, z.detach(), y) = log pi_T(y), H(pi_T).
+    c = make_case(11, 25, 48, 48)
+    z = c["zs"]
+    st = token_stats(z, z, c["y"], temperature=temperature, chunk_size=6)
+    ref = reference_stats(z, z, c["y"], c["w"], 48, None, temperature=temperature)
+    assert torch.equal(st.student_logprob, st.teacher_logprob)
+    ours = run_token_stats(z, z, c["y"], c["w"], None, chunk_size=6, temperature=temperature)
+    assert_within_derived(ours, ref, c["w"], 48, temperature, f"one set T={temperature}")
+
+
+def test_temperature_one_is_bitwise_the_pre_temperature_kernel(tmp_path) -> None:
+    # The kernel as it was before temperatures (commit b0f4342), loaded from git, against today's T = 1:
+    # values and gradients bit for bit, every kl mode, fp32 and bf16, with and without student entropy.
+    import importlib.util
+    import subprocess
+    import sys
+    base = "b0f4342"
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          cwd=str(__import__("pathlib").Path(__file__).parent))
+    if root.returncode != 0:
+        pytest.skip("not a git checkout: the pre-temperature kernel cannot be loaded")
+    pkg = tmp_path / "old_ops"
+    pkg.mkdir()
+    for f in ("__init__.py", "vocab_parallel.py", "vocab_parallel_fn.py"):
+        src = subprocess.run(["git", "show", f"{base}:egrsd_megatron/ops/{f}"], capture_output=True, text=True,
+                             cwd=root.stdout.strip())
+        if src.returncode != 0:
+            pytest.skip(f"commit {base} is not in this repository's history")
+        (pkg / f).write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location("old_ops", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_ops"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        old = mod.token_stats
+    finally:
+        sys.modules.pop("old_ops", None)
+
+    def run(fn, c, kl, ent, **kw):
+        zs = c["zs"].clone().requires_grad_(True)
+        st = fn(zs, c["zt"], c["y"], vocab_size=c["vocab_size"], chunk_size=16, block_elems=5 * 64,
+                student_entropy=ent, kl=kl, **kw)
+        loss = (c["w"][0] * st.student_logprob).sum()
+        loss = loss + ((c["w"][1] * st.student_entropy).sum() if ent else 0) + ((c["w"][2] * st.kl).sum() if kl else 0)
+        loss.backward()
+        return [st.student_logprob, st.teacher_logprob, st.teacher_entropy, st.student_entropy, st.kl, zs.grad]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        c = make_case(0, 45, 64, 57, dtype)
+        for kl in KL_MODES:
+            for ent in (False, True):
+                for a, b in zip(run(old, c, kl, ent), run(token_stats, c, kl, ent, temperature=1.0,
+                                                           entropy_temperature=1.0)):
+                    assert (a is None) == (b is None)
+                    if a is not None:  # NaN-safe bitwise equality (row 0's -inf entries)
+                        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)), (dtype, kl, ent)
 
 
 def test_3d_shapes_and_optional_fields() -> None:
@@ -244,6 +379,11 @@ def test_shape_and_layout_errors() -> None:
         token_stats(c["zs"], c["zt"], c["y"], kl=("jsd", 1.0))
     with pytest.raises(ValueError, match="chunk_size=0"):
         token_stats(c["zs"], c["zt"], c["y"], chunk_size=0)
+    for bad in (0.0, -0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"temperature=.*must be a finite number > 0"):
+            token_stats(c["zs"], c["zt"], c["y"], temperature=bad)
+    with pytest.raises(ValueError, match=r"entropy_temperature=0.0 must be"):
+        token_stats(c["zs"], c["zt"], c["y"], temperature=0.7, entropy_temperature=0.0)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
