@@ -99,3 +99,11 @@ def gather_response_logits(logits: torch.Tensor, pack: Pack) -> torch.Tensor:
     if logits.dim() != 3 or logits.shape[0] != 1:
         raise ValueError(f"gather_response_logits: logits must be [1, T, V], got {tuple(logits.shape)}")
     return logits[0][pack.resp_pos.to(logits.device)]
+
+
+def packs_for_bins(sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
+                   bins: Sequence[Sequence[int]], pad_to: Optional[int] = None, pad_id: int = 0) -> List[Pack]:
+    """One Pack per bin (data/balance.py's index lists), sequences in bin order: row r of pack k is
+    sequence bins[k][r]. Build the student and the teacher packs from the SAME bins so their rows align."""
+    return [pack_sequences([sequences[i] for i in b], [response_starts[i] for i in b], pad_to, pad_id)
+            for b in bins]
