@@ -1,8 +1,9 @@
 """Megatron-Core model provider: ModelArch + ModelConfig -> TransformerConfig, layer spec, GPTModel.
 
 Layer spec: Transformer Engine's when TE is installed and CUDA is present (required for FP8), the local
-(torch) spec otherwise, with its core attention replaced by models/packed_attention.py's subclass so that
-packed sequences (PackedSeqParams, THD) work on CPU too; without packed_seq_params it is Megatron's own. The vocabulary is padded to a multiple of 128 x TP (Megatron-LM's rule) so every TP
+(torch) spec otherwise, its core attention replaced by models/packed_attention.py's subclass so that packed
+sequences (PackedSeqParams, THD) run on CPU too (without packed_seq_params it is Megatron's own code).
+The vocabulary is padded to a multiple of 128 x TP (Megatron-LM's rule) so every TP
 rank holds an equal slice; the padded size is recorded on the model as `model.egrsd_padded_vocab_size` and
 in checkpoint metadata. Padded logit columns (ids >= arch.vocab_size, all on the last TP rank) are NOT
 real tokens: callers mask them (see `vocab_slice`) before any softmax over the vocabulary.

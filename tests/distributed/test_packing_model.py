@@ -137,6 +137,36 @@ def _run_padded(model, seqs, w, mask):
     return kept[0] if kept else None
 
 
+def attention_reference(q, k, v, bounds) -> torch.Tensor:
+    """float64 block-diagonal causal GQA attention: q [T, np, hn], k/v [T, ng, hn] -> [T, np * hn]."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.zeros_like(q)
+    for a, b in zip(bounds, bounds[1:]):
+        s = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) / q.shape[-1] ** 0.5
+        s = s.masked_fill(torch.triu(torch.ones(b - a, b - a, dtype=torch.bool), 1), float("-inf"))
+        out[a:b] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[a:b])
+    return out.reshape(q.shape[0], -1)
+
+
+def _core_attention_error(model, arch) -> float:
+    """This rank's PackedDotProductAttention on random q/k/v vs attention_reference (relative to max |ref|)."""
+    from egrsd_megatron.models import packed_seq_params
+    from egrsd_megatron.models.packed_attention import PackedDotProductAttention
+    core = model.decoder.layers[0].self_attention.core_attention
+    assert isinstance(core, PackedDotProductAttention)
+    g = torch.Generator().manual_seed(13)
+    heads, groups = core.num_attention_heads_per_partition, core.num_query_groups_per_partition
+    q = torch.randn(BUDGET, heads, arch.head_dim, generator=g)
+    k, v = (torch.randn(BUDGET, groups, arch.head_dim, generator=g) for _ in range(2))
+    cu = torch.tensor([0] + list(np.cumsum(LENGTHS)) + [BUDGET], dtype=torch.int32)
+    with torch.no_grad():
+        got = core(q, k, v, None, packed_seq_params=packed_seq_params(cu, int((cu[1:] - cu[:-1]).max())))
+    ref = attention_reference(q, k, v, cu.tolist())
+    return float((got.double() - ref).abs().max() / ref.abs().max())
+
+
 def worker(rank: int, world: int, hf_dir: str):
     from megatron.core import parallel_state as ps
     from egrsd_megatron.checkpoint.hf_mapping import gather_hf_state_dict, load_hf_weights
@@ -156,6 +186,7 @@ def worker(rank: int, world: int, hf_dir: str):
         seqs = sequences(arch.vocab_size)
         pack = pack_sequences(seqs, PROMPTS, pad_to=BUDGET)
         r = {"tp_rank": info.tp_rank, "dp_rank": info.dp_rank, "mask": pack.mask}
+        r["attn_err"] = _core_attention_error(model, arch) if ps.is_pipeline_first_stage() else None
         r["padded"] = _run_padded(model, seqs, w, pack.mask)
         r["padded_grads"] = dict(gather_hf_state_dict(model, arch, grads=True))
         r["packed"] = _run_packed(model, pack, w, pack.mask, forward_only=False)
@@ -250,6 +281,17 @@ def test_packed_grads_equal_padded(layout):
     base = res[0]["tp1pp1"]["packed_grads"]
     for n in base:
         assert max_rel(g_packed[n], base[n], slice(None)) <= tol, (layout, n)
+
+
+@pytest.mark.slow
+def test_core_attention_matches_float64_block_diagonal_math():
+    """PackedDotProductAttention alone (GQA: 2 query heads per KV group; at TP=2 one group per rank).
+    Tolerance (fp32 vs float64, so one computation's error): the scores reduction (head_dim terms), the
+    softmax normaliser and probs x V (longest-segment terms each), + 4 roundings (scale, exp, divide, cast)."""
+    res, _ = results()
+    tol = (EPS / 2) * (_arch().head_dim + 2 * max(LENGTHS) + 4)
+    errs = [r[k]["attn_err"] for r in res for k in r if r[k]["attn_err"] is not None]
+    assert len(errs) >= 4 and max(errs) <= tol, errs
 
 
 @pytest.mark.slow
