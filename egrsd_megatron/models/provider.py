@@ -1,7 +1,9 @@
 """Megatron-Core model provider: ModelArch + ModelConfig -> TransformerConfig, layer spec, GPTModel.
 
 Layer spec: Transformer Engine's when TE is installed and CUDA is present (required for FP8), the local
-(torch) spec otherwise. The vocabulary is padded to a multiple of 128 x TP (Megatron-LM's rule) so every TP
+(torch) spec otherwise, its core attention replaced by models/packed_attention.py's subclass so that packed
+sequences (PackedSeqParams, THD) run on CPU too (without packed_seq_params it is Megatron's own code).
+The vocabulary is padded to a multiple of 128 x TP (Megatron-LM's rule) so every TP
 rank holds an equal slice; the padded size is recorded on the model as `model.egrsd_padded_vocab_size` and
 in checkpoint metadata. Padded logit columns (ids >= arch.vocab_size, all on the last TP rank) are NOT
 real tokens: callers mask them (see `vocab_slice`) before any softmax over the vocabulary.
@@ -57,8 +59,14 @@ def layer_spec(arch: ModelArch):
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
     if use_te_spec():
+        # Packed sequences go to TEDotProductAttention's own THD path: not run on this project's CPU
+        # machines, UNVERIFIED here (bench/gpu_check.sh is where a GPU checks it).
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    # Lazy: packed_attention imports Megatron (seconds) and this module's causal_mask.
+    from .packed_attention import PackedDotProductAttention
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_model(arch: ModelArch, model_cfg: ModelConfig):
@@ -111,3 +119,29 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: Optional[torch.
     if position_ids is None:
         position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=causal_mask(t, input_ids.device))
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, device: Optional[torch.device] = None):
+    """Megatron's PackedSeqParams (THD, self-attention) of one pack: cu_seqlens [n+1] int32, max segment length.
+
+    `max_seqlen` must be the TRUE longest segment: Megatron's unfused THD RoPE takes a frequency table of
+    exactly cu_seqlens[-1] rows to mean "positions continue across the pack" (rope_utils, 0.16.1).
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    lens = cu[1:] - cu[:-1]
+    if int(lens.max()) != int(max_seqlen):
+        raise ValueError(f"packed_seq_params: max_seqlen {max_seqlen} != longest segment {int(lens.max())}")
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+
+
+def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int) -> torch.Tensor:
+    """Logits [1, T, V_local] of a PP=1 model on one pack (input_ids/position_ids [1, T], see data/packing.py).
+
+    No attention mask: the packed attention (TE's or models/packed_attention.py's) is causal per segment.
+    For PP > 1 pass the same four arguments through the pipeline schedule's forward step.
+    """
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                 packed_seq_params=packed_seq_params(cu_seqlens, max_seqlen, input_ids.device))
