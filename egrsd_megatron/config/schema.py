@@ -248,7 +248,7 @@ class LossConfig:
 
     A section is read only by the losses that use that part (`losses/registry.py:LossSpec`)."""
     name: str = knob("cl_egrsd", "which loss of the family: a name in losses/registry.py:FAMILY")
-    ratio: RatioConfig = section(RatioConfig, "teacher/student likelihood-ratio magnitude (losses whose spec has ratio)")
+    ratio: RatioConfig = section(RatioConfig, "teacher/student likelihood-ratio magnitude (specs with ratio)")
     gate: GateConfig = section(GateConfig, "teacher-entropy confidence gate (losses whose spec has gate)")
     lookahead: LookaheadConfig = section(LookaheadConfig, "causal lookahead of the gate's entropy (spec.lookahead)")
     clip: ClipConfig = section(ClipConfig, "PPO-style clip of the policy ratio (every clipped surrogate)")

@@ -23,7 +23,8 @@ def masked_quantile(values: torch.Tensor, mask: Optional[torch.Tensor], q: float
     """q-quantile of values[mask] with linear interpolation (numpy's default); 0-dim tensor.
 
     By hand because torch.quantile refuses inputs over 2**24 elements (a long-context batch has more);
-    two kthvalue selections are O(n) where a full sort is O(n log n) (about 2x faster than torch.sort at 64k tokens on CPU).
+    two kthvalue selections are O(n) where a full sort is O(n log n) (about 2x faster than torch.sort at 64k
+    tokens on CPU).
     An empty selection gives 0.
     """
     v = (values[mask] if mask is not None else values).reshape(-1)
@@ -44,8 +45,8 @@ def gate_reference(entropy: torch.Tensor, cfg: GateConfig, *, mask: Optional[tor
         return None
     if cfg.h_ref == "log_vocab":
         if vocab_size is None or vocab_size < 2:
-            raise ValueError("entropy_gate: loss.gate.kind=linear with loss.gate.h_ref=log_vocab needs vocab_size=<|V|> "
-                             f"(>= 2), got {vocab_size!r}")
+            raise ValueError("entropy_gate: loss.gate.kind=linear with loss.gate.h_ref=log_vocab needs "
+                             f"vocab_size=<|V|> (>= 2), got {vocab_size!r}")
         return entropy.new_tensor(math.log(vocab_size))
     q = float(cfg.h_ref.split(":", 1)[1])
     return masked_quantile(entropy, as_mask(mask) if mask is not None else None, q)

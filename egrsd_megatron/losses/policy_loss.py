@@ -46,7 +46,8 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     old_logprob: behaviour-policy log-probs [B, T]; None means on-policy (r = 1, old = sg(lS)).
     token_adv: Ahat [B, T] from `token_advantages` (treated as constant).
     denominator: global normalizer D (see module docstring); default: this call's own count.
-    kl: per-token divergence [B, T] when the loss's spec has one (opsd reverse_kl|jsd). ref_logprob: [B, T] for kl_coef > 0.
+    kl: per-token divergence [B, T] when the loss's spec has one (opsd reverse_kl|jsd).
+    ref_logprob: [B, T] for kl_coef > 0.
     Metrics (python floats): loss, ratio_mean, ppo_clip_frac (valid tokens with Ahat != 0 whose clipped
     branch is active), tokens, and kl_ref_mean / opsd_div_mean when those terms are on.
     """
@@ -81,7 +82,8 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
         surrogate_clipped = torch.clamp(ratio, 1 - cfg.clip.eps_lo, 1 + cfg.clip.eps_hi) * adv
         obj = -torch.minimum(surrogate, surrogate_clipped)
         with torch.no_grad():
-            clipped = valid & (((adv > 0) & (ratio > 1 + cfg.clip.eps_hi)) | ((adv < 0) & (ratio < 1 - cfg.clip.eps_lo)))
+            clipped = valid & (((adv > 0) & (ratio > 1 + cfg.clip.eps_hi))
+                               | ((adv < 0) & (ratio < 1 - cfg.clip.eps_lo)))
     if cfg.kl_coef > 0:
         log_ratio_ref = _masked(ref_logprob, valid, dtype).detach() - ls
         k3 = torch.exp(log_ratio_ref) - log_ratio_ref - 1

@@ -95,7 +95,8 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
     if a is not None:
         live = valid & (a != 0)
         nl = live.to(f.dtype).sum()
-        clipped = (rho_raw < 1 - cfg.ratio.eps_w) | (rho_raw > 1 + cfg.ratio.eps_w) if spec.ratio else torch.zeros_like(live)
+        eps_w = cfg.ratio.eps_w
+        clipped = (rho_raw < 1 - eps_w) | (rho_raw > 1 + eps_w) if spec.ratio else torch.zeros_like(live)
         names += ["ratio_weight_mean", "ratio_clip_frac", "zero_adv_seq_frac"]
         seq = valid.any(dim=1)
         vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
