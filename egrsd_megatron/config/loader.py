@@ -2,21 +2,22 @@
 
 A config file may start with a `defaults:` list of other files (relative to the file, `.yaml` optional),
 merged in order, then the file's own keys on top, then command-line overrides. OmegaConf does the merging
-and type coercion; we check keys ourselves first so an unknown key names the file it came from and the
-closest valid key (OmegaConf's own error names neither).
+and type coercion (Literal fields included); we check keys ourselves first so an unknown key names the file
+it came from and the closest valid key, or, for a key that now sits in a nested section (`loss.g_min`), its
+new place (OmegaConf's own error names none of these). A value outside a Literal type names the allowed ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import ConfigError, ExperimentConfig
+from .schema import ConfigError, ExperimentConfig, literal_choices
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 
@@ -31,8 +32,28 @@ def _resolve_path(name: str, base_dir: str) -> str:
     raise ConfigError(f"config file {name!r} not found (looked in {base_dir}, {CONF_DIR} and the current folder)")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _sections(cls: type) -> Dict[str, type]:
+    """{field: dataclass} for the nested sections of the dataclass `cls` (e.g. loss -> gate, ratio, ...)."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _unknown_key(key: str, cls: type, where: str, prefix: str) -> ConfigError:
+    """The error for `key`, not a field of `cls`: where it lives when a nested section has it (an old flat
+    key such as loss.g_min -> loss.gate.g_min), else the closest key (nested ones included)."""
+    full = f"{prefix}{key}"
+    homes = [f"{name}.{key}" for name, sub in _sections(cls).items()
+             if key in {f.name for f in dataclasses.fields(sub)}]
+    if len(homes) == 1:
+        return ConfigError(f"{where}: unknown config key '{full}': it lives at '{prefix}{homes[0]}' now (the keys "
+                           f"of '{prefix.rstrip('.') or '<root>'}' are grouped by what they belong to)")
+    candidates = [f.name for f in dataclasses.fields(cls)]
+    candidates += [f"{name}.{f.name}" for name, sub in _sections(cls).items() for f in dataclasses.fields(sub)]
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in reversed(candidates)}  # a direct key wins over a nested one
+    close = difflib.get_close_matches(str(key), list(by_leaf), n=1, cutoff=0.5)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    hint = f"; did you mean '{prefix}{by_leaf[close[0]]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown config key '{full}'{hint}")
 
 
 def _check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
@@ -42,14 +63,22 @@ def _check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -
     hints = get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     for key, value in data.items():
-        full = f"{prefix}{key}"
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"{where}: unknown config key '{full}'{hint}")
+            raise _unknown_key(str(key), cls, where, prefix)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            _check_keys(value, tp, where, full + ".")
+            _check_keys(value, tp, where, f"{prefix}{key}.")
+
+
+def _literal_choices(dotted: str) -> Optional[Tuple[Any, ...]]:
+    """The allowed values of the config key `dotted` when its type is a Literal, else None."""
+    cls: Any = ExperimentConfig
+    *path, leaf = dotted.split(".")
+    for part in path:
+        cls = _sections(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if cls is None:
+            return None
+    return literal_choices(cls).get(leaf) if dataclasses.is_dataclass(cls) else None
 
 
 def _load_file(path: str, seen: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
@@ -93,9 +122,20 @@ def _merge(base: Any, data: Dict[str, Any], where: str) -> Any:
         return OmegaConf.merge(base, OmegaConf.create(data))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
+        choices = _literal_choices(key)
+        if choices is not None:
+            raise ConfigError(f"{where}: config key '{key}': got {_lookup(data, key)!r}; expected one of "
+                              f"{', '.join(map(str, choices))}") from None
         msg = str(e).splitlines()[0]
         # OmegaConf says e.g. "Value 'abc' of type 'str' could not be converted to Integer".
         raise ConfigError(f"{where}: config key '{key}' has the wrong type: {msg}") from None
+
+
+def _lookup(data: Dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

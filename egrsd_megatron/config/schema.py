@@ -7,17 +7,34 @@ before any work starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key (and file) and what to do."""
+# The loss registry is the one list of loss names; it imports config only for type hints (no cycle).
+from ..losses.registry import LossSpec, loss_spec
+from ..utils.errors import ConfigError
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+@functools.lru_cache(maxsize=None)
+def literal_choices(cls: type) -> Dict[str, Tuple[Any, ...]]:
+    """{field: allowed values} for the `Literal[...]` fields of the dataclass `cls`."""
+    hints = get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in fields(cls) if get_origin(hints[f.name]) is Literal}
+
+
+def check_literals(obj: Any, prefix: str) -> None:
+    """ConfigError naming `prefix.field` for a value outside its Literal type (the loader checks these while
+    merging; this covers direct construction, e.g. GateConfig(kind="cosine"))."""
+    for name, choices in literal_choices(type(obj)).items():
+        value = getattr(obj, name)
+        _check(value in choices, f"{prefix}.{name}",
+               f"got {value!r}; expected one of {', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -150,42 +167,39 @@ class RolloutConfig:
                f"got {self.vllm_dtype!r}; expected bfloat16, float16 or float32")
 
 
+def knob(default: Any, help: str) -> Any:
+    """A config field with its one-line help (kept in the field's metadata, so tools and tests can read it)."""
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section (a dataclass field built by `cls()`), with its one-line help."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
-class LossConfig:
-    """EGRSD family knobs (docs/method.md). Defaults are the documented CHOSEN values."""
-    name: str = "cl_egrsd"              # grpo | rlsd | egrsd | cl_egrsd | opsd
-    # ratio magnitude
-    eps_w: float = 0.2
-    lam: float = 1.0
-    # entropy gate
-    kind: str = "exp"                   # exp | linear
-    g_min: float = 0.2
-    tau: float = 1.0
-    h_ref: str = "log_vocab"            # log_vocab | quantile:<q>
-    # causal lookahead (cl_egrsd)
-    window: int = 8
-    stat: str = "mean"                  # mean | max
-    # PPO-style clip
-    eps_lo: float = 0.2
-    eps_hi: float = 0.28
-    aggregation: str = "token_mean"     # token_mean | seq_mean_token_mean
-    normalize_std: bool = True          # group advantage divides by the group std
-    # opsd
-    signal: str = "sampled"             # sampled | reverse_kl | jsd
-    beta: float = 0.5
-    # optional k3 KL to a reference policy (0: off)
-    kl_coef: float = 0.0
+class RatioConfig:
+    """Ratio magnitude rho~ = (1 - lam) + lam clip(exp(sign(A) (lT - lS)), 1 - eps_w, 1 + eps_w)  (method.md 2)."""
+    eps_w: float = knob(0.2, "clip half-width of the ratio weight, in [0, 1): the weight stays >= 1 - eps_w > 0")
+    lam: float = knob(1.0, "mix of the clipped ratio with 1, in [0, 1] (0: no ratio; RLSD's own code: 0.5)")
 
-    NAMES = ("grpo", "rlsd", "egrsd", "cl_egrsd", "opsd")
-
-    def validate(self) -> None:
-        _check(self.name in self.NAMES, "loss.name", f"got {self.name!r}; expected one of {', '.join(self.NAMES)}")
+    def validate(self, prefix: str = "loss.ratio") -> None:
         # eps_w < 1 keeps the ratio weight's floor 1 - eps_w > 0: the FIXED nonzero lower bound on weights.
-        _check(0.0 <= self.eps_w < 1.0, "loss.eps_w", f"must be in [0, 1), got {self.eps_w}")
-        _check(0.0 <= self.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {self.lam}")
-        _check(self.kind in ("exp", "linear"), "loss.kind", f"got {self.kind!r}; expected exp or linear")
-        _check(0.0 < self.g_min < 1.0, "loss.g_min", f"must be in (0, 1), got {self.g_min}")
-        _check(self.tau > 0, "loss.tau", f"must be > 0, got {self.tau}")
+        _check(0.0 <= self.eps_w < 1.0, f"{prefix}.eps_w", f"must be in [0, 1), got {self.eps_w}")
+        _check(0.0 <= self.lam <= 1.0, f"{prefix}.lam", f"must be in [0, 1], got {self.lam}")
+
+
+@dataclass
+class GateConfig:
+    """Teacher-entropy gate g = g_min + (1 - g_min) phi(H)  (method.md 3)."""
+    kind: Literal["exp", "linear"] = knob("exp", "phi(H) = exp(-H / tau) (exp) or clamp(1 - H / H_ref, 0, 1) (linear)")
+    g_min: float = knob(0.2, "the gate's floor, in (0, 1): no token weight is ever gated to zero")
+    tau: float = knob(1.0, "temperature of the exp gate in nats, > 0 (inf: the gate is 1 everywhere)")
+    h_ref: str = knob("log_vocab", "H_ref of the linear gate: log_vocab (log |V|) or quantile:<q>, q in (0, 1]")
+
+    def validate(self, prefix: str = "loss.gate") -> None:
+        _check(0.0 < self.g_min < 1.0, f"{prefix}.g_min", f"must be in (0, 1), got {self.g_min}")
+        _check(self.tau > 0, f"{prefix}.tau", f"must be > 0, got {self.tau}")
         ok_ref = self.h_ref == "log_vocab"
         if self.h_ref.startswith("quantile:"):
             try:
@@ -193,20 +207,71 @@ class LossConfig:
                 ok_ref = 0.0 < q <= 1.0
             except ValueError:
                 ok_ref = False
-        _check(ok_ref, "loss.h_ref", f"got {self.h_ref!r}; expected log_vocab or quantile:<q> with q in (0, 1]")
-        _check(self.window >= 1, "loss.window", f"must be >= 1, got {self.window}")
-        _check(self.stat in ("mean", "max"), "loss.stat", f"got {self.stat!r}; expected mean or max")
-        _check(self.eps_lo >= 0 and self.eps_hi >= 0, "loss.eps_lo/eps_hi", "must be >= 0")
-        _check(self.aggregation in ("token_mean", "seq_mean_token_mean"), "loss.aggregation",
-               f"got {self.aggregation!r}; expected token_mean or seq_mean_token_mean")
-        _check(self.signal in ("sampled", "reverse_kl", "jsd"), "loss.signal",
-               f"got {self.signal!r}; expected sampled, reverse_kl or jsd")
-        _check(0.0 < self.beta < 1.0, "loss.beta", f"must be in (0, 1), got {self.beta}")
+        _check(ok_ref, f"{prefix}.h_ref", f"got {self.h_ref!r}; expected log_vocab or quantile:<q> with q in (0, 1]")
+
+
+@dataclass
+class LookaheadConfig:
+    """CL-EGRSD causal lookahead F_t = stat of H over the next `window` positions  (method.md 4)."""
+    window: int = knob(8, "k: how many following positions of the same response F_t reads, >= 1")
+    stat: Literal["mean", "max"] = knob("mean", "F_t = the mean or the max of those entropies")
+
+    def validate(self, prefix: str = "loss.lookahead") -> None:
+        _check(self.window >= 1, f"{prefix}.window", f"must be >= 1, got {self.window}")
+
+
+@dataclass
+class ClipConfig:
+    """PPO-style clip of the policy ratio r in the surrogate, [1 - eps_lo, 1 + eps_hi]  (method.md 6)."""
+    eps_lo: float = knob(0.2, "lower clip: r >= 1 - eps_lo, >= 0")
+    eps_hi: float = knob(0.28, "upper clip: r <= 1 + eps_hi, >= 0 (DAPO-style clip-higher)")
+
+    def validate(self, prefix: str = "loss.clip") -> None:
+        _check(self.eps_lo >= 0, f"{prefix}.eps_lo", f"must be >= 0, got {self.eps_lo}")
+        _check(self.eps_hi >= 0, f"{prefix}.eps_hi", f"must be >= 0, got {self.eps_hi}")
+
+
+@dataclass
+class OpsdConfig:
+    """OPSD's per-token signal (loss.name=opsd only)  (method.md 7)."""
+    signal: Literal["sampled", "reverse_kl", "jsd"] = knob(
+        "sampled", "sampled: Ahat = lT - lS; reverse_kl: KL(pS||pT); jsd: JSD_beta over the full vocabulary")
+    beta: float = knob(0.5, "teacher weight of JSD_beta, in (0, 1)")
+
+    def validate(self, prefix: str = "loss.opsd") -> None:
+        _check(0.0 < self.beta < 1.0, f"{prefix}.beta", f"must be in (0, 1), got {self.beta}")
+
+
+@dataclass
+class LossConfig:
+    """EGRSD family knobs (docs/method.md), one section per part of the loss; defaults are the CHOSEN values.
+
+    A section is read only by the losses that use that part (`losses/registry.py:LossSpec`)."""
+    name: str = knob("cl_egrsd", "which loss of the family: a name in losses/registry.py:FAMILY")
+    ratio: RatioConfig = section(RatioConfig, "teacher/student likelihood-ratio magnitude (specs with ratio)")
+    gate: GateConfig = section(GateConfig, "teacher-entropy confidence gate (losses whose spec has gate)")
+    lookahead: LookaheadConfig = section(LookaheadConfig, "causal lookahead of the gate's entropy (spec.lookahead)")
+    clip: ClipConfig = section(ClipConfig, "PPO-style clip of the policy ratio (every clipped surrogate)")
+    opsd: OpsdConfig = section(OpsdConfig, "OPSD's per-token signal (loss.name=opsd)")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = knob(
+        "token_mean", "normalizer of the loss: global token count or global count of non-empty sequences")
+    normalize_std: bool = knob(True, "the group advantage divides by the group's reward std")
+    kl_coef: float = knob(0.0, "weight of the optional k3 KL to the initial policy, >= 0 (0: off)")
+
+    def validate(self) -> None:
+        loss_spec(self.name)  # an unknown name raises ConfigError listing the registry's names
+        for f in fields(self):
+            sec = getattr(self, f.name)
+            if hasattr(sec, "validate"):   # a section: ratio, gate, lookahead, clip, opsd
+                check_literals(sec, f"loss.{f.name}")
+                sec.validate(f"loss.{f.name}")
+        check_literals(self, "loss")
         _check(self.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
 
     @property
-    def uses_reward(self) -> bool:
-        return self.name != "opsd"
+    def spec(self) -> LossSpec:
+        """Everything that depends on `name` (uses reward, teacher inputs, factors): the registry's entry."""
+        return loss_spec(self.name)
 
     def __post_init__(self) -> None:
         # Direct construction (LossConfig(name=...)) validates too; the loader validates again after merge.
@@ -298,7 +363,7 @@ class ExperimentConfig:
             section = getattr(self, name)
             if hasattr(section, "validate"):
                 section.validate()
-        if self.loss.uses_reward:
+        if self.loss.spec.uses_reward:
             _check(self.rollout.group_size >= 2, "rollout.group_size",
                    f"loss.name={self.loss.name} uses group-relative advantages and needs >= 2 rollouts "
                    f"per prompt, got {self.rollout.group_size}")

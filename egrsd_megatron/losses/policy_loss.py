@@ -1,8 +1,9 @@
 """The clipped policy-gradient objective of the family, with a global normalizer.
 
     r_t   = exp(lS_t - lS_old_t)
-    pg_t  = - min(r_t Ahat_t, clip(r_t, 1 - eps_lo, 1 + eps_hi) Ahat_t)          (every name but opsd KL)
-    pg_t  = D_t                     opsd, signal=reverse_kl|jsd: D_t = KL(pS||pT) or JSD_beta at token t,
+    pg_t  = - min(r_t Ahat_t, clip(r_t, 1 - eps_lo, 1 + eps_hi) Ahat_t)    (loss.clip; no divergence)
+    pg_t  = D_t                     a divergence loss (LossSpec.divergence(cfg) is not None, e.g. opsd with
+                                    signal=reverse_kl|jsd): D_t = KL(pS||pT) or JSD_beta at token t,
                                     a per-token tensor WITH gradient (ops.vocab_parallel.token_stats)
     k3_t  = exp(lref_t - lS_t) - (lref_t - lS_t) - 1                            (only when kl_coef > 0)
     obj_t = pg_t + kl_coef * k3_t
@@ -19,13 +20,15 @@ Gradient w.r.t. lS_t (token_mean, kl_coef = 0, Ahat constant):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 
-from egrsd_megatron.config.schema import LossConfig
 from egrsd_megatron.losses._checks import as_mask, check_bt, compute_dtype
 from egrsd_megatron.losses.registry import loss_spec
+
+if TYPE_CHECKING:  # type hints only (config imports the loss registry, which imports this module)
+    from egrsd_megatron.config.schema import LossConfig
 
 
 def _masked(t: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -43,7 +46,8 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     old_logprob: behaviour-policy log-probs [B, T]; None means on-policy (r = 1, old = sg(lS)).
     token_adv: Ahat [B, T] from `token_advantages` (treated as constant).
     denominator: global normalizer D (see module docstring); default: this call's own count.
-    kl: per-token divergence [B, T] for opsd with signal=reverse_kl|jsd. ref_logprob: [B, T] for kl_coef > 0.
+    kl: per-token divergence [B, T] when the loss's spec has one (opsd reverse_kl|jsd).
+    ref_logprob: [B, T] for kl_coef > 0.
     Metrics (python floats): loss, ratio_mean, ppo_clip_frac (valid tokens with Ahat != 0 whose clipped
     branch is active), tokens, and kl_ref_mean / opsd_div_mean when those terms are on.
     """
@@ -53,9 +57,10 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     check_bt(student_logprob, "student_logprob", shape)
     check_bt(old_logprob, "old_logprob", shape, required=False)
     check_bt(token_adv, "token_adv", shape)
-    divergence = cfg.name == "opsd" and cfg.signal in ("reverse_kl", "jsd")
+    kind = spec.divergence(cfg)
+    divergence = kind is not None
     check_bt(kl, "kl", shape, required=divergence,
-             why=f"for loss.name=opsd with loss.signal={cfg.signal} (per-token divergence from token_stats)")
+             why=f"for loss.name={cfg.name}, whose loss is the per-token divergence {kind!r} (from token_stats)")
     check_bt(ref_logprob, "ref_logprob", shape, required=cfg.kl_coef > 0,
              why=f"when loss.kl_coef={cfg.kl_coef} > 0 (reference-policy log-probs)")
     dtype = compute_dtype(student_logprob, old_logprob, token_adv, kl, ref_logprob)
@@ -74,10 +79,11 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
         adv = _masked(token_adv, valid, dtype).detach()
         ratio = torch.exp(ls - old)
         surrogate = ratio * adv
-        surrogate_clipped = torch.clamp(ratio, 1 - cfg.eps_lo, 1 + cfg.eps_hi) * adv
+        surrogate_clipped = torch.clamp(ratio, 1 - cfg.clip.eps_lo, 1 + cfg.clip.eps_hi) * adv
         obj = -torch.minimum(surrogate, surrogate_clipped)
         with torch.no_grad():
-            clipped = valid & (((adv > 0) & (ratio > 1 + cfg.eps_hi)) | ((adv < 0) & (ratio < 1 - cfg.eps_lo)))
+            clipped = valid & (((adv > 0) & (ratio > 1 + cfg.clip.eps_hi))
+                               | ((adv < 0) & (ratio < 1 - cfg.clip.eps_lo)))
     if cfg.kl_coef > 0:
         log_ratio_ref = _masked(ref_logprob, valid, dtype).detach() - ls
         k3 = torch.exp(log_ratio_ref) - log_ratio_ref - 1

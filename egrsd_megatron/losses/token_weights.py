@@ -1,26 +1,28 @@
-"""Per-token advantages of the family (all factors stop-gradient):
+"""Per-token advantages of the family (all factors stop-gradient), dispatched through the loss registry:
 
-    d_i        = sign(A_i)
-    rho_t      = clip(exp(d_i * (lT_t - lS_t)), 1 - eps_w, 1 + eps_w)       (ratio magnitude)
-    rho~_t     = (1 - lam) + lam * rho_t                                     (mix, lam = 1 by default)
-    g_t        = gate(H_t)   or   gate(min(H_t, F_t))  for cl_egrsd           (gate.py, lookahead.py)
-    Ahat_{i,t} = A_i * rho~_t * g_t          grpo: rho~ = g = 1;  rlsd: g = 1
-    Ahat_t     = lT_t - lS_t                 opsd, signal=sampled (no reward)
-    Ahat_t     = 0                           opsd, signal=reverse_kl|jsd (the divergence itself is the loss)
+    Ahat = spec.advantage(spec, inputs, cfg)     spec = losses/registry.py:loss_spec(cfg.name)
 
-rho~ and g are > 0, so sign(Ahat) = sign(A_i), and |rho~ g| lies in [g_min (1 - eps_w), 1 + eps_w].
+    grpo / rlsd / egrsd / cl_egrsd:  Ahat_{i,t} = A_i * rho~_t * g_t      (reward_weighted.py)
+    opsd:                            Ahat_t = lT_t - lS_t (signal=sampled), else 0   (opsd.py)
+
+This module checks the caller's tensors against what the spec reads (advantages when it uses the reward,
+log-probs per `spec.teacher_logprob(cfg)`, the entropy when it gates), masks them, and computes the
+logging metrics; the formula of each loss lives in that loss's own file.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 
-from egrsd_megatron.config.schema import LossConfig
 from egrsd_megatron.losses._checks import as_mask, check_b, check_bt, compute_dtype
+from egrsd_megatron.losses.factors import TokenInputs
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
 from egrsd_megatron.losses.lookahead import lookahead_entropy
 from egrsd_megatron.losses.registry import LossSpec, loss_spec
+
+if TYPE_CHECKING:  # type hints only (config imports the loss registry, which imports this module)
+    from egrsd_megatron.config.schema import LossConfig
 
 # A token counts as "at the floor" when phi(H) <= this, i.e. its gate is within 5% of the gate's range
 # above g_min (exp gate reaches g_min only at H = inf, so an exact test would never fire).
@@ -42,19 +44,20 @@ def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Option
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
     """Ahat [B, T] (detached, 0 at masked positions) for `cfg.name`; see the module docstring.
 
-    Needs: advantages [B] unless opsd; student/teacher log-probs for rlsd, egrsd, cl_egrsd and
-    opsd(sampled); teacher_entropy for egrsd and cl_egrsd (optional otherwise: it feeds the metrics).
+    Needs (from the spec): advantages [B] when it uses the reward; student/teacher log-probs when
+    `spec.teacher_logprob(cfg)` (rlsd, egrsd, cl_egrsd, opsd sampled); teacher_entropy when it gates
+    (egrsd, cl_egrsd; optional otherwise: it feeds the metrics).
     `vocab_size` is |V| for the linear gate with h_ref=log_vocab; `segment_ids` [B, T] marks packed sequences.
     With `return_metrics=True` also returns python floats (see `_metrics`).
     """
     spec = loss_spec(cfg.name)
     valid = as_mask(mask)
     shape = valid.shape
-    needs_lp = spec.ratio or (cfg.name == "opsd" and cfg.signal == "sampled")
+    needs_lp = spec.teacher_logprob(cfg)
     why = f"for loss.name={cfg.name}"
     check_bt(student_logprob, "student_logprob", shape, required=needs_lp, why=why)
     check_bt(teacher_logprob, "teacher_logprob", shape, required=needs_lp, why=why)
-    check_bt(teacher_entropy, "teacher_entropy", shape, required=spec.gate, why=why)
+    check_bt(teacher_entropy, "teacher_entropy", shape, required=spec.teacher_entropy, why=why)
     check_bt(segment_ids, "segment_ids", shape, required=False)
     if spec.uses_reward:
         check_b(advantages, "advantages", shape[0], why=why)
@@ -64,22 +67,9 @@ def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Option
     lt = _zeros_masked(teacher_logprob, valid, dtype) if teacher_logprob is not None else None
     h = _zeros_masked(teacher_entropy, valid, dtype) if teacher_entropy is not None else None
 
-    ones = torch.ones(shape, dtype=dtype, device=valid.device)
-    rho_raw = rho = gate = ones
-    if cfg.name == "opsd":
-        adv_t = (lt - ls) if cfg.signal == "sampled" else torch.zeros_like(ones)
-        a = None
-    else:
-        a = advantages.detach().to(dtype).unsqueeze(1).expand(shape)
-        if spec.ratio:
-            rho_raw = torch.exp(torch.sign(a) * (lt - ls))
-            rho = (1 - cfg.lam) + cfg.lam * rho_raw.clamp(1 - cfg.eps_w, 1 + cfg.eps_w)
-        if spec.gate:
-            h_gate = (lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids)
-                      if spec.lookahead else h)
-            gate = entropy_gate(h_gate, cfg, mask=valid, vocab_size=vocab_size)
-        adv_t = a * rho * gate
-    adv_t = torch.where(valid, adv_t, torch.zeros_like(adv_t))
+    fac = spec.advantage(spec, TokenInputs(valid, advantages, ls, lt, h, vocab_size, segment_ids, dtype), cfg)
+    a, rho_raw, rho, gate = fac.direction, fac.rho_raw, fac.rho, fac.gate
+    adv_t = torch.where(valid, fac.adv, torch.zeros_like(fac.adv))
     if not return_metrics:
         return adv_t
     with torch.no_grad():
@@ -100,12 +90,13 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
     f = valid.to(gate.dtype)
     n = f.sum().clamp_min(1)
     names = ["gate_mean", "gate_floor_frac"]
-    phi = (gate - cfg.g_min) / (1 - cfg.g_min)
+    phi = (gate - cfg.gate.g_min) / (1 - cfg.gate.g_min)
     vals = [(gate * f).sum() / n, ((phi <= FLOOR_PHI) & valid).to(f.dtype).sum() / n]
     if a is not None:
         live = valid & (a != 0)
         nl = live.to(f.dtype).sum()
-        clipped = (rho_raw < 1 - cfg.eps_w) | (rho_raw > 1 + cfg.eps_w) if spec.ratio else torch.zeros_like(live)
+        eps_w = cfg.ratio.eps_w
+        clipped = (rho_raw < 1 - eps_w) | (rho_raw > 1 + eps_w) if spec.ratio else torch.zeros_like(live)
         names += ["ratio_weight_mean", "ratio_clip_frac", "zero_adv_seq_frac"]
         seq = valid.any(dim=1)
         vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
@@ -113,18 +104,18 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
                  ((a[:, 0] == 0) & seq).to(f.dtype).sum() / seq.to(f.dtype).sum().clamp_min(1)]
     # spike_count needs the gate; a linear log_vocab gate without vocab_size (possible for grpo/rlsd,
     # which do not gate) cannot be evaluated, so the count is left out rather than guessed.
-    gate_ok = not (cfg.kind == "linear" and cfg.h_ref == "log_vocab" and vocab_size is None)
+    gate_ok = not (cfg.gate.kind == "linear" and cfg.gate.h_ref == "log_vocab" and vocab_size is None)
     if h is not None:
         names += ["teacher_entropy_mean", "teacher_entropy_p90"]
         vals += [(h * f).sum() / n, masked_quantile(h, valid, 0.9)]
     if h is not None and gate_ok:
         # reuse the gate the loss already computed: it is one of the two (lifted for cl_egrsd, plain for egrsd)
         lifted = gate if spec.lookahead else entropy_gate(
-            lookahead_entropy(h, valid, cfg.window, cfg.stat, segment_ids=segment_ids), cfg, mask=valid,
-            vocab_size=vocab_size)
-        plain = gate if (spec.gate and not spec.lookahead) else entropy_gate(h, cfg, mask=valid,
+            lookahead_entropy(h, valid, cfg.lookahead.window, cfg.lookahead.stat, segment_ids=segment_ids),
+            cfg.gate, mask=valid, vocab_size=vocab_size)
+        plain = gate if (spec.gate and not spec.lookahead) else entropy_gate(h, cfg.gate, mask=valid,
                                                                              vocab_size=vocab_size)
-        spikes = ((lifted - plain) >= SPIKE_LIFT * (1 - cfg.g_min)) & valid
+        spikes = ((lifted - plain) >= SPIKE_LIFT * (1 - cfg.gate.g_min)) & valid
         names.append("spike_count")
         vals.append(spikes.to(f.dtype).sum())
     return dict(zip(names, torch.stack([v.to(f.dtype) for v in vals]).tolist()))

@@ -188,7 +188,7 @@ class Trainer:
         comps = self.engine.generate([prompts[k][1] for k in mine], self.sampling, seeds=seeds) if mine else []
         rewards = [0.0] * len(comps)
         stats: Dict[str, Any] = {}
-        if cfg.loss.uses_reward and comps:
+        if cfg.loss.spec.uses_reward and comps:
             rewards, stats = score_batch([c.text for c in comps], [problems[prompts[k][0]].answer for k in mine],
                                          name=cfg.reward.name, timeout_s=cfg.reward.timeout_s,
                                          num_workers=cfg.reward.num_workers)
@@ -232,7 +232,7 @@ class Trainer:
 
         G = cfg.rollout.group_size
         rewards = torch.tensor([r["reward"] for r in recs], dtype=torch.float32)
-        adv = group_advantages(rewards, G, normalize_std=cfg.loss.normalize_std) if cfg.loss.uses_reward \
+        adv = group_advantages(rewards, G, normalize_std=cfg.loss.normalize_std) if cfg.loss.spec.uses_reward \
             else torch.zeros_like(rewards)
         samples = [Sample(student_prompt=student_prompts[r["problem"]], teacher_prompt=teacher_prompts[r["problem"]],
                           response=r["response"], advantage=float(a), reward=r["reward"],

@@ -23,8 +23,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..config.schema import LossConfig
 from ..models import causal_mask
-from ..losses import LossConfig, divergence_kind, policy_loss, token_advantages
+from ..losses import divergence_kind, policy_loss, token_advantages
 from ..ops.vocab_parallel import TokenStats, token_stats
 from .batch import MicroBatch, gather_positions
 

@@ -9,19 +9,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from egrsd_megatron.losses import (LossConfig, divergence_kind, group_advantages, policy_loss,
-                                   token_advantages)
+from egrsd_megatron.config import load_config
+from egrsd_megatron.losses import divergence_kind, group_advantages, policy_loss, token_advantages
 from egrsd_megatron.testing.spawn import run_distributed
 
 B, T, V_PADDED, VOCAB, GROUP = 6, 9, 16, 15, 2   # last logit column is Megatron-style vocab padding
-CASES = [
-    dict(name="egrsd"),
-    dict(name="egrsd", kind="linear", h_ref="log_vocab", aggregation="seq_mean_token_mean"),
-    dict(name="cl_egrsd", window=3),
-    dict(name="cl_egrsd", stat="max", kind="linear", h_ref="quantile:0.7", kl_coef=0.1),
-    dict(name="opsd", signal="reverse_kl"),
-    dict(name="opsd", signal="jsd", beta=0.3),
+CASES = [   # loss.* overrides
+    {"name": "egrsd"},
+    {"name": "egrsd", "gate.kind": "linear", "gate.h_ref": "log_vocab", "aggregation": "seq_mean_token_mean"},
+    {"name": "cl_egrsd", "lookahead.window": 3},
+    {"name": "cl_egrsd", "lookahead.stat": "max", "gate.kind": "linear", "gate.h_ref": "quantile:0.7",
+     "kl_coef": 0.1},
+    {"name": "opsd", "opsd.signal": "reverse_kl"},
+    {"name": "opsd", "opsd.signal": "jsd", "opsd.beta": 0.3},
 ]
+
+
+def _cfg(kw):
+    return load_config(None, [f"loss.{k}={v}" for k, v in kw.items()]).loss
 
 
 def _inputs():
@@ -38,7 +43,7 @@ def _inputs():
 
 
 def _loss(cfg, ls, lt, h, kl, mask, rewards, old_shift, ref_shift):
-    adv = group_advantages(rewards, GROUP, cfg.normalize_std) if cfg.uses_reward else None
+    adv = group_advantages(rewards, GROUP, cfg.normalize_std) if cfg.spec.uses_reward else None
     old = (ls.detach().double() + old_shift) if cfg.name != "opsd" else None
     ta = token_advantages(adv, ls, lt, h, mask, cfg, vocab_size=VOCAB)
     loss, _ = policy_loss(ls, old, ta, mask, cfg, kl=kl, ref_logprob=ls.detach().double() + ref_shift)
@@ -53,7 +58,7 @@ def _tp_worker(rank: int, world: int, cases):
     v_local = V_PADDED // world
     out = []
     for kw in cases:
-        cfg = LossConfig(**kw)
+        cfg = _cfg(kw)
         res = {}
         for tag, group, lo, hi in (("tp1", None, 0, V_PADDED),
                                    ("tp2", dist.group.WORLD, rank * v_local, (rank + 1) * v_local)):
@@ -71,7 +76,7 @@ def _tp_worker(rank: int, world: int, cases):
 def _reference(kw):
     """float64, full vocabulary (padding column dropped), autograd."""
     student, teacher, targets, mask, rewards, old_shift, ref_shift = _inputs()
-    cfg = LossConfig(**kw)
+    cfg = _cfg(kw)
     s = student.double().requires_grad_()
     log_ps = torch.log_softmax(s[..., :VOCAB], -1)
     log_pt = torch.log_softmax(teacher.double()[..., :VOCAB], -1)
@@ -82,7 +87,7 @@ def _reference(kw):
     if divergence_kind(cfg) == "reverse":
         kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     elif divergence_kind(cfg) is not None:
-        beta = cfg.beta
+        beta = cfg.opsd.beta
         log_m = torch.logsumexp(torch.stack([log_pt + np.log(beta), log_ps + np.log(1 - beta)]), 0)
         kl = beta * (log_pt.exp() * (log_pt - log_m)).sum(-1) + (1 - beta) * (log_ps.exp() * (log_ps - log_m)).sum(-1)
     loss = _loss(cfg, ls, lt, h, kl, mask, rewards, old_shift, ref_shift)

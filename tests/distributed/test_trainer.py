@@ -27,7 +27,7 @@ LOSSES = ["grpo", "rlsd", "egrsd", "cl_egrsd", "opsd"]
 # PPO epochs (teacher pass for all micro-batches up front, old log-probs from the first epoch).
 VARIANTS = {**{name: {"loss.name": name} for name in LOSSES},
             "egrsd_kl_ref": {"loss.name": "egrsd", "loss.kl_coef": 0.5, "teacher.mode": "live"},
-            "opsd_jsd": {"loss.name": "opsd", "loss.signal": "jsd"},
+            "opsd_jsd": {"loss.name": "opsd", "loss.opsd.signal": "jsd"},
             "egrsd_2_epochs": {"loss.name": "egrsd", "train.ppo_epochs": 2}}
 
 

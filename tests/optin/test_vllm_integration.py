@@ -103,7 +103,7 @@ def _train(tmp_path, engine: str, tp: int = 1) -> list:
                  "reward.num_workers": 1, "optim.lr": 1e-2,
                  # identical greedy rollouts in a group leave GRPO-style advantages at zero; OPSD's
                  # student-teacher divergence still gives a gradient, so step 1 really moves the weights
-                 "loss.name": "opsd", "loss.signal": "reverse_kl", "parallel.tp": tp}
+                 "loss.name": "opsd", "loss.opsd.signal": "reverse_kl", "parallel.tp": tp}
     launcher = [sys.executable] if tp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  f"--nproc_per_node={tp}"]
     t = time.perf_counter()

@@ -6,6 +6,7 @@ vectorised torch, so a shared mistake would need the same bug written twice in d
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,16 +14,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egrsd_megatron.config.schema import ConfigError
-from egrsd_megatron.losses import (FAMILY, LossConfig, entropy_gate, group_advantages, lookahead_entropy,
-                                   loss_spec, masked_quantile, policy_loss, token_advantages)
+from egrsd_megatron.config import load_config
+from egrsd_megatron.config.schema import (ClipConfig, ConfigError, GateConfig, LookaheadConfig, LossConfig,
+                                          OpsdConfig, RatioConfig)
+from egrsd_megatron.losses import (FAMILY, LossSpec, TokenFactors, divergence_kind, entropy_gate, group_advantages,
+                                   lookahead_entropy, loss_spec, masked_quantile, policy_loss, token_advantages)
+from egrsd_megatron.losses.registry import always
 
 F64 = torch.float64
 REWARD_NAMES = ["grpo", "rlsd", "egrsd", "cl_egrsd"]
+SECTIONS = {"ratio": RatioConfig, "gate": GateConfig, "lookahead": LookaheadConfig, "clip": ClipConfig,
+            "opsd": OpsdConfig}
 
 
-def cfg_of(**kw) -> LossConfig:
-    return LossConfig(**kw)
+def cfg_of(name: str = "cl_egrsd", **kw) -> LossConfig:
+    """LossConfig from nested keywords: cfg_of("egrsd", gate=dict(tau=2.0), kl_coef=0.1)."""
+    return LossConfig(name=name, **{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in kw.items()})
 
 
 def make_batch(seed: int, b: int = 6, t: int = 12, dtype=F64, ragged: bool = True):
@@ -60,8 +67,9 @@ def ref_future(h, mask, k, stat, seg=None):
 
 def ref_gate_scalar(hv, cfg, h_ref=None):
     hv = max(hv, 0.0)
-    phi = math.exp(-hv / cfg.tau) if cfg.kind == "exp" else min(max(1 - hv / h_ref, 0.0), 1.0)
-    return cfg.g_min + (1 - cfg.g_min) * phi
+    g = cfg.gate
+    phi = math.exp(-hv / g.tau) if g.kind == "exp" else min(max(1 - hv / h_ref, 0.0), 1.0)
+    return g.g_min + (1 - g.g_min) * phi
 
 
 def ref_token_adv(adv, ls, lt, h, mask, cfg, vocab_size=None, seg=None):
@@ -71,25 +79,26 @@ def ref_token_adv(adv, ls, lt, h, mask, cfg, vocab_size=None, seg=None):
     m = mask.numpy()
     hh = h.numpy() if h is not None else None
     if spec.lookahead:
-        fut = ref_future(hh, m, cfg.window, cfg.stat, seg)
+        fut = ref_future(hh, m, cfg.lookahead.window, cfg.lookahead.stat, seg)
         hh = np.where(m, np.minimum(hh, fut), 0.0)
     h_ref = None
-    if cfg.kind == "linear" and spec.gate:
-        h_ref = math.log(vocab_size) if cfg.h_ref == "log_vocab" else float(
-            np.quantile(np.maximum(hh[m], 0), float(cfg.h_ref.split(":")[1])))
+    if cfg.gate.kind == "linear" and spec.gate:
+        h_ref = math.log(vocab_size) if cfg.gate.h_ref == "log_vocab" else float(
+            np.quantile(np.maximum(hh[m], 0), float(cfg.gate.h_ref.split(":")[1])))
     for i in range(b):
         for t in range(t_len):
             if not m[i, t]:
                 continue
             if cfg.name == "opsd":
-                out[i, t] = float(lt[i, t] - ls[i, t]) if cfg.signal == "sampled" else 0.0
+                out[i, t] = float(lt[i, t] - ls[i, t]) if cfg.opsd.signal == "sampled" else 0.0
                 continue
             a = float(adv[i])
             w = 1.0
             if spec.ratio:
                 d = (a > 0) - (a < 0)
-                rho = min(max(math.exp(d * float(lt[i, t] - ls[i, t])), 1 - cfg.eps_w), 1 + cfg.eps_w)
-                w *= (1 - cfg.lam) + cfg.lam * rho
+                eps_w, lam = cfg.ratio.eps_w, cfg.ratio.lam
+                rho = min(max(math.exp(d * float(lt[i, t] - ls[i, t])), 1 - eps_w), 1 + eps_w)
+                w *= (1 - lam) + lam * rho
             if spec.gate:
                 w *= ref_gate_scalar(float(hh[i, t]), cfg, h_ref)
             out[i, t] = a * w
@@ -109,8 +118,9 @@ def ref_loss_and_grad(ls, old, adv_t, mask, cfg, denominator=None, ref=None):
                 continue
             r = math.exp(float(ls[i, t] - old[i, t]))
             a = float(adv_t[i, t])
-            clipped = (a > 0 and r > 1 + cfg.eps_hi) or (a < 0 and r < 1 - cfg.eps_lo)
-            rc = min(max(r, 1 - cfg.eps_lo), 1 + cfg.eps_hi)
+            eps_lo, eps_hi = cfg.clip.eps_lo, cfg.clip.eps_hi
+            clipped = (a > 0 and r > 1 + eps_hi) or (a < 0 and r < 1 - eps_lo)
+            rc = min(max(r, 1 - eps_lo), 1 + eps_hi)
             per_tok[i, t] = -min(r * a, rc * a)
             grad[i, t] = 0.0 if clipped else -r * a
             if cfg.kl_coef > 0:
@@ -127,22 +137,79 @@ def ref_loss_and_grad(ls, old, adv_t, mask, cfg, denominator=None, ref=None):
 
 # ---------------------------------------------------------------- config and registry
 @pytest.mark.parametrize("kw,key", [
-    ({"g_min": 0.0}, "loss.g_min"), ({"g_min": 1.0}, "loss.g_min"), ({"g_min": 1.5}, "loss.g_min"),
-    ({"eps_w": -0.1}, "loss.eps_w"), ({"eps_w": 1.0}, "loss.eps_w"), ({"window": 0}, "loss.window"),
-    ({"name": "ppo"}, "loss.name"), ({"kind": "cosine"}, "loss.kind"), ({"h_ref": "quantile:2"}, "loss.h_ref"),
-    ({"stat": "median"}, "loss.stat"), ({"aggregation": "sum"}, "loss.aggregation"),
-    ({"signal": "forward_kl"}, "loss.signal")])
+    ({"gate": {"g_min": 0.0}}, "loss.gate.g_min"), ({"gate": {"g_min": 1.0}}, "loss.gate.g_min"),
+    ({"gate": {"g_min": 1.5}}, "loss.gate.g_min"), ({"ratio": {"eps_w": -0.1}}, "loss.ratio.eps_w"),
+    ({"ratio": {"eps_w": 1.0}}, "loss.ratio.eps_w"), ({"lookahead": {"window": 0}}, "loss.lookahead.window"),
+    ({"name": "ppo"}, "loss.name"), ({"gate": {"kind": "cosine"}}, "loss.gate.kind"),
+    ({"gate": {"h_ref": "quantile:2"}}, "loss.gate.h_ref"), ({"lookahead": {"stat": "median"}}, "loss.lookahead.stat"),
+    ({"aggregation": "sum"}, "loss.aggregation"), ({"opsd": {"signal": "forward_kl"}}, "loss.opsd.signal"),
+    ({"opsd": {"beta": 1.0}}, "loss.opsd.beta"), ({"clip": {"eps_hi": -0.1}}, "loss.clip.eps_hi")])
 def test_invalid_config_names_the_key(kw, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        LossConfig(**kw)
+    """Direct construction validates like the loader: the Literal fields and the ranges, naming the nested key."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "'"):
+        cfg_of(**kw)
 
 
-def test_registry_matches_family_table():
-    assert set(FAMILY) == set(LossConfig.NAMES)
-    assert [(s.ratio, s.gate, s.lookahead) for s in map(loss_spec, REWARD_NAMES)] == [
-        (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
-    assert not loss_spec("opsd").uses_reward
-    with pytest.raises(ConfigError, match="loss.name"):
+METHOD_MD = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "method.md")
+
+
+def _family_table():
+    """Rows of docs/method.md's family table as {name: {column: cell}}."""
+    section = open(METHOD_MD).read().split("## The family", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in section.splitlines() if ln.startswith("|")]
+    return {r[0].split("`")[1]: dict(zip(rows[0], r)) for r in rows[2:]}  # rows[1] is the |---| line
+
+
+def _cell_truth(cell: str, spec_fn, name: str):
+    """A 'yes' / 'no' / 'signal=a, b' cell against the spec's function of the config, for every opsd signal."""
+    for signal in ("sampled", "reverse_kl", "jsd"):
+        cfg = cfg_of(name=name, opsd=dict(signal=signal))
+        want = cell == "yes" or (cell.startswith("signal=") and signal in cell[len("signal="):].split(", "))
+        assert bool(spec_fn(cfg)) == want, f"{name}: '{cell}' vs signal={signal}"
+
+
+def test_registry_matches_the_family_table_of_method_md():
+    table = _family_table()
+    assert list(table) == list(FAMILY), "the registry and docs/method.md list different losses"
+    for name, row in table.items():
+        spec = loss_spec(name)
+        assert spec.name == name and spec.description
+        assert spec.uses_reward == (row["direction"] == "A_i")
+        assert spec.ratio == (row["ratio"] == "rho~")
+        assert spec.gate == row["gate"].startswith("g(")
+        assert spec.lookahead == (row["lookahead"] == "yes") == (row["gate"] == "g(H^CL)")
+        assert spec.teacher_entropy == (row["teacher entropy"] == "yes")
+        _cell_truth(row["teacher log-probs"], spec.teacher_logprob, name)
+        _cell_truth(row["full teacher logits"], lambda c: spec.divergence(c) is not None, name)
+        # a ratio reads the log-probs; a lookahead only modifies a gate
+        assert not spec.ratio or spec.teacher_logprob(cfg_of(name=name))
+        assert not spec.lookahead or spec.gate
+
+
+def test_add_a_loss_is_one_function_and_one_registry_entry(monkeypatch):
+    """The worked example of docs/architecture.md ("Add a loss"): a new advantage function plus a FAMILY
+    entry is all it takes; config validation, the input checks and policy_loss follow from the spec."""
+    def tw_grpo_advantages(spec, x, cfg):       # Ahat = A_i * pT(y_t): trust tokens the teacher finds likely
+        a = x.advantages.detach().to(x.dtype).unsqueeze(1).expand(x.valid.shape)
+        ones = x.ones()
+        return TokenFactors(a * torch.exp(x.teacher_logprob), a, ones, ones, ones)
+
+    spec = LossSpec("tw_grpo", "GRPO weighted by the teacher's token probability", tw_grpo_advantages,
+                    uses_reward=True, teacher_logprob=always)
+    monkeypatch.setitem(FAMILY, "tw_grpo", spec)
+    cfg = load_config(None, ["loss.name=tw_grpo"]).loss
+    adv, ls, lt, h, mask = make_batch(7)
+    got = token_advantages(adv, ls, lt, None, mask, cfg)
+    np.testing.assert_allclose(got.numpy(), np.where(mask, adv[:, None].numpy() * np.exp(lt.numpy()), 0),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="teacher_logprob is required for loss.name=tw_grpo"):
+        token_advantages(adv, ls, None, None, mask, cfg)
+    loss, _ = policy_loss(ls, None, got, mask, cfg)
+    assert float(loss) == pytest.approx(float(-(got * mask).sum() / mask.sum()), rel=1e-12)
+
+
+def test_unknown_loss_name_lists_the_registry():
+    with pytest.raises(ConfigError, match="loss.name.*expected one of grpo, rlsd, egrsd, cl_egrsd, opsd"):
         loss_spec("dpo")
 
 
@@ -230,21 +297,21 @@ def test_lookahead_validates():
 
 def test_cl_gate_lifts_transient_spike_not_sustained_span():
     """A spike followed by low entropy gets a higher gate than the same spike inside a high span."""
-    cfg = cfg_of(name="cl_egrsd", window=4)
+    cfg = cfg_of(name="cl_egrsd", lookahead=dict(window=4))
     low, high = 0.05, 3.0
     transient = torch.tensor([[low] * 5 + [high] + [low] * 8], dtype=F64)
     sustained = torch.tensor([[low] * 3 + [high] * 9 + [low] * 2], dtype=F64)
     mask = torch.ones(1, 14, dtype=torch.bool)
-    g_tr = entropy_gate(lookahead_entropy(transient, mask, cfg.window), cfg)
-    g_su = entropy_gate(lookahead_entropy(sustained, mask, cfg.window), cfg)
+    g_tr = entropy_gate(lookahead_entropy(transient, mask, cfg.lookahead.window), cfg.gate)
+    g_su = entropy_gate(lookahead_entropy(sustained, mask, cfg.lookahead.window), cfg.gate)
     spike_t = 5
     assert transient[0, spike_t] == sustained[0, spike_t] == high
     assert g_tr[0, spike_t] > 0.9 and g_su[0, spike_t] < 0.3
     assert g_tr[0, spike_t] > g_su[0, spike_t] + 0.5
     # plain EGRSD gates both spikes identically; confident tokens stay confident under CL
     eg = cfg_of(name="egrsd")
-    assert entropy_gate(transient, eg)[0, spike_t] == entropy_gate(sustained, eg)[0, spike_t]
-    assert torch.equal(g_tr[0, :5], entropy_gate(transient, eg)[0, :5])
+    assert entropy_gate(transient, eg.gate)[0, spike_t] == entropy_gate(sustained, eg.gate)[0, spike_t]
+    assert torch.equal(g_tr[0, :5], entropy_gate(transient, eg.gate)[0, :5])
     # the metric counts the lifted spike once, and none in the sustained span but its tail end
     _, m_tr = token_advantages(torch.ones(1, dtype=F64), transient * 0 - 1, transient * 0 - 1, transient, mask,
                                cfg, return_metrics=True)
@@ -255,16 +322,16 @@ def test_cl_gate_lifts_transient_spike_not_sustained_span():
 @pytest.mark.parametrize("kw", [dict(kind="exp", tau=0.7, g_min=0.3), dict(kind="linear", h_ref="log_vocab"),
                                 dict(kind="linear", h_ref="quantile:0.8", g_min=0.1)])
 def test_gate_matches_formula(kw):
-    cfg = cfg_of(name="egrsd", **kw)
+    cfg = cfg_of(name="egrsd", gate=kw)
     _, _, _, h, mask = make_batch(3)
     h[0, 0] = -1e-7  # fp32-style tiny negative entropy must not push the gate above 1
-    g = entropy_gate(h, cfg, mask=mask, vocab_size=1000)
+    g = entropy_gate(h, cfg.gate, mask=mask, vocab_size=1000)
     hn, m = h.numpy(), mask.numpy()
     h_ref = math.log(1000) if kw.get("h_ref") == "log_vocab" else (
-        float(np.quantile(np.maximum(hn[m], 0), 0.8)) if cfg.kind == "linear" else None)
+        float(np.quantile(np.maximum(hn[m], 0), 0.8)) if cfg.gate.kind == "linear" else None)
     ref = np.vectorize(lambda v: ref_gate_scalar(v, cfg, h_ref))(hn)
     np.testing.assert_allclose(g.numpy(), ref, rtol=1e-12)
-    assert (g >= cfg.g_min).all() and (g <= 1).all()
+    assert (g >= cfg.gate.g_min).all() and (g <= 1).all()
 
 
 def test_masked_quantile_matches_numpy_and_gate_needs_vocab():
@@ -273,18 +340,22 @@ def test_masked_quantile_matches_numpy_and_gate_needs_vocab():
     for q in (0.0, 0.1, 0.5, 0.9, 1.0):
         assert float(masked_quantile(v, m, q)) == pytest.approx(float(np.quantile(v.numpy()[m.numpy()], q)))
     with pytest.raises(ValueError, match="vocab_size"):
-        entropy_gate(v.abs(), cfg_of(kind="linear"))
+        entropy_gate(v.abs(), GateConfig(kind="linear"))
 
 
 # ---------------------------------------------------------------- token advantages
 CASES = [dict(name=n) for n in REWARD_NAMES] + [
-    dict(name="egrsd", lam=0.5, eps_w=0.3, g_min=0.1, tau=2.0),
-    dict(name="cl_egrsd", stat="max", window=3, kind="linear", h_ref="quantile:0.9"),
-    dict(name="cl_egrsd", kind="linear", h_ref="log_vocab"),
-    dict(name="opsd", signal="sampled"), dict(name="opsd", signal="reverse_kl")]
+    dict(name="egrsd", ratio=dict(lam=0.5, eps_w=0.3), gate=dict(g_min=0.1, tau=2.0)),
+    dict(name="cl_egrsd", lookahead=dict(stat="max", window=3), gate=dict(kind="linear", h_ref="quantile:0.9")),
+    dict(name="cl_egrsd", gate=dict(kind="linear", h_ref="log_vocab")),
+    dict(name="opsd", opsd=dict(signal="sampled")), dict(name="opsd", opsd=dict(signal="reverse_kl"))]
 
 
-@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def _case_id(kw) -> str:
+    return "-".join(f"{v}" if not isinstance(v, dict) else "-".join(map(str, v.values())) for v in kw.values())
+
+
+@pytest.mark.parametrize("kw", CASES, ids=_case_id)
 def test_token_advantages_match_reference(kw):
     cfg = cfg_of(**kw)
     adv, ls, lt, h, mask = make_batch(11)
@@ -301,15 +372,16 @@ def test_exact_reductions():
     adv, ls, lt, h, mask = make_batch(5, dtype=torch.float32)
     args = (adv, ls, lt, h, mask)
     rlsd = token_advantages(*args, cfg_of(name="rlsd"))
-    assert torch.equal(token_advantages(*args, cfg_of(name="egrsd", tau=float("inf"))), rlsd)
-    assert torch.equal(token_advantages(*args, cfg_of(name="cl_egrsd", tau=float("inf"))), rlsd)
+    no_gate = dict(tau=float("inf"))
+    assert torch.equal(token_advantages(*args, cfg_of(name="egrsd", gate=no_gate)), rlsd)
+    assert torch.equal(token_advantages(*args, cfg_of(name="cl_egrsd", gate=no_gate)), rlsd)
     grpo = token_advantages(adv, None, None, None, mask, cfg_of(name="grpo"))
-    assert torch.equal(token_advantages(*args, cfg_of(name="egrsd", tau=float("inf"), eps_w=0.0)), grpo)
-    assert torch.equal(token_advantages(*args, cfg_of(name="rlsd", lam=0.0)), grpo)
+    assert torch.equal(token_advantages(*args, cfg_of(name="egrsd", gate=no_gate, ratio=dict(eps_w=0.0))), grpo)
+    assert torch.equal(token_advantages(*args, cfg_of(name="rlsd", ratio=dict(lam=0.0))), grpo)
     assert torch.equal(grpo, torch.where(mask, adv[:, None].expand_as(ls), torch.zeros_like(ls)))
     # and the losses (and their gradients) agree too
     losses = []
-    for c in (cfg_of(name="egrsd", tau=float("inf"), eps_w=0.0), cfg_of(name="grpo")):
+    for c in (cfg_of(name="egrsd", gate=no_gate, ratio=dict(eps_w=0.0)), cfg_of(name="grpo")):
         lsg = ls.clone().requires_grad_()
         ta = token_advantages(adv, lsg, lt, h, mask, c)
         loss, _ = policy_loss(lsg, ls - 0.1, ta, mask, c)
@@ -331,7 +403,7 @@ def test_token_advantages_requires_inputs_by_name():
 
 
 def test_token_advantage_metrics_by_hand():
-    cfg = cfg_of(name="egrsd", eps_w=0.2, g_min=0.2)
+    cfg = cfg_of(name="egrsd", ratio=dict(eps_w=0.2), gate=dict(g_min=0.2))
     adv = torch.tensor([1.0, 0.0], dtype=F64)
     ls = torch.zeros(2, 4, dtype=F64)
     lt = torch.tensor([[0.5, -0.5, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64)  # rho: clip hi, clip lo, e^.1
@@ -355,7 +427,7 @@ def test_token_advantage_metrics_by_hand():
        eps_w=st.floats(0.0, 0.95), g_min=st.floats(0.01, 0.99), lam=st.floats(0.0, 1.0),
        kind=st.sampled_from(["exp", "linear"]), scale=st.sampled_from([0.1, 1.0, 30.0]))
 def test_sign_and_weight_bounds(seed, name, eps_w, g_min, lam, kind, scale):
-    cfg = cfg_of(name=name, eps_w=eps_w, g_min=g_min, lam=lam, kind=kind, h_ref="quantile:0.5")
+    cfg = cfg_of(name=name, ratio=dict(eps_w=eps_w, lam=lam), gate=dict(g_min=g_min, kind=kind, h_ref="quantile:0.5"))
     adv, ls, lt, h, mask = make_batch(seed, dtype=torch.float32)
     adv[0] = 0.0
     ls, lt, h = ls * scale, lt * scale, h * scale
@@ -416,7 +488,7 @@ def test_all_equal_reward_group_gives_exactly_zero_gradient(seed, name, group, r
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_policy_loss_gradient_equals_hand_formula(agg, kl_coef):
-    cfg = cfg_of(name="egrsd", aggregation=agg, kl_coef=kl_coef, eps_lo=0.2, eps_hi=0.28)
+    cfg = cfg_of(name="egrsd", aggregation=agg, kl_coef=kl_coef, clip=dict(eps_lo=0.2, eps_hi=0.28))
     adv, ls, lt, h, mask = make_batch(21, b=8, t=16)
     old = ls + torch.randn(ls.shape, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.4  # many clip
     ref = ls + 0.2
@@ -462,7 +534,7 @@ def test_global_denominator_sums_microbatches_and_ranks(agg):
 def test_opsd_signals():
     adv, ls, lt, h, mask = make_batch(4)
     # sampled: Ahat = sg(lT - lS), on-policy gradient of -sum Ahat r / N is -Ahat / N
-    cfg = cfg_of(name="opsd", signal="sampled")
+    cfg = cfg_of(name="opsd", opsd=dict(signal="sampled"))
     lsg = ls.clone().requires_grad_()
     ta = token_advantages(None, lsg, lt, None, mask, cfg)
     loss, _ = policy_loss(lsg, None, ta, mask, cfg)
@@ -471,7 +543,7 @@ def test_opsd_signals():
     torch.testing.assert_close(lsg.grad, torch.where(mask, -(lt - ls) / n, torch.zeros_like(ls)))
     assert float(loss) == pytest.approx(float(-((lt - ls) * mask).sum() / n))
     # reverse_kl: the loss is the masked mean of the per-token divergence, gradient flows into it
-    cfg = cfg_of(name="opsd", signal="reverse_kl")
+    cfg = cfg_of(name="opsd", opsd=dict(signal="reverse_kl"))
     kl = torch.rand(ls.shape, dtype=F64, requires_grad=True)
     ta = token_advantages(None, ls, lt, None, mask, cfg)
     assert (ta == 0).all()
@@ -479,8 +551,9 @@ def test_opsd_signals():
     loss.backward()
     torch.testing.assert_close(kl.grad, mask.to(F64) / n)
     assert met["opsd_div_mean"] == pytest.approx(float((kl * mask).sum() / n))
-    with pytest.raises(ValueError, match="kl is required for loss.name=opsd with loss.signal=jsd"):
-        policy_loss(ls, None, ta, mask, cfg_of(name="opsd", signal="jsd"))
+    with pytest.raises(ValueError, match=r"kl is required for loss.name=opsd, whose loss is the per-token "
+                                         r"divergence \('jsd', 0.5\)"):
+        policy_loss(ls, None, ta, mask, cfg_of(name="opsd", opsd=dict(signal="jsd")))
     with pytest.raises(ValueError, match="ref_logprob is required when loss.kl_coef"):
         policy_loss(ls, None, ta, mask, cfg_of(name="grpo", kl_coef=0.1))
 
@@ -497,8 +570,8 @@ def test_bf16_inputs_are_upcast():
 
 
 def test_divergence_kind_maps_opsd_signals():
-    from egrsd_megatron.losses import divergence_kind
-    assert divergence_kind(cfg_of(name="opsd", signal="reverse_kl")) == "reverse"
-    assert divergence_kind(cfg_of(name="opsd", signal="jsd", beta=0.3)) == ("jsd", 0.3)
-    assert divergence_kind(cfg_of(name="opsd", signal="sampled")) is None
-    assert divergence_kind(cfg_of(name="cl_egrsd")) is None
+    assert divergence_kind(cfg_of(name="opsd", opsd=dict(signal="reverse_kl"))) == "reverse"
+    assert divergence_kind(cfg_of(name="opsd", opsd=dict(signal="jsd", beta=0.3))) == ("jsd", 0.3)
+    assert divergence_kind(cfg_of(name="opsd", opsd=dict(signal="sampled"))) is None
+    for name in REWARD_NAMES:  # the opsd section is read by opsd only
+        assert divergence_kind(cfg_of(name=name, opsd=dict(signal="jsd"))) is None

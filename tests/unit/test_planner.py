@@ -120,7 +120,7 @@ def test_pipeline_stages_and_in_flight_micro_batches():
     (["parallel.pp=2", "model.recompute=full"], "teacher token stats (all micro-batches)", 8),
     (["train.ppo_epochs=2"], "teacher token stats (all micro-batches)", 8),
     # ... unless the loss compares full distributions: V/TP = 152,064 / 4 columns x 2 bytes.
-    (["parallel.pp=2", "model.recompute=full", "loss.name=opsd", "loss.signal=jsd"],
+    (["parallel.pp=2", "model.recompute=full", "loss.name=opsd", "loss.opsd.signal=jsd"],
      "teacher logits (all micro-batches)", 38_016 * 2),
 ])
 def test_teacher_memory_follows_what_the_trainer_keeps(extra, key, per_rollout_token):
