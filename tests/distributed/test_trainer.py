@@ -125,8 +125,8 @@ def layout_tolerances(cfg, rows: dict) -> tuple:
         w = math.sqrt(2)
     else:
         lc = cfg.loss
-        w = math.sqrt(cfg.rollout.group_size - 1) * (1 + lc.eps_hi) * ((1 + lc.eps_w) * math.sqrt(2)
-                                                                      + (1 - lc.g_min) / lc.tau)
+        w = math.sqrt(cfg.rollout.group_size - 1) * (1 + lc.clip.eps_hi) * (
+            (1 + lc.ratio.eps_w) * math.sqrt(2) + (1 - lc.gate.g_min) / lc.gate.tau)
     atol = [4 * w * sigma_lp / math.sqrt(n) for n in n_tok]
     rtol = [4 * U32 * math.sqrt(n * cfg_vocab(cfg)) for n in n_tok]
     lr1 = rows["lr"][0]
