@@ -30,6 +30,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
 
 from ..config import ConfigError, OptimConfig
@@ -61,7 +62,6 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
             f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} ones, e.g. "
             f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
             f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
-    from torch.distributed.optim import ZeroRedundancyOptimizer
     # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the
     # checkpoint loaders and the rollout refit hold references to them); one broadcast per parameter.
     # With MasterWeightAdamW the fp32 masters live in the optimizer state, so ZeRO shards them too.
