@@ -119,6 +119,10 @@ def reduce_metrics(ranks: Sequence[Sequence[Record]], kinds: Dict[str, Kind] = K
         elif kind.how == "max":
             out[name] = max(r.values[name] for rank in have for r in rank)
         elif kind.how == "mean":
+            lacking = [r for rank in have for r in rank if kind.weight not in r.values]
+            if lacking:
+                raise KeyError(f"metric {name!r} is weighted by {kind.weight!r}, which its record lacks: "
+                               f"{sorted(lacking[0].values)}")
             num = sum(sum(r.values[name] * r.values[kind.weight] for r in rank) for rank in have)
             den = sum(sum(r.values[kind.weight] for r in rank) for rank in have)
             flat = [r.values[name] for rank in have for r in rank]
