@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -189,11 +189,7 @@ class Trainer:
             self.counters["reward_timeouts"] += rollouts.reward_timeouts
         t_generate = time.monotonic() - t0
 
-        rewards = rollouts.rewards()
-        adv, adv_stats = group_advantages(rewards, cfg.rollout.group_size, normalize_std=cfg.loss.normalize_std,
-                                          return_metrics=True)
-        if not cfg.loss.uses_reward:
-            adv = torch.zeros_like(rewards)
+        adv, zero_adv_group_frac = self._advantages(rollouts.rewards())
         samples = to_samples(rollouts, student_prompts, teacher_prompts, adv.tolist())
         mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
         # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
@@ -207,10 +203,7 @@ class Trainer:
         self._count_nonfinite(update.skipped)
         self.teacher.after_step(self.step)
 
-        lengths = [len(s.response) for s in samples]
-        metrics = self._reduce_metrics([*update.records, rollout_record(
-            rewards, lengths, [s.truncated for s in samples], adv_stats["zero_adv_group_frac"],
-            len(problems))])
+        metrics = self._reduce_metrics([*update.records, rollout_record(rollouts, zero_adv_group_frac)])
         step_time = time.monotonic() - t0
         metrics.update({"time/generate": t_generate, **update.timings})
         metrics.update(self._step_scalars(update, samples, step_time))
@@ -223,6 +216,13 @@ class Trainer:
         batch = self.sampler.next_batch(self.cfg.train.prompts_per_step)
         per = self.cfg.train.prompts_per_step // self.dp
         return batch[self.info.dp_rank * per:(self.info.dp_rank + 1) * per]
+
+    def _advantages(self, rewards: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(A_i per rollout, the fraction of groups whose rewards are all equal, i.e. A = 0 exactly);
+        A = 0 for a reward-free loss."""
+        adv, stats = group_advantages(rewards, self.cfg.rollout.group_size, normalize_std=self.cfg.loss.normalize_std,
+                                      return_metrics=True)
+        return (adv if self.cfg.loss.uses_reward else torch.zeros_like(rewards)), stats["zero_adv_group_frac"]
 
     def _all_reduce(self, values: List[float], group=None, op=dist.ReduceOp.SUM) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64)

@@ -24,6 +24,7 @@ from typing import Dict, Sequence
 import torch
 
 from ..losses.gate import masked_quantile
+from .rollouts import Rollouts
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def quantile(of: str, q: float) -> Kind:
 TOKEN_MEAN, SEQ_MEAN = mean("tokens"), mean("sequences")
 
 # Where each metric comes from: losses/token_weights.py (_metrics), losses/policy_loss.py, and the step's
-# rollout record (trainer/metrics.py:rollout_record).
+# rollout record (rollout_record below).
 KINDS: Dict[str, Kind] = {
     # counts
     "tokens": SUM, "live_tokens": SUM, "signal_tokens": SUM, "sequences": SUM, "groups": SUM,
@@ -76,14 +77,16 @@ class Record:
     tokens: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def rollout_record(rewards: torch.Tensor, lengths: Sequence[int], truncated: Sequence[bool],
-                   zero_adv_group_frac: float, groups: int) -> Record:
+def rollout_record(rollouts: Rollouts, zero_adv_group_frac: float) -> Record:
     """This rank's rollout metrics: accuracy (mean reward), response length (mean, max), truncated fraction,
     and the fraction of groups whose advantages are all zero (losses.group_advantages's definition)."""
+    lengths = [len(r.response) for r in rollouts.items]
     n = len(lengths)
-    return Record({"accuracy": float(rewards.mean()), "response_length": sum(lengths) / n,
-                   "response_length_max": float(max(lengths)), "truncated_frac": sum(truncated) / n,
-                   "sequences": float(n), "zero_adv_group_frac": zero_adv_group_frac, "groups": float(groups)})
+    return Record({"accuracy": float(rollouts.rewards().mean()), "response_length": sum(lengths) / n,
+                   "response_length_max": float(max(lengths)),
+                   "truncated_frac": sum(r.truncated for r in rollouts.items) / n, "sequences": float(n),
+                   "zero_adv_group_frac": zero_adv_group_frac,
+                   "groups": float(len({r.problem for r in rollouts.items}))})
 
 
 def _kind(name: str, kinds: Dict[str, Kind]) -> Kind:

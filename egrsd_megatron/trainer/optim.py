@@ -57,9 +57,10 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
         return cls(groups, **kwargs)
     if len(dtypes) > 1:
         odd = [n for m in model_chunks for n, p in m.named_parameters() if p.requires_grad and p.dtype == torch.float32]
+        kinds = " and ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         raise ConfigError(
             f"parallel.distributed_optimizer=true needs every trainable parameter in one dtype (torch's "
-            f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} ones, e.g. "
+            f"ZeroRedundancyOptimizer refuses a mix), but this model has {kinds} ones, e.g. "
             f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
             f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
     # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,41 +59,30 @@ def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.
     """Teacher/reference/student passes and the optimizer step for one step's micro-batches."""
     timings: Dict[str, float] = {}
     interleave = interleaved(pp_size, cfg.train.ppo_epochs)
-    reduce = None if divergence_kind(cfg.loss) else (vocab_size, tp_group)
     t_teacher = 0.0
     t2 = time.monotonic()
     teacher_logits: Dict[int, object] = {}
-    if not interleave:
+    if not interleave:   # every micro-batch's teacher output at once: reduced unless the loss needs them whole
+        reduce = None if divergence_kind(cfg.loss) else (vocab_size, tp_group)
         teacher_logits = teacher_pass(teacher, mbs, reduce=reduce)
         t_teacher = time.monotonic() - t2
-    old: Optional[Dict[int, torch.Tensor]] = {} if cfg.train.ppo_epochs > 1 else None
-    records: List[Record] = []
-    skipped = False
-    grad_norm = float("nan")
     ref_logprobs = None
     if reference is not None:   # [b, R] per micro-batch: small, so all at once
         tt = time.monotonic()
         ref_logprobs = reference_pass(reference, mbs, vocab_size=vocab_size, tp_group=tp_group)
         timings["time/reference"] = time.monotonic() - tt
     pass_args = dict(denominator=denominator, vocab_size=vocab_size, tp_group=tp_group,
-                     old_logprobs=old, ref_logprobs=ref_logprobs)
+                     old_logprobs={} if cfg.train.ppo_epochs > 1 else None, ref_logprobs=ref_logprobs)
+    records: List[Record] = []
+    grad_norm, skipped = float("nan"), False
     for _epoch in range(cfg.train.ppo_epochs):
         zero_grads([model])
-        if interleave:
-            records = []
-            for mb in mbs:
-                tt = time.monotonic()
-                one = teacher_pass(teacher, [mb])
-                t_teacher += time.monotonic() - tt
-                records += student_pass(model, [mb], one, cfg.loss, **pass_args)
-                del one
-        else:
-            records = student_pass(model, mbs, teacher_logits, cfg.loss, **pass_args)
+        records, t = _student_passes(cfg, model, teacher, mbs, None if interleave else teacher_logits, pass_args)
+        t_teacher += t
         finalize_grads([model])
         tt = time.monotonic()
         grad_norm = clip_grads([model], cfg.optim.clip_grad)
-        local_loss = sum(r.values.get("loss", 0.0) for r in records)
-        if nonfinite_anywhere(grad_norm, local_loss, all_reduce_max):
+        if nonfinite_anywhere(grad_norm, sum(r.values.get("loss", 0.0) for r in records), all_reduce_max):
             skipped = True
             zero_grads([model])
             break
@@ -104,3 +93,20 @@ def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.
     timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0) \
         - timings.get("time/reference", 0.0)
     return UpdateResult(records, grad_norm, skipped, timings)
+
+
+def _student_passes(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.Module, mbs: List[MicroBatch],
+                    teacher_logits: Optional[Dict[int, object]], pass_args: dict) -> Tuple[List[Record], float]:
+    """One PPO epoch's student passes -> (records, seconds in teacher passes). teacher_logits=None: interleaved,
+    each micro-batch's teacher pass right before its student pass (one micro-batch of teacher logits alive)."""
+    if teacher_logits is not None:
+        return student_pass(model, mbs, teacher_logits, cfg.loss, **pass_args), 0.0
+    records: List[Record] = []
+    t_teacher = 0.0
+    for mb in mbs:
+        tt = time.monotonic()
+        one = teacher_pass(teacher, [mb])
+        t_teacher += time.monotonic() - tt
+        records += student_pass(model, [mb], one, cfg.loss, **pass_args)
+        del one
+    return records, t_teacher

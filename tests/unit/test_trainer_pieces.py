@@ -62,9 +62,11 @@ def test_every_mean_weight_is_a_summed_count():
 
 
 def test_rollout_record_and_one_zero_advantage_definition():
-    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    _, stats = group_advantages(rewards, 4, return_metrics=True)
-    rec = rollout_record(rewards, [3, 5, 2, 6, 1, 1, 1, 1], [False] * 7 + [True], stats["zero_adv_group_frac"], 2)
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    lengths = [3, 5, 2, 6, 1, 1, 1, 1]
+    out = Rollouts([Rollout(k, k // 4, [0] * n, "", k == 7, r) for k, (n, r) in enumerate(zip(lengths, rewards))], 0)
+    _, stats = group_advantages(out.rewards(), 4, return_metrics=True)
+    rec = rollout_record(out, stats["zero_adv_group_frac"])
     m = reduce_metrics([[rec]])
     assert m["zero_adv_group_frac"] == 0.5 and m["accuracy"] == 0.625 and m["response_length"] == 2.5
     assert m["response_length_max"] == 6.0 and m["truncated_frac"] == 0.125 and m["sequences"] == 8.0
@@ -106,8 +108,8 @@ def _logged(cfg: LossConfig, samples, rewards, stats: TokenStats, ref, old, mbs_
         records.append(rec)
         loss += float(lo)
     _, stats_adv = group_advantages(rewards, 4, return_metrics=True)
-    records.append(rollout_record(rewards, [len(s.response) for s in samples], [s.truncated for s in samples],
-                                  stats_adv["zero_adv_group_frac"], len(samples) // 4))
+    out = Rollouts([Rollout(k, s.group, s.response, "", s.truncated, s.reward) for k, s in enumerate(samples)], 0)
+    records.append(rollout_record(out, stats_adv["zero_adv_group_frac"]))
     return reduce_metrics([records]), loss
 
 
