@@ -19,7 +19,7 @@ data-parallel split. A key without a kind is an error: a new metric must say how
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from .rollouts import Rollouts
 
 @dataclass(frozen=True)
 class Kind:
-    how: str           # "mean" | "sum" | "max" | "quantile"
+    how: Literal["mean", "sum", "max", "quantile"]
     weight: str = ""   # mean: the scalar of the same record that weights it
     of: str = ""       # quantile: the per-token values it is taken over
     q: float = 0.0     # quantile: which one
