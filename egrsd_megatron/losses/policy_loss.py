@@ -49,7 +49,8 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     kl: per-token divergence [B, T] when the loss's spec has one (opsd reverse_kl|jsd).
     ref_logprob: [B, T] for kl_coef > 0.
     Metrics (python floats): loss, ratio_mean, ppo_clip_frac (valid tokens with Ahat != 0 whose clipped
-    branch is active), tokens, and kl_ref_mean / opsd_div_mean when those terms are on.
+    branch is active), tokens, signal_tokens (valid tokens with Ahat != 0: ppo_clip_frac's count), and
+    kl_ref_mean / opsd_div_mean when those terms are on.
     """
     spec = loss_spec(cfg.name)
     valid = as_mask(mask)
@@ -111,9 +112,9 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     with torch.no_grad():
         n = f.sum().clamp_min(1)
         live = valid & (token_adv.detach() != 0)
-        names = ["loss", "ratio_mean", "ppo_clip_frac", "tokens"] + metric_names
+        names = ["loss", "ratio_mean", "ppo_clip_frac", "tokens", "signal_tokens"] + metric_names
         vals = [loss.detach(), (ratio.detach() * f).sum() / n,
-                clipped.to(dtype).sum() / live.to(dtype).sum().clamp_min(1), f.sum()]
+                clipped.to(dtype).sum() / live.to(dtype).sum().clamp_min(1), f.sum(), live.to(dtype).sum()]
         vals += [v() for v in metric_vals]
         metrics = dict(zip(names, torch.stack([v.to(dtype) for v in vals]).tolist()))
     return loss, metrics

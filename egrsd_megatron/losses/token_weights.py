@@ -82,10 +82,12 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
              segment_ids: Optional[torch.Tensor], spec: LossSpec) -> Dict[str, float]:
     """Logging metrics over valid tokens, as python floats (one host sync).
 
-    gate_mean, gate_floor_frac (phi <= FLOOR_PHI); ratio_weight_mean and ratio_clip_frac over tokens of
-    sequences with A != 0 (rho is 1 by definition where A = 0); zero_adv_seq_frac over sequences with any
-    valid token; with teacher_entropy: teacher_entropy_mean, teacher_entropy_p90 and spike_count (tokens
-    whose gate the lookahead lifts by >= SPIKE_LIFT of the gate range, computed for every loss name).
+    gate_mean, gate_floor_frac (phi <= FLOOR_PHI); ratio_weight_mean and ratio_clip_frac over the
+    live_tokens (tokens of sequences with A != 0; rho is 1 by definition where A = 0), with that count;
+    with teacher_entropy: teacher_entropy_mean, teacher_entropy_p90 and spike_count (tokens whose gate the
+    lookahead lifts by >= SPIKE_LIFT of the gate range, computed for every loss name). Means come with
+    their counts so that a caller can combine micro-batches (trainer/metrics.py); the zero-advantage
+    fraction is group_advantages's `zero_adv_group_frac`.
     """
     f = valid.to(gate.dtype)
     n = f.sum().clamp_min(1)
@@ -97,11 +99,9 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
         nl = live.to(f.dtype).sum()
         eps_w = cfg.ratio.eps_w
         clipped = (rho_raw < 1 - eps_w) | (rho_raw > 1 + eps_w) if spec.ratio else torch.zeros_like(live)
-        names += ["ratio_weight_mean", "ratio_clip_frac", "zero_adv_seq_frac"]
-        seq = valid.any(dim=1)
+        names += ["ratio_weight_mean", "ratio_clip_frac", "live_tokens"]
         vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
-                 (clipped & live).to(f.dtype).sum() / nl.clamp_min(1),
-                 ((a[:, 0] == 0) & seq).to(f.dtype).sum() / seq.to(f.dtype).sum().clamp_min(1)]
+                 (clipped & live).to(f.dtype).sum() / nl.clamp_min(1), nl]
     # spike_count needs the gate; a linear log_vocab gate without vocab_size (possible for grpo/rlsd,
     # which do not gate) cannot be evaluated, so the count is left out rather than guessed.
     gate_ok = not (cfg.gate.kind == "linear" and cfg.gate.h_ref == "log_vocab" and vocab_size is None)

@@ -1,28 +1,47 @@
 """The on-policy self-distillation training loop (one `Trainer.run()` per job).
 
-Each step, on every rank:
-  draw prompts (this data-parallel rank's share) -> refit the rollout engine from the Megatron shards
-  -> G rollouts per prompt (split across the model-parallel ranks, then all-gathered) -> rewards
-  -> group advantages -> teacher pass (teacher prompt + the same response ids, no grad)
-  -> [loss.kl_coef > 0: reference pass, the student sequences through the initial weights, no grad]
-  -> student pass: fused token_stats -> token advantages -> policy loss (global token mean) -> backward
-  -> finalise grads (TP/PP/DP) -> clip -> AdamW -> metrics -> checkpoint when due.
+Each step (`Trainer.train_step`), on every rank:
+  1. draw prompts: every rank draws the same global batch and keeps its data-parallel share;
+  2. rollouts (trainer/rollouts.py): refit the rollout engine from the Megatron shards -> G rollouts per
+     prompt, split across the model-parallel ranks with per-rollout seeds -> rewards -> all-gather;
+  3. group advantages -> micro-batches of (student prompt | teacher prompt) + the same response ids;
+  4. update (trainer/update.py): teacher pass (no grad) [-> reference pass when loss.kl_coef > 0] ->
+     student pass: fused token_stats -> token advantages -> policy loss (global token mean) -> backward,
+     per PPO epoch -> finalise grads (TP/PP/DP) -> clip -> non-finite guard -> AdamW, scheduler;
+  5. metrics (trainer/metrics.py): every micro-batch of every data-parallel rank reduced by its kind;
+  6. sampled rollouts to samples.jsonl when due.
+`run()` logs each step, validates and checkpoints when due, and stops on preemption or non-finite steps.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
-import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from ..config import ConfigError, ExperimentConfig, to_dict
+from ..checkpoint.hf_mapping import load_hf_weights
+from ..checkpoint.megatron_format import load_model_checkpoint
+from ..checkpoint.train_state import find_latest, load_train_state, save_train_state
+from ..config import ConfigError, ExperimentConfig, load_config, to_dict
+from ..data import PromptBuilder, PromptSampler, load_problems, load_tokenizer
+from ..distributed import init_distributed, teardown
+from ..distributed.grads import attach_fp32_grad_accumulators
+from ..eval.validation import evaluate_problems
+from ..losses import group_advantages
+from ..models import build_model, resolve_arch
+from ..rollout import SamplingParams, make_engine
 from .batch import Sample, make_micro_batches
+from .logger import StepLogger
+from .metrics import Record, reduce_metrics, rollout_record
+from .optim import build_optimizer, build_scheduler
+from .rollouts import Rollouts, collect_rollouts, refit, to_samples
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
+from .teacher import Teacher, frozen_copy
+from .update import UpdateResult, local_denominator, run_update
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
@@ -57,23 +76,19 @@ def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
-        from ..models import resolve_arch
         self.cfg = cfg
         self.arch = resolve_arch(cfg.model)
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         if dist.is_initialized():
             world = dist.get_world_size()
         self.dp = check_config(cfg, world, self.arch)
+        self.world_size = world   # the one read of the world size in the trainer (the metrics all-gather)
         self.tokenizer = self._load_tokenizer()
 
-        from ..distributed import init_distributed
         self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-        from megatron.core import parallel_state as ps
-        self.ps = ps
         self.mp_group = ps.get_model_parallel_group()
-        self.mp_rank, self.mp_size = dist.get_rank(self.mp_group), dist.get_world_size(self.mp_group)
+        self.mp_rank = dist.get_rank(self.mp_group)
 
-        from ..data import PromptBuilder, PromptSampler, load_problems
         self.builder = PromptBuilder(self.tokenizer, cfg.prompt)
         self.problems = load_problems(cfg.data.train_path, cfg.data, tokenizer=self.tokenizer,
                                       prompt_builder=self.builder)
@@ -83,11 +98,8 @@ class Trainer:
             self.eval_problems = list(load_problems(cfg.data.eval_path, cfg.data, tokenizer=self.tokenizer,
                                                     prompt_builder=self.builder))[: cfg.train.eval_samples]
 
-        from ..models import build_model
         self.model = self._init_model(build_model(self.arch, cfg.model))
-        from ..distributed.grads import attach_fp32_grad_accumulators
         attach_fp32_grad_accumulators([self.model])   # bf16 params: gradients summed in fp32 (main_grad)
-        from .teacher import Teacher, frozen_copy
         self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model))
         # The k3 KL's reference policy: the initial weights (built before _resume loads the student's).
         self.reference: Optional[torch.nn.Module] = None
@@ -95,13 +107,11 @@ class Trainer:
             self.reference = self.teacher.copy if cfg.teacher.mode == "frozen" else \
                 frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
 
-        from .optim import build_optimizer, build_scheduler
         # parallel.distributed_optimizer: ZeRO-1, the AdamW states sharded over the data-parallel group.
         self.optimizer = build_optimizer([self.model], cfg.optim, dp_group=ps.get_data_parallel_group()
                                          if cfg.parallel.distributed_optimizer else None)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
 
-        from ..rollout import SamplingParams, make_engine
         self.engine = make_engine(cfg.rollout, self.arch.to_hf_config(), self.tokenizer)
         self.sampling = SamplingParams.from_config(cfg.rollout, self.builder.eos_token_ids)
 
@@ -111,13 +121,11 @@ class Trainer:
         self.counters = {"nonfinite_skipped": 0, "nonfinite_in_row": 0, "truncated_total": 0,
                          "reward_timeouts": 0}
         self._resume()
-        from .logger import StepLogger
         self.logger = StepLogger(cfg, self.out_dir, cfg.train.steps, self.step, enabled=self.info.rank == 0)
         self.preempt = PreemptionFlag().install()
 
     # ---------------------------------------------------------------- setup
     def _load_tokenizer(self):
-        from ..data import load_tokenizer
         path = self.cfg.tokenizer.path or self.cfg.model.hf_path
         if not path:
             raise ConfigError("tokenizer.path is not set and model.hf_path has no tokenizer: set tokenizer.path "
@@ -134,15 +142,12 @@ class Trainer:
     def _init_model(self, model: torch.nn.Module) -> torch.nn.Module:
         src = self.cfg.model
         if src.init_from == "hf":
-            from ..checkpoint.hf_mapping import load_hf_weights
             load_hf_weights(model, self.arch, src.hf_path)
         elif src.init_from == "megatron":
-            from ..checkpoint.megatron_format import load_model_checkpoint
             load_model_checkpoint(model, self.arch, src.load)
         return model
 
     def _resume(self) -> None:
-        from ..checkpoint.train_state import find_latest, load_train_state
         r = self.cfg.train.resume
         path = None
         if r == "auto":
@@ -162,7 +167,6 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> str:
-        from ..checkpoint.train_state import save_train_state
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "counters": self.counters,
                  "config": to_dict(self.cfg), "arch": self.arch.to_hf_config()}
         return save_train_state(self.ckpt_root, self.step, self.model, self.arch, self.optimizer, self.scheduler,
@@ -171,169 +175,85 @@ class Trainer:
                                 tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- one step
-    def _rollouts(self, problems, student_prompts: List[List[int]]) -> List[Dict[str, Any]]:
-        """G completions per problem, scored; identical list on every rank of the model-parallel group."""
-        from ..checkpoint.hf_mapping import gather_hf_state_dict
-        from ..rewards import score_batch
-        from ..rollout.base import stable_seed
+    def train_step(self) -> Dict[str, float]:
+        """One step (the module docstring's 1-6); returns the metrics to log."""
         cfg = self.cfg
-        self.engine.update_weights(gather_hf_state_dict(self.model, self.arch))
-        G = cfg.rollout.group_size
-        prompts = [(i, student_prompts[i]) for i in range(len(problems)) for _ in range(G)]
-        mine = list(range(self.mp_rank, len(prompts), self.mp_size))
-        # One seed per rollout from (run seed, step, global rollout index): the same rollouts whatever the
-        # TP/PP/DP layout and whichever rank generates them.
-        first = self.info.dp_rank * len(prompts)
-        seeds = [stable_seed(cfg.train.seed, self.step, first + k) for k in mine]
-        comps = self.engine.generate([prompts[k][1] for k in mine], self.sampling, seeds=seeds) if mine else []
-        rewards = [0.0] * len(comps)
-        stats: Dict[str, Any] = {}
-        if cfg.loss.spec.uses_reward and comps:
-            rewards, stats = score_batch([c.text for c in comps], [problems[prompts[k][0]].answer for k in mine],
-                                         name=cfg.reward.name, timeout_s=cfg.reward.timeout_s,
-                                         num_workers=cfg.reward.num_workers)
-        if cfg.reward.truncated_reward is not None:
-            rewards = [cfg.reward.truncated_reward if c.truncated else r for c, r in zip(comps, rewards)]
-        local = [{"k": k, "response": list(c.response_ids), "text": c.text, "truncated": bool(c.truncated),
-                  "reward": float(r)} for k, c, r in zip(mine, comps, rewards)]
-        local_stats = {"timeouts": int(stats.get("timeouts", 0))}
-        gathered: List[Any] = [None] * self.mp_size
-        dist.all_gather_object(gathered, (local, local_stats), group=self.mp_group)
-        out: List[Optional[Dict[str, Any]]] = [None] * len(prompts)
-        for part, st in gathered:
-            self.counters["reward_timeouts"] += st["timeouts"] if self.mp_rank == 0 else 0
-            for rec in part:
-                out[rec["k"]] = {**rec, "problem": prompts[rec["k"]][0]}
-        return out  # type: ignore[return-value]
+        t0 = time.monotonic()
+        problems = self._draw_problems()
+        student_prompts = [self.builder.student_prompt_ids(p) for p in problems]  # tokenized once per step
+        teacher_prompts = [self.builder.teacher_prompt_ids(p) for p in problems]
+        refit(self.engine, self.model, self.arch)
+        rollouts = collect_rollouts(cfg, self.engine, self.sampling, problems, student_prompts, step=self.step,
+                                    dp_rank=self.info.dp_rank, mp_group=self.mp_group)
+        if self.mp_rank == 0:   # the same count on every rank of the group: counted once
+            self.counters["reward_timeouts"] += rollouts.reward_timeouts
+        t_generate = time.monotonic() - t0
+
+        adv, zero_adv_group_frac = self._advantages(rollouts.rewards())
+        samples = to_samples(rollouts, student_prompts, teacher_prompts, adv.tolist())
+        mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+        # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
+        denominator = self._all_reduce([local_denominator(samples, cfg.loss.aggregation)],
+                                       ps.get_data_parallel_group())[0]
+        update = run_update(cfg, self.model, self.teacher.model, self.reference, self.optimizer, self.scheduler,
+                            mbs, denominator=denominator, vocab_size=self.arch.vocab_size,
+                            tp_group=ps.get_tensor_model_parallel_group(),
+                            pp_size=ps.get_pipeline_model_parallel_world_size(),
+                            all_reduce_max=lambda v: self._all_reduce([v], op=dist.ReduceOp.MAX)[0])
+        self._count_nonfinite(update.skipped)
+        self.teacher.after_step(self.step)
+
+        metrics = self._reduce_metrics([*update.records, rollout_record(rollouts, zero_adv_group_frac)])
+        step_time = time.monotonic() - t0
+        metrics.update({"time/generate": t_generate, **update.timings})
+        metrics.update(self._step_scalars(update, samples, step_time))
+        if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
+            self._log_samples(problems, rollouts, samples)
+        return metrics
+
+    def _draw_problems(self) -> list:
+        """Every rank draws the same global batch (same sampler state) and keeps its data-parallel share."""
+        batch = self.sampler.next_batch(self.cfg.train.prompts_per_step)
+        per = self.cfg.train.prompts_per_step // self.dp
+        return batch[self.info.dp_rank * per:(self.info.dp_rank + 1) * per]
+
+    def _advantages(self, rewards: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(A_i per rollout, the fraction of groups whose rewards are all equal, i.e. A = 0 exactly);
+        A = 0 for a reward-free loss."""
+        adv, stats = group_advantages(rewards, self.cfg.rollout.group_size, normalize_std=self.cfg.loss.normalize_std,
+                                      return_metrics=True)
+        return (adv if self.cfg.loss.spec.uses_reward else torch.zeros_like(rewards)), stats["zero_adv_group_frac"]
 
     def _all_reduce(self, values: List[float], group=None, op=dist.ReduceOp.SUM) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=op, group=group)
         return t.tolist()
 
-    def train_step(self) -> Dict[str, float]:
-        from ..distributed.grads import clip_grads, finalize_grads, zero_grads
-        from ..losses import divergence_kind, group_advantages
-        from .passes import reference_pass, student_pass, teacher_pass
-        cfg, ps = self.cfg, self.ps
-        timings: Dict[str, float] = {}
-        t0 = time.monotonic()
-
-        # Every rank draws the same global batch (same sampler state) and keeps its DP share.
-        batch = self.sampler.next_batch(cfg.train.prompts_per_step)
-        per = cfg.train.prompts_per_step // self.dp
-        problems = batch[self.info.dp_rank * per:(self.info.dp_rank + 1) * per]
-
-        # Each problem's two prompts, tokenized once per step.
-        student_prompts = [self.builder.student_prompt_ids(p) for p in problems]
-        teacher_prompts = [self.builder.teacher_prompt_ids(p) for p in problems]
-        recs = self._rollouts(problems, student_prompts)
-        timings["time/generate"] = time.monotonic() - t0
-
-        G = cfg.rollout.group_size
-        rewards = torch.tensor([r["reward"] for r in recs], dtype=torch.float32)
-        adv = group_advantages(rewards, G, normalize_std=cfg.loss.normalize_std) if cfg.loss.spec.uses_reward \
-            else torch.zeros_like(rewards)
-        samples = [Sample(student_prompt=student_prompts[r["problem"]], teacher_prompt=teacher_prompts[r["problem"]],
-                          response=r["response"], advantage=float(a), reward=r["reward"],
-                          truncated=r["truncated"], group=r["problem"])
-                   for r, a in zip(recs, adv.tolist())]
-        mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size,
-                                 pad_id=self.tokenizer.pad_token_id or 0)
-        # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
-        local_count = len(samples) if cfg.loss.aggregation == "seq_mean_token_mean" else \
-            sum(len(s.response) for s in samples)
-        denominator = self._all_reduce([local_count], ps.get_data_parallel_group())[0]
-
-        # Teacher logits at the response positions are the step's largest buffer ([b, R, V/TP] each). Without
-        # pipeline parallelism (and with one PPO epoch) each micro-batch's teacher pass runs right before its
-        # student pass, so one micro-batch of them is alive at a time. With PP (or PPO epochs) every
-        # micro-batch's teacher output is needed at once: then only its per-token log-prob and entropy are
-        # kept, unless the loss compares the full distributions (OPSD reverse_kl / jsd).
-        interleave = ps.get_pipeline_model_parallel_world_size() == 1 and cfg.train.ppo_epochs == 1
-        tp_group = ps.get_tensor_model_parallel_group()
-        reduce = None if divergence_kind(cfg.loss) else (self.arch.vocab_size, tp_group)
-        t_teacher = 0.0
-        t2 = time.monotonic()
-        teacher_logits: Dict[int, Any] = {}
-        if not interleave:
-            teacher_logits = teacher_pass(self.teacher.model, mbs, reduce=reduce)
-            t_teacher = time.monotonic() - t2
-        old: Optional[Dict[int, torch.Tensor]] = {} if cfg.train.ppo_epochs > 1 else None
-        mb_metrics: List[dict] = []
-        skipped = False
-        grad_norm = float("nan")
-        ref_logprobs = None
-        if self.reference is not None:   # [b, R] per micro-batch: small, so all at once
-            tt = time.monotonic()
-            ref_logprobs = reference_pass(self.reference, mbs, vocab_size=self.arch.vocab_size, tp_group=tp_group)
-            timings["time/reference"] = time.monotonic() - tt
-        pass_args = dict(denominator=denominator, vocab_size=self.arch.vocab_size, tp_group=tp_group,
-                         old_logprobs=old, ref_logprobs=ref_logprobs)
-        for _epoch in range(cfg.train.ppo_epochs):
-            zero_grads([self.model])
-            if interleave:
-                mb_metrics = []
-                for mb in mbs:
-                    tt = time.monotonic()
-                    one = teacher_pass(self.teacher.model, [mb])
-                    t_teacher += time.monotonic() - tt
-                    mb_metrics += student_pass(self.model, [mb], one, cfg.loss, **pass_args)
-                    del one
-            else:
-                mb_metrics = student_pass(self.model, mbs, teacher_logits, cfg.loss, **pass_args)
-            finalize_grads([self.model])
-            tt = time.monotonic()
-            grad_norm = clip_grads([self.model], cfg.optim.clip_grad)
-            local_loss = sum(m.get("loss", 0.0) for m in mb_metrics)
-            bad = 0.0 if (math.isfinite(grad_norm) and math.isfinite(local_loss)) else 1.0
-            if self._all_reduce([bad], op=dist.ReduceOp.MAX)[0] > 0:
-                skipped = True
-                zero_grads([self.model])
-                break
-            self.optimizer.step()
-            timings["time/optimizer"] = timings.get("time/optimizer", 0.0) + time.monotonic() - tt
-        self.scheduler.step()
-        timings["time/teacher"] = t_teacher
-        timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0) \
-            - timings.get("time/reference", 0.0)
+    def _count_nonfinite(self, skipped: bool) -> None:
         if skipped:
             self.counters["nonfinite_skipped"] += 1
             self.counters["nonfinite_in_row"] += 1
         else:
             self.counters["nonfinite_in_row"] = 0
-        self.teacher.after_step(self.step)
 
-        # ---- metrics (reduced over the last stage's data-parallel ranks; logged by rank 0)
+    def _reduce_metrics(self, records: List[Record]) -> Dict[str, float]:
+        """All data-parallel ranks' records (from the last pipeline stage, tensor-parallel rank 0) reduced."""
         is_logger_rank = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        keys = sorted({k for m in mb_metrics for k in m})
-        weights = [m.get("num_tokens", 1.0) for m in mb_metrics]
-        local = {k: sum(m.get(k, 0.0) * w for m, w in zip(mb_metrics, weights)) / max(sum(weights), 1.0)
-                 for k in keys}
-        local["loss"] = sum(m.get("loss", 0.0) for m in mb_metrics)
-        lengths = [len(s.response) for s in samples]
-        local.update({
-            "accuracy": float(rewards.mean()), "response_length": sum(lengths) / len(lengths),
-            "truncated_frac": sum(s.truncated for s in samples) / len(samples),
-            "zero_adv_group_frac": float((rewards.view(-1, G).std(dim=1) == 0).float().mean()),
-        })
-        gathered: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (is_logger_rank, local))
-        parts = [m for ok, m in gathered if ok]
-        metrics = {k: sum(p.get(k, 0.0) for p in parts) / len(parts) for k in parts[0]} if parts else {}
-        metrics["loss"] = sum(p["loss"] for p in parts)  # each DP share is already globally normalised
-        step_time = time.monotonic() - t0
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, records if is_logger_rank else None)
+        return reduce_metrics([g for g in gathered if g is not None])
+
+    def _step_scalars(self, update: UpdateResult, samples: List[Sample], step_time: float) -> Dict[str, float]:
         all_tokens = sum(len(s.student_prompt) + len(s.teacher_prompt) + 2 * len(s.response) for s in samples)
-        metrics.update(timings)
-        metrics.update({"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(skipped),
-                        "tokens_per_s": all_tokens * self.dp / step_time, "time/step": step_time,
-                        "nonfinite_skipped_total": float(self.counters["nonfinite_skipped"])})
-        if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
-            self.logger.log_samples(self.step, [
-                {"prompt": problems[r["problem"]].problem, "response": r["text"], "reward": r["reward"],
-                 "advantage": s.advantage, "truncated": r["truncated"], "answer": problems[r["problem"]].answer}
-                for r, s in zip(recs, samples)])
-        return metrics
+        return {"grad_norm": update.grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(update.skipped),
+                "tokens_per_s": all_tokens * self.dp / step_time, "time/step": step_time,
+                "nonfinite_skipped_total": float(self.counters["nonfinite_skipped"])}
+
+    def _log_samples(self, problems: list, rollouts: Rollouts, samples: List[Sample]) -> None:
+        self.logger.log_samples(self.step, [
+            {"prompt": problems[r.problem].problem, "response": r.text, "reward": r.reward,
+             "advantage": s.advantage, "truncated": r.truncated, "answer": problems[r.problem].answer}
+            for r, s in zip(rollouts.items, samples)])
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> Optional[Dict[str, float]]:
@@ -341,8 +261,6 @@ class Trainer:
             return None
         result = None
         if self.info.rank == 0:
-            from ..eval.validation import evaluate_problems
-            from ..rollout import SamplingParams
             params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0,
                                     max_new_tokens=self.cfg.rollout.max_new_tokens,
                                     stop_token_ids=self.builder.eos_token_ids, seed=self.cfg.train.seed)
@@ -368,8 +286,7 @@ class Trainer:
                     return NONFINITE_EXIT_CODE
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     # The engine holds the weights it generated with this step; refit to the updated ones.
-                    from ..checkpoint.hf_mapping import gather_hf_state_dict
-                    self.engine.update_weights(gather_hf_state_dict(self.model, self.arch))
+                    refit(self.engine, self.model, self.arch)
                     val = self.validate()
                     if val:
                         self.logger.log_eval(self.step - 1, val)
@@ -393,8 +310,6 @@ class Trainer:
 
 
 def train_main(config_path: Optional[str], overrides: List[str]) -> int:
-    from ..config import load_config
-    from ..distributed import teardown
     cfg = load_config(config_path, overrides)
     trainer = Trainer(cfg)
     try:

@@ -30,6 +30,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
 
 from ..config import ConfigError, OptimConfig
@@ -56,12 +57,12 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
         return cls(groups, **kwargs)
     if len(dtypes) > 1:
         odd = [n for m in model_chunks for n, p in m.named_parameters() if p.requires_grad and p.dtype == torch.float32]
+        kinds = " and ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         raise ConfigError(
             f"parallel.distributed_optimizer=true needs every trainable parameter in one dtype (torch's "
-            f"ZeroRedundancyOptimizer refuses a mix), but this model has {' and '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} ones, e.g. "
+            f"ZeroRedundancyOptimizer refuses a mix), but this model has {kinds} ones, e.g. "
             f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
             f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
-    from torch.distributed.optim import ZeroRedundancyOptimizer
     # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the
     # checkpoint loaders and the rollout refit hold references to them); one broadcast per parameter.
     # With MasterWeightAdamW the fp32 masters live in the optimizer state, so ZeRO shards them too.

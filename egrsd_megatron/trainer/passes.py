@@ -14,7 +14,9 @@
 
 The loss functions return (loss, num_tokens, metrics) with `config.calculate_per_token_loss = True`, so
 Megatron's schedule neither divides by the token count nor by the number of micro-batches: the loss is
-already normalised globally (data-parallel ranks x micro-batches sum to the global token mean).
+already normalised globally (data-parallel ranks x micro-batches sum to the global token mean). The
+student pass's metrics are one `metrics.Record` per micro-batch (scalars with their counts, and the
+teacher entropy per valid token for the global quantile); trainer/metrics.py reduces them.
 """
 from __future__ import annotations
 
@@ -22,18 +24,18 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config.schema import LossConfig
-from ..models import causal_mask
 from ..losses import divergence_kind, policy_loss, token_advantages
+from ..models import causal_mask
 from ..ops.vocab_parallel import TokenStats, token_stats
 from .batch import MicroBatch, gather_positions
+from .metrics import Record
 
 
 def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_len: int, ids_attr: str,
-                  loss_func: Callable, forward_only: bool) -> List[dict]:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+                  loss_func: Callable, forward_only: bool) -> list:
     device = next(model.parameters()).device
     mask = causal_mask(seq_len, device)
     pos = torch.arange(seq_len, device=device)[None]
@@ -106,13 +108,39 @@ def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch], 
     return {k: v.student_logprob for k, v in stats.items()}  # type: ignore[union-attr]
 
 
+def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *, denominator: float,
+                     vocab_size: int, old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+                     ref_logprobs: Optional[Dict[int, torch.Tensor]] = None) -> Tuple[torch.Tensor, Record]:
+    """One micro-batch's loss (a share of the global mean) and its metric record, from its token statistics.
+
+    No model and no collective: the student pass's per-micro-batch math, testable on its own.
+    """
+    device = stats.student_logprob.device
+    mask = mb.mask.to(device)
+    old = stats.student_logprob.detach()
+    if old_logprobs is not None:
+        old = old_logprobs.setdefault(mb.index, old)
+    adv, weight_metrics = token_advantages(
+        mb.advantages.to(device), stats.student_logprob.detach(), stats.teacher_logprob,
+        stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
+    extra = {"kl": stats.kl} if stats.kl is not None else {}
+    if loss_cfg.kl_coef > 0:
+        ref = (ref_logprobs or {}).get(mb.index)   # missing: policy_loss names what is needed
+        extra["ref_logprob"] = ref.to(device) if ref is not None else None
+    loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg, denominator=denominator, **extra)
+    tokens = {}
+    if stats.teacher_entropy is not None:   # for the global teacher_entropy_p90
+        tokens["teacher_entropy"] = stats.teacher_entropy.detach()[mask].float().cpu()
+    return loss, Record({**weight_metrics, **metrics}, tokens)
+
+
 def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
                  teacher_logits: Dict[int, Union[torch.Tensor, TokenStats]],
                  loss_cfg: LossConfig, *, denominator: float, vocab_size: int, tp_group,
                  old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
-                 forward_only: bool = False) -> List[dict]:
-    """Forward + backward over all micro-batches; returns per-micro-batch metric dicts (last stage).
+                 forward_only: bool = False) -> List[Record]:
+    """Forward + backward over all micro-batches; returns one metric Record per micro-batch (last stage).
 
     `old_logprobs` (PPO epochs > 1): the behaviour policy's log-probs per micro-batch; None means
     on-policy (old = current, detached), the usual single-epoch case. Fills `old_logprobs` when given
@@ -124,27 +152,16 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, mb.student_resp_pos)
-        targets, mask = mb.targets.to(logits.device), mb.mask.to(logits.device)
+        targets = mb.targets.to(logits.device)
         teacher = teacher_logits[mb.index]
         if isinstance(teacher, TokenStats):   # reduced by teacher_pass: the student half only
             own = token_stats(resp, resp.detach(), targets, group=tp_group, vocab_size=vocab_size)
             stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
         else:
             stats = token_stats(resp, teacher, targets, group=tp_group, vocab_size=vocab_size, kl=kl_mode)
-        old = stats.student_logprob.detach()
-        if old_logprobs is not None:
-            old = old_logprobs.setdefault(mb.index, old)
-        adv, weight_metrics = token_advantages(
-            mb.advantages.to(logits.device), stats.student_logprob.detach(), stats.teacher_logprob,
-            stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
-        extra = {"kl": stats.kl} if stats.kl is not None else {}
-        if loss_cfg.kl_coef > 0:
-            ref = (ref_logprobs or {}).get(mb.index)   # missing: policy_loss names what is needed
-            extra["ref_logprob"] = ref.to(logits.device) if ref is not None else None
-        loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg,
-                                    denominator=denominator, **extra)
-        metrics = {**weight_metrics, **metrics, "num_tokens": float(mb.num_tokens)}
-        return loss, torch.tensor(mb.num_tokens), metrics
+        loss, record = micro_batch_loss(stats, mb, loss_cfg, denominator=denominator, vocab_size=vocab_size,
+                                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+        return loss, torch.tensor(mb.num_tokens), record
 
     return _run_schedule(model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids",
                          loss_func, forward_only=forward_only)

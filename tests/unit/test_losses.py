@@ -415,7 +415,7 @@ def test_token_advantage_metrics_by_hand():
     assert m["gate_floor_frac"] == pytest.approx(1 / 5)           # only H = 10 (phi = 4.5e-5)
     assert m["ratio_weight_mean"] == pytest.approx((1.2 + 0.8 + math.exp(0.1)) / 3)
     assert m["ratio_clip_frac"] == pytest.approx(2 / 3)
-    assert m["zero_adv_seq_frac"] == pytest.approx(1 / 2)
+    assert m["live_tokens"] == 3.0                                 # the A != 0 rollout's valid tokens
     assert m["teacher_entropy_mean"] == pytest.approx(15 / 5)
     assert m["teacher_entropy_p90"] == pytest.approx(float(np.quantile([0, 10, 1, 2, 2], 0.9)))
     assert all(isinstance(v, float) for v in m.values())
