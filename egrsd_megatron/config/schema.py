@@ -147,7 +147,12 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0                      # 0: off
     max_new_tokens: int = 256
+    # Strings, each encoded alone to a token sequence: a row stops when its ids end with one; the sequence
+    # stays in the response (and in the loss mask), like a stop token.
     stop: List[str] = field(default_factory=list)
+    # Mean |engine - trainer| log-prob of the sampled tokens above which a step warns; at the first step of a
+    # run it aborts (a stale refit, a wrong temperature or a low-precision engine: docs/method.md).
+    max_logprob_diff: float = 0.05
     max_batch: int = 16                 # hf engine: rows per generation sub-batch (bounds memory)
     # vllm engine only (rollout/vllm_engine.py); None: the engine's default for the device.
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (weights + KV cache); `egrsd plan` counts it
@@ -162,6 +167,7 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.max_logprob_diff > 0, "rollout.max_logprob_diff", f"must be > 0, got {self.max_logprob_diff}")
         _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
         _check(self.vllm_dtype in (None, "bfloat16", "float16", "float32"), "rollout.vllm_dtype",
                f"got {self.vllm_dtype!r}; expected bfloat16, float16 or float32")
@@ -182,11 +188,25 @@ class RatioConfig:
     """Ratio magnitude rho~ = (1 - lam) + lam clip(exp(sign(A) (lT - lS)), 1 - eps_w, 1 + eps_w)  (method.md 2)."""
     eps_w: float = knob(0.2, "clip half-width of the ratio weight, in [0, 1): the weight stays >= 1 - eps_w > 0")
     lam: float = knob(1.0, "mix of the clipped ratio with 1, in [0, 1] (0: no ratio; RLSD's own code: 0.5)")
+    lam_end: Optional[float] = knob(None, "lam at step lam_steps of a linear schedule from lam (None: constant "
+                                          "lam; RLSD's reference script: lam=0.5, lam_end=0, lam_steps=50)")
+    lam_steps: int = knob(0, "optimizer steps over which lam moves linearly to lam_end (then stays), >= 1 with lam_end")
 
     def validate(self, prefix: str = "loss.ratio") -> None:
         # eps_w < 1 keeps the ratio weight's floor 1 - eps_w > 0: the FIXED nonzero lower bound on weights.
         _check(0.0 <= self.eps_w < 1.0, f"{prefix}.eps_w", f"must be in [0, 1), got {self.eps_w}")
         _check(0.0 <= self.lam <= 1.0, f"{prefix}.lam", f"must be in [0, 1], got {self.lam}")
+        if self.lam_end is not None:
+            _check(0.0 <= self.lam_end <= 1.0, f"{prefix}.lam_end", f"must be in [0, 1], got {self.lam_end}")
+            _check(self.lam_steps >= 1, f"{prefix}.lam_steps",
+                   f"must be >= 1 when {prefix}.lam_end is set, got {self.lam_steps}")
+
+    def lam_at(self, step: int) -> float:
+        """lam at 0-based optimizer step `step`: linear from lam to lam_end over lam_steps, then lam_end."""
+        if self.lam_end is None:
+            return self.lam
+        frac = min(step / self.lam_steps, 1.0)
+        return self.lam + (self.lam_end - self.lam) * frac
 
 
 @dataclass
@@ -196,6 +216,9 @@ class GateConfig:
     g_min: float = knob(0.2, "the gate's floor, in (0, 1): no token weight is ever gated to zero")
     tau: float = knob(1.0, "temperature of the exp gate in nats, > 0 (inf: the gate is 1 everywhere)")
     h_ref: str = knob("log_vocab", "H_ref of the linear gate: log_vocab (log |V|) or quantile:<q>, q in (0, 1]")
+    entropy_at: Literal["sampling", "one"] = knob(
+        "sampling", "the teacher entropy H the gate reads: of softmax(z / rollout.temperature) (sampling, CHOSEN) "
+                    "or of softmax(z) (one: H_ref and tau on the untempered scale)")
 
     def validate(self, prefix: str = "loss.gate") -> None:
         _check(0.0 < self.g_min < 1.0, f"{prefix}.g_min", f"must be in (0, 1), got {self.g_min}")

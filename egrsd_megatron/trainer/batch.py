@@ -8,8 +8,8 @@ earlier position), and the response positions are gathered into aligned [B, R_ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ class Sample:
     reward: float
     truncated: bool
     group: int                      # prompt index within the step (for logging)
+    engine_logprobs: List[float] = field(default_factory=list)  # the rollout engine's, one per response token
 
 
 @dataclass
@@ -35,6 +36,7 @@ class MicroBatch:
     targets: torch.Tensor           # [b, R] long: response token ids (0 where masked)
     mask: torch.Tensor              # [b, R] bool: valid response tokens
     advantages: torch.Tensor        # [b] float32
+    engine_logprobs: Optional[torch.Tensor] = None  # [b, R] float32 (0 where masked); None: the engine gave none
 
     @property
     def num_tokens(self) -> int:
@@ -77,7 +79,18 @@ def make_micro_batches(samples: List[Sample], micro_batch_size: int, pad_id: int
             targets=_pad([s.response for s in chunk], r, 0),
             mask=mask,
             advantages=torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
+            engine_logprobs=_engine_logprobs(chunk, r),
         ))
+    return out
+
+
+def _engine_logprobs(chunk: Sequence[Sample], r: int) -> Optional[torch.Tensor]:
+    """[b, R] float32 of the engine's sampled-token log-probs, or None when any sample lacks them."""
+    if any(len(s.engine_logprobs) != len(s.response) for s in chunk):
+        return None
+    out = torch.zeros((len(chunk), r), dtype=torch.float32)
+    for i, s in enumerate(chunk):
+        out[i, : len(s.response)] = torch.tensor(s.engine_logprobs, dtype=torch.float32)
     return out
 
 

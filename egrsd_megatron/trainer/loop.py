@@ -11,9 +11,15 @@ Each step (`Trainer.train_step`), on every rank:
   5. metrics (trainer/metrics.py): every micro-batch of every data-parallel rank reduced by its kind;
   6. sampled rollouts to samples.jsonl when due.
 `run()` logs each step, validates and checkpoints when due, and stops on preemption or non-finite steps.
+
+On-policy: every log-prob the update computes is of softmax(z / rollout.temperature), the distribution the
+engine sampled from, and each step logs the engine-vs-trainer mismatch of the sampled tokens' log-probs
+(logprob_diff_mean/_max, prob_ratio_error). Above rollout.max_logprob_diff a step warns; the first step a
+process runs aborts instead (exit 4), since a mismatch there is a setup error, not drift.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -34,6 +40,7 @@ from ..eval.validation import evaluate_problems
 from ..losses import group_advantages
 from ..models import build_model, resolve_arch
 from ..rollout import SamplingParams, make_engine
+from ..rollout.sampling import check_training_sampling
 from .batch import Sample, make_micro_batches
 from .logger import StepLogger
 from .metrics import Record, reduce_metrics, rollout_record
@@ -41,10 +48,12 @@ from .optim import build_optimizer, build_scheduler
 from .rollouts import Rollouts, collect_rollouts, refit, to_samples
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from .teacher import Teacher, frozen_copy
+from .passes import scoring_for
 from .update import UpdateResult, local_denominator, run_update
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
+OFF_POLICY_EXIT_CODE = 4   # the first step's engine/trainer log-prob mismatch is above rollout.max_logprob_diff
 
 
 def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
@@ -82,12 +91,14 @@ class Trainer:
         if dist.is_initialized():
             world = dist.get_world_size()
         self.dp = check_config(cfg, world, self.arch)
+        check_training_sampling(cfg.rollout)   # T = 0 or a truncated distribution: refused, naming the key
         self.world_size = world   # the one read of the world size in the trainer (the metrics all-gather)
         self.tokenizer = self._load_tokenizer()
 
         self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
         self.mp_group = ps.get_model_parallel_group()
         self.mp_rank = dist.get_rank(self.mp_group)
+        self.scoring = scoring_for(cfg, self.arch.vocab_size, ps.get_tensor_model_parallel_group())
 
         self.builder = PromptBuilder(self.tokenizer, cfg.prompt)
         self.problems = load_problems(cfg.data.train_path, cfg.data, tokenizer=self.tokenizer,
@@ -113,7 +124,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
 
         self.engine = make_engine(cfg.rollout, self.arch.to_hf_config(), self.tokenizer)
-        self.sampling = SamplingParams.from_config(cfg.rollout, self.builder.eos_token_ids)
+        self.sampling = SamplingParams.from_config(cfg.rollout, self.builder.eos_token_ids, tokenizer=self.tokenizer)
 
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
@@ -195,11 +206,12 @@ class Trainer:
         # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
         denominator = self._all_reduce([local_denominator(samples, cfg.loss.aggregation)],
                                        ps.get_data_parallel_group())[0]
+        loss_cfg = self._loss_at_step()
         update = run_update(cfg, self.model, self.teacher.model, self.reference, self.optimizer, self.scheduler,
-                            mbs, denominator=denominator, vocab_size=self.arch.vocab_size,
-                            tp_group=ps.get_tensor_model_parallel_group(),
+                            mbs, denominator=denominator, scoring=self.scoring,
                             pp_size=ps.get_pipeline_model_parallel_world_size(),
-                            all_reduce_max=lambda v: self._all_reduce([v], op=dist.ReduceOp.MAX)[0])
+                            all_reduce_max=lambda v: self._all_reduce([v], op=dist.ReduceOp.MAX)[0],
+                            loss_cfg=loss_cfg)
         self._count_nonfinite(update.skipped)
         self.teacher.after_step(self.step)
 
@@ -207,9 +219,31 @@ class Trainer:
         step_time = time.monotonic() - t0
         metrics.update({"time/generate": t_generate, **update.timings})
         metrics.update(self._step_scalars(update, samples, step_time))
+        if cfg.loss.ratio.lam_end is not None:
+            metrics["lam"] = loss_cfg.ratio.lam
         if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
             self._log_samples(problems, rollouts, samples)
         return metrics
+
+    def _loss_at_step(self):
+        """The loss knobs of this step: cfg.loss with the scheduled values (loss.ratio.lam -> lam_end) applied."""
+        ratio = self.cfg.loss.ratio
+        if ratio.lam_end is None:
+            return self.cfg.loss
+        return dataclasses.replace(self.cfg.loss, ratio=dataclasses.replace(ratio, lam=ratio.lam_at(self.step)))
+
+    def off_policy_message(self, metrics: Dict[str, float]) -> Optional[str]:
+        """A warning when the engine's sampled-token log-probs differ from the trainer's by more than
+        rollout.max_logprob_diff (mean |delta| over the step's valid tokens); None when they agree."""
+        diff, limit = metrics.get("logprob_diff_mean"), self.cfg.rollout.max_logprob_diff
+        if diff is None or diff <= limit:
+            return None
+        return (f"the rollout engine's log-probs of the sampled tokens differ from the trainer's by "
+                f"{diff:.3g} on average (max {metrics.get('logprob_diff_max', float('nan')):.3g}; "
+                f"rollout.max_logprob_diff={limit}): the update is off-policy. Likely causes: the engine was not "
+                f"refitted with the current weights, it samples at another temperature than "
+                f"rollout.temperature={self.cfg.rollout.temperature}, or its precision (rollout.vllm_dtype, "
+                f"bf16) is too low for this threshold")
 
     def _draw_problems(self) -> list:
         """Every rank draws the same global batch (same sampler state) and keeps its data-parallel share."""
@@ -272,11 +306,19 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         last_saved = self.step if self.step > 0 else -1
+        start = self.step
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 self.logger.log_step(self.step, metrics)
+                first_step = self.step == start
                 self.step += 1
+                off_policy = self.off_policy_message(metrics)   # the same metrics on every rank
+                if off_policy and first_step:
+                    self.logger.message(f"aborting at the first step: {off_policy}")
+                    return OFF_POLICY_EXIT_CODE
+                if off_policy:
+                    self.logger.message(f"warning, step {self.step}: {off_policy}")
                 if self.counters["nonfinite_in_row"] >= cfg.train.max_nonfinite_in_row:
                     self.save()
                     self.logger.message(

@@ -67,6 +67,10 @@ KINDS: Dict[str, Kind] = {
     # per rollout / per group
     "accuracy": SEQ_MEAN, "response_length": SEQ_MEAN, "truncated_frac": SEQ_MEAN,
     "response_length_max": MAX, "zero_adv_group_frac": mean("groups"),
+    # the rollout engine's vs the trainer's sampled-token log-probs (passes.engine_mismatch)
+    "logprob_diff_mean": TOKEN_MEAN, "prob_ratio_error": TOKEN_MEAN, "logprob_diff_max": MAX,
+    # micro-batches whose logits held a NaN/+inf (their loss is NaN: the step is skipped)
+    "nonfinite_logits": SUM,
 }
 
 

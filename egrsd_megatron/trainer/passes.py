@@ -12,6 +12,11 @@
    call with the teacher logits (student log-prob with grad, teacher log-prob, teacher entropy, and the
    KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens.
 
+Every statistic is of the distribution the rollout engine sampled from, softmax(z / T) with T =
+rollout.temperature (`Scoring`; docs/method.md "Sampling temperature"), fused into `token_stats`' chunks.
+A NaN/+inf logit (token_stats' check, raised on every tensor-parallel rank together) does not stop the job:
+the micro-batch's loss becomes NaN, so the step's non-finite guard (trainer/update.py) skips it on every rank.
+
 The loss functions return (loss, num_tokens, metrics) with `config.calculate_per_token_loss = True`, so
 Megatron's schedule neither divides by the token count nor by the number of micro-batches: the loss is
 already normalised globally (data-parallel ranks x micro-batches sum to the global token mean). The
@@ -20,8 +25,10 @@ teacher entropy per valid token for the global quantile); trainer/metrics.py red
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -29,7 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..config.schema import LossConfig
 from ..losses import divergence_kind, policy_loss, token_advantages
 from ..models import causal_mask
-from ..ops.vocab_parallel import TokenStats, token_stats
+from ..ops.vocab_parallel import NonFiniteLogitsError, TokenStats, token_stats
 from .batch import MicroBatch, gather_positions
 from .metrics import Record
 
@@ -53,25 +60,49 @@ def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_l
         micro_batch_size=micro_batches[0].student_ids.shape[0], forward_only=forward_only)
 
 
-VocabReduce = Tuple[int, Optional[object]]   # (true vocab_size, tensor-parallel group)
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the step's per-token statistics are computed: over the true vocabulary of the tensor-parallel
+    shards, of softmax(z / temperature), the teacher entropy at `entropy_temperature` (None: at temperature)."""
+    vocab_size: int
+    tp_group: Any = None
+    temperature: float = 1.0
+    entropy_temperature: Optional[float] = None
+
+    def stats(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+              kl: Any = None) -> Optional[TokenStats]:
+        """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike)."""
+        try:
+            return token_stats(student, teacher, targets, group=self.tp_group, vocab_size=self.vocab_size, kl=kl,
+                               temperature=self.temperature, entropy_temperature=self.entropy_temperature)
+        except NonFiniteLogitsError as e:
+            log.warning("skipping this step: %s", e)
+            return None
+
+
+def scoring_for(cfg: Any, vocab_size: int, tp_group: Any) -> Scoring:
+    """The step's `Scoring` from an ExperimentConfig: rollout.temperature and loss.gate.entropy_at."""
+    entropy_t = None if cfg.loss.gate.entropy_at == "sampling" else 1.0
+    return Scoring(vocab_size, tp_group, float(cfg.rollout.temperature), entropy_t)
 
 
 @torch.no_grad()
 def _forward_scores(model: torch.nn.Module, micro_batches: List[MicroBatch], ids_attr: str, pos_attr: str,
-                    reduce: Optional[VocabReduce]) -> Dict[int, Union[torch.Tensor, TokenStats]]:
+                    reduce: Optional[Scoring]) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
     """Forward-only pass; per micro-batch (last stage) the logits at the response positions [b, R, V_local],
     or with `reduce` only their per-token statistics (TokenStats of the logits against themselves: the
-    log-prob of each response token and the entropy, [b, R] each, no logits kept)."""
-    kept: Dict[int, Union[torch.Tensor, TokenStats]] = {}
+    log-prob of each response token and the entropy, [b, R] each, no logits kept; None for non-finite logits)."""
+    kept: Dict[int, Union[torch.Tensor, TokenStats, None]] = {}
 
     def keep(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, getattr(mb, pos_attr)).detach()
         if reduce is None:
             kept[mb.index] = resp
         else:
-            vocab_size, tp_group = reduce
-            kept[mb.index] = token_stats(resp, resp, mb.targets.to(logits.device), group=tp_group,
-                                         vocab_size=vocab_size)
+            kept[mb.index] = reduce.stats(resp, resp, mb.targets.to(logits.device))
         return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
 
     was_training = model.training
@@ -85,10 +116,10 @@ def _forward_scores(model: torch.nn.Module, micro_batches: List[MicroBatch], ids
 
 
 def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch],
-                 reduce: Optional[VocabReduce] = None) -> Dict[int, Union[torch.Tensor, TokenStats]]:
+                 reduce: Optional[Scoring] = None) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
     """{micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage).
 
-    reduce=(vocab_size, tp_group): keep only the teacher's per-token log-prob and entropy instead, for when
+    reduce=Scoring: keep only the teacher's per-token log-prob and entropy instead, for when
     every micro-batch's teacher output must be held at once (PP > 1, PPO epochs > 1) and the loss needs no
     divergence between the full distributions (all but OPSD's reverse_kl/jsd signals). That is [b, R]
     floats instead of [b, R, V/TP] (e.g. 64 rollouts x 4096 tokens x 19k columns in bf16 = 10 GB for Qwen3
@@ -97,15 +128,15 @@ def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch],
     return _forward_scores(teacher, micro_batches, "teacher_ids", "teacher_resp_pos", reduce)
 
 
-def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch], *, vocab_size: int,
-                   tp_group) -> Dict[int, torch.Tensor]:
+def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch],
+                   scoring: Scoring) -> Dict[int, Optional[torch.Tensor]]:
     """Return {micro-batch index: log pi_ref(y_t | x, y_<t) [b, R] fp32} (last stage; empty elsewhere).
 
     The student's own context (no privileged information): the k3 term of method.md compares the policy
     with its starting point, not with the teacher. Reduced over the vocabulary right away by `token_stats`.
     """
-    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", (vocab_size, tp_group))
-    return {k: v.student_logprob for k, v in stats.items()}  # type: ignore[union-attr]
+    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", scoring)
+    return {k: (v.student_logprob if v is not None else None) for k, v in stats.items()}  # type: ignore[union-attr]
 
 
 def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *, denominator: float,
@@ -120,8 +151,10 @@ def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *,
     old = stats.student_logprob.detach()
     if old_logprobs is not None:
         old = old_logprobs.setdefault(mb.index, old)
+    # rho reads the behaviour (old) student log-prob: with PPO epochs > 1 the token weights stay those of
+    # the policy that sampled, fixed inside the trust region (with one epoch old is the current lS).
     adv, weight_metrics = token_advantages(
-        mb.advantages.to(device), stats.student_logprob.detach(), stats.teacher_logprob,
+        mb.advantages.to(device), old, stats.teacher_logprob,
         stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
     extra = {"kl": stats.kl} if stats.kl is not None else {}
     if loss_cfg.kl_coef > 0:
@@ -131,12 +164,31 @@ def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *,
     tokens = {}
     if stats.teacher_entropy is not None:   # for the global teacher_entropy_p90
         tokens["teacher_entropy"] = stats.teacher_entropy.detach()[mask].float().cpu()
-    return loss, Record({**weight_metrics, **metrics}, tokens)
+    return loss, Record({**weight_metrics, **metrics, **engine_mismatch(mb, old)}, tokens)
+
+
+def engine_mismatch(mb: MicroBatch, behaviour_logprob: torch.Tensor) -> Dict[str, float]:
+    """The rollout engine's vs the trainer's log-prob of each sampled token, delta = |lE - lS_old| over valid
+    tokens: logprob_diff_mean, logprob_diff_max and prob_ratio_error = mean(exp(delta) - 1) (NeMo-RL's token
+    probability error). ~0 when the engine holds the current weights and samples from softmax(z / T); a stale
+    refit, another temperature or a low-precision engine shows here. Empty without engine log-probs."""
+    if mb.engine_logprobs is None or mb.num_tokens == 0:
+        return {}
+    mask = mb.mask.to(behaviour_logprob.device)
+    delta = (mb.engine_logprobs.to(behaviour_logprob.device) - behaviour_logprob.float()).abs()[mask].double()
+    return {"logprob_diff_mean": float(delta.mean()), "logprob_diff_max": float(delta.max()),
+            "prob_ratio_error": float(torch.expm1(delta).mean())}
+
+
+def nonfinite_loss(logits: torch.Tensor, mb: MicroBatch) -> Tuple[torch.Tensor, Record]:
+    """A NaN loss with a graph through `logits` (the backward still runs through the pipeline schedule, and
+    the NaN gradients make the step's non-finite guard skip the step on every rank)."""
+    return logits.sum() * float("nan"), Record({"loss": float("nan"), "nonfinite_logits": 1.0})
 
 
 def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
-                 teacher_logits: Dict[int, Union[torch.Tensor, TokenStats]],
-                 loss_cfg: LossConfig, *, denominator: float, vocab_size: int, tp_group,
+                 teacher_logits: Dict[int, Union[torch.Tensor, TokenStats, None]],
+                 loss_cfg: LossConfig, *, denominator: float, scoring: Scoring,
                  old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
                  forward_only: bool = False) -> List[Record]:
@@ -154,13 +206,20 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
         resp = gather_positions(logits, mb.student_resp_pos)
         targets = mb.targets.to(logits.device)
         teacher = teacher_logits[mb.index]
+        stats: Optional[TokenStats] = None
         if isinstance(teacher, TokenStats):   # reduced by teacher_pass: the student half only
-            own = token_stats(resp, resp.detach(), targets, group=tp_group, vocab_size=vocab_size)
-            stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
+            own = scoring.stats(resp, resp.detach(), targets)
+            if own is not None:
+                stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
+        elif teacher is not None:
+            stats = scoring.stats(resp, teacher, targets, kl=kl_mode)
+        ref_missing = ref_logprobs is not None and ref_logprobs.get(mb.index, 0) is None
+        if stats is None or ref_missing:   # a non-finite logit in this or an earlier pass
+            loss, record = nonfinite_loss(resp, mb)
         else:
-            stats = token_stats(resp, teacher, targets, group=tp_group, vocab_size=vocab_size, kl=kl_mode)
-        loss, record = micro_batch_loss(stats, mb, loss_cfg, denominator=denominator, vocab_size=vocab_size,
-                                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+            loss, record = micro_batch_loss(stats, mb, loss_cfg, denominator=denominator,
+                                            vocab_size=scoring.vocab_size, old_logprobs=old_logprobs,
+                                            ref_logprobs=ref_logprobs)
         return loss, torch.tensor(mb.num_tokens), record
 
     return _run_schedule(model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids",

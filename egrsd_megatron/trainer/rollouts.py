@@ -28,6 +28,9 @@ class Rollout:
     text: str               # decoded response
     truncated: bool         # hit max_new_tokens without a stop token
     reward: float           # after reward.truncated_reward
+    # The engine's log-prob of each response token under the distribution it sampled from (softmax(z / T)):
+    # the trainer's own student log-probs must equal these (the on-policy cross-check).
+    logprobs: Tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,10 @@ def rollout_seeds(seed: int, step: int, dp_rank: int, per_rank: int, mine: Seque
 
 
 def score(cfg: ExperimentConfig, comps: Sequence[Any], answers: Sequence[str]) -> Tuple[List[float], int]:
-    """(reward per completion, number of reward timeouts); 0 for every completion of a reward-free loss."""
+    """(reward per completion, number of reward timeouts). A reward-free loss (OPSD) is scored too: its
+    advantages ignore the reward, but its accuracy curve is then real."""
     rewards, timeouts = [0.0] * len(comps), 0
-    if cfg.loss.spec.uses_reward and comps:
+    if comps:
         rewards, stats = score_batch([c.text for c in comps], list(answers), name=cfg.reward.name,
                                      timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
         timeouts = int(stats.get("timeouts", 0))
@@ -91,8 +95,8 @@ def collect_rollouts(cfg: ExperimentConfig, engine, sampling, problems: Sequence
     seeds = rollout_seeds(cfg.train.seed, step, dp_rank, len(problem_of), mine)
     comps = engine.generate([student_prompts[problem_of[k]] for k in mine], sampling, seeds=seeds) if mine else []
     rewards, timeouts = score(cfg, comps, [problems[problem_of[k]].answer for k in mine])
-    local = [Rollout(k, problem_of[k], list(c.response_ids), c.text, bool(c.truncated), float(r))
-             for k, c, r in zip(mine, comps, rewards)]
+    local = [Rollout(k, problem_of[k], list(c.response_ids), c.text, bool(c.truncated), float(r),
+                     tuple(float(x) for x in c.logprobs)) for k, c, r in zip(mine, comps, rewards)]
     gathered: List[Any] = [None] * mp_size
     dist.all_gather_object(gathered, (local, timeouts), group=mp_group)
     return merge(gathered, len(problem_of))
@@ -102,5 +106,6 @@ def to_samples(rollouts: Rollouts, student_prompts: Sequence[List[int]], teacher
                advantages: Sequence[float]) -> List[Sample]:
     """The model passes' input: each rollout with its problem's two prompts and its advantage."""
     return [Sample(student_prompt=student_prompts[r.problem], teacher_prompt=teacher_prompts[r.problem],
-                   response=r.response, advantage=float(a), reward=r.reward, truncated=r.truncated, group=r.problem)
+                   response=r.response, advantage=float(a), reward=r.reward, truncated=r.truncated, group=r.problem,
+                   engine_logprobs=list(r.logprobs))
             for r, a in zip(rollouts.items, advantages)]

@@ -20,12 +20,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, LossConfig
 from ..distributed.grads import clip_grads, finalize_grads, zero_grads
 from ..losses import divergence_kind
 from .batch import MicroBatch, Sample
 from .metrics import Record
-from .passes import reference_pass, student_pass, teacher_pass
+from .passes import Scoring, reference_pass, student_pass, teacher_pass
 
 
 @dataclass
@@ -54,30 +54,34 @@ def nonfinite_anywhere(grad_norm: float, loss: float, all_reduce_max: Callable[[
 
 def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.Module,
                reference: Optional[torch.nn.Module], optimizer, scheduler, mbs: List[MicroBatch], *,
-               denominator: float, vocab_size: int, tp_group, pp_size: int,
-               all_reduce_max: Callable[[float], float]) -> UpdateResult:
-    """Teacher/reference/student passes and the optimizer step for one step's micro-batches."""
+               denominator: float, scoring: Scoring, pp_size: int, all_reduce_max: Callable[[float], float],
+               loss_cfg: Optional[LossConfig] = None) -> UpdateResult:
+    """Teacher/reference/student passes and the optimizer step for one step's micro-batches.
+
+    `loss_cfg`: this step's loss knobs (a scheduled value, e.g. RLSD's lam, already applied); default cfg.loss."""
+    loss_cfg = loss_cfg or cfg.loss
     timings: Dict[str, float] = {}
     interleave = interleaved(pp_size, cfg.train.ppo_epochs)
     t_teacher = 0.0
     t2 = time.monotonic()
     teacher_logits: Dict[int, object] = {}
     if not interleave:   # every micro-batch's teacher output at once: reduced unless the loss needs them whole
-        reduce = None if divergence_kind(cfg.loss) else (vocab_size, tp_group)
+        reduce = None if divergence_kind(loss_cfg) else scoring
         teacher_logits = teacher_pass(teacher, mbs, reduce=reduce)
         t_teacher = time.monotonic() - t2
     ref_logprobs = None
     if reference is not None:   # [b, R] per micro-batch: small, so all at once
         tt = time.monotonic()
-        ref_logprobs = reference_pass(reference, mbs, vocab_size=vocab_size, tp_group=tp_group)
+        ref_logprobs = reference_pass(reference, mbs, scoring)
         timings["time/reference"] = time.monotonic() - tt
-    pass_args = dict(denominator=denominator, vocab_size=vocab_size, tp_group=tp_group,
+    pass_args = dict(denominator=denominator, scoring=scoring,
                      old_logprobs={} if cfg.train.ppo_epochs > 1 else None, ref_logprobs=ref_logprobs)
     records: List[Record] = []
     grad_norm, skipped = float("nan"), False
     for _epoch in range(cfg.train.ppo_epochs):
         zero_grads([model])
-        records, t = _student_passes(cfg, model, teacher, mbs, None if interleave else teacher_logits, pass_args)
+        records, t = _student_passes(loss_cfg, model, teacher, mbs, None if interleave else teacher_logits,
+                                     pass_args)
         t_teacher += t
         finalize_grads([model])
         tt = time.monotonic()
@@ -95,18 +99,18 @@ def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.
     return UpdateResult(records, grad_norm, skipped, timings)
 
 
-def _student_passes(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.Module, mbs: List[MicroBatch],
+def _student_passes(loss_cfg: LossConfig, model: torch.nn.Module, teacher: torch.nn.Module, mbs: List[MicroBatch],
                     teacher_logits: Optional[Dict[int, object]], pass_args: dict) -> Tuple[List[Record], float]:
     """One PPO epoch's student passes -> (records, seconds in teacher passes). teacher_logits=None: interleaved,
     each micro-batch's teacher pass right before its student pass (one micro-batch of teacher logits alive)."""
     if teacher_logits is not None:
-        return student_pass(model, mbs, teacher_logits, cfg.loss, **pass_args), 0.0
+        return student_pass(model, mbs, teacher_logits, loss_cfg, **pass_args), 0.0
     records: List[Record] = []
     t_teacher = 0.0
     for mb in mbs:
         tt = time.monotonic()
         one = teacher_pass(teacher, [mb])
         t_teacher += time.monotonic() - tt
-        records += student_pass(model, [mb], one, cfg.loss, **pass_args)
+        records += student_pass(model, [mb], one, loss_cfg, **pass_args)
         del one
     return records, t_teacher
