@@ -47,7 +47,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrit
     """Convert a Hugging Face Qwen3/Llama folder into a Megatron-LM per-rank checkpoint at TP x PP."""
     hf_dir = os.path.abspath(hf_dir)
     arch = ModelArch.from_hf_config(hf_dir)
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, keys=("--tp", "--pp"))
     src = HFSource(hf_dir)
     src.validate(arch)
     dtype = _source_dtype(src)

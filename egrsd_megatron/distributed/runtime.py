@@ -12,11 +12,14 @@ import os
 import random
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..config.schema import ConfigError
+from ..utils.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,37 @@ def _first_slurm_host(nodelist: str) -> str:
     return head
 
 
+def _launcher(env: Mapping[str, str]) -> str:
+    """Which launcher started this process: torchrun (wins), slurm (srun), or none."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    return "none"
+
+
+def world_size() -> int:
+    """The number of processes of this run: the process group's when initialised, else the launcher's
+    (torchrun WORLD_SIZE, Slurm SLURM_NTASKS), else 1. The one place the world size is read."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    kind = _launcher(os.environ)
+    if kind == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if kind == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
 def launcher_env() -> dict:
     """rank / world_size / local_rank / master from torchrun's or Slurm's variables (torchrun wins)."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    kind = _launcher(env)
+    if kind == "torchrun":
         return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "master_addr": env.get("MASTER_ADDR", "127.0.0.1"), "master_port": env.get("MASTER_PORT", "29500")}
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if kind == "slurm":
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
                 "local_rank": int(env.get("SLURM_LOCALID", 0)),
@@ -75,25 +101,19 @@ def launcher_env() -> dict:
                 "master_port": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
     # A single process without a launcher: any free local port (two such runs must not collide).
     return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": "127.0.0.1",
-            "master_port": env.get("MASTER_PORT") or str(_free_port())}
+            "master_port": env.get("MASTER_PORT") or str(free_port())}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Return DP; raise ValueError naming the numbers when world_size is not a multiple of TP x PP."""
+def check_layout(world: int, tp: int, pp: int, world_desc: Optional[str] = None) -> int:
+    """Return DP = world / (TP x PP); ConfigError naming the numbers when `world` is not a multiple of
+    TP x PP. `world_desc` replaces the bare number in the message (e.g. "4 nodes x 8 GPUs = 32")."""
     if tp < 1 or pp < 1:
-        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(f"world size {world_size} is not divisible by tensor parallel {tp} x pipeline "
-                         f"parallel {pp} = {tp * pp}: launch a multiple of {tp * pp} processes or change "
-                         f"parallel.tp / parallel.pp")
-    return world_size // (tp * pp)
+        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
+    if world % (tp * pp) != 0:
+        raise ConfigError(f"world size {world_desc or world} is not divisible by parallel.tp={tp} x "
+                          f"parallel.pp={pp} = {tp * pp}: launch a multiple of {tp * pp} processes or change "
+                          f"parallel.tp / parallel.pp")
+    return world // (tp * pp)
 
 
 def seed_everything(seed: int, rank_offset: int = 0) -> None:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ExperimentConfig, to_dict
+from ..distributed.runtime import world_size
+from ..models.layout import check_training_config as check_config
 from .batch import Sample, make_micro_batches
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 
@@ -28,42 +30,12 @@ log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
 
 
-def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
-    """Every check that can fail before any work starts; returns the data-parallel size."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
-                          f"{world_size}: launch a multiple of {tp * pp} processes")
-    if arch.ffn_hidden_size % tp:  # KV groups / heads TP does not divide are zero-padded (ModelArch.megatron_groups)
-        raise ConfigError(f"parallel.tp={tp} must divide the model's FFN size ({arch.ffn_hidden_size})")
-    if arch.num_layers % pp:
-        raise ConfigError(f"parallel.pp={pp} must divide the model's {arch.num_layers} layers")
-    dp = world_size // (tp * pp)
-    if cfg.train.prompts_per_step % dp:
-        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the "
-                          f"data-parallel size {dp}")
-    per_rank = cfg.train.prompts_per_step // dp * cfg.rollout.group_size
-    if per_rank % cfg.parallel.micro_batch_size:
-        raise ConfigError(f"parallel.micro_batch_size={cfg.parallel.micro_batch_size} must divide the "
-                          f"{per_rank} rollouts per data-parallel rank (train.prompts_per_step / DP x "
-                          f"rollout.group_size)")
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path is not set: point it at a jsonl/parquet/datasets file "
-                          "(e.g. one made by `egrsd data synth`)")
-    if not os.path.exists(cfg.data.train_path):
-        raise ConfigError(f"data.train_path={cfg.data.train_path} does not exist")
-    return dp
-
-
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         from ..models import resolve_arch
         self.cfg = cfg
         self.arch = resolve_arch(cfg.model)
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        if dist.is_initialized():
-            world = dist.get_world_size()
-        self.dp = check_config(cfg, world, self.arch)
+        self.dp = check_config(cfg, world_size(), self.arch)
         self.tokenizer = self._load_tokenizer()
 
         from ..distributed import init_distributed

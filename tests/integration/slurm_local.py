@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from egrsd_megatron.utils.net import free_port as _free_port
+
 REQUIRED = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun", "slurmctld", "slurmd", "munged", "munge")
 
 
@@ -60,12 +62,6 @@ def ensure_installed(timeout_s: float = 300) -> None:
     missing = _which_all()
     if missing:
         raise SlurmUnavailable(f"after apt-get install, still missing: {', '.join(missing)}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port() -> str:

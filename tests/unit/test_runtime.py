@@ -38,7 +38,7 @@ def test_slurm_env(monkeypatch):
 
 def test_layout_error_names_the_numbers():
     assert check_layout(8, 2, 2) == 2
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tensor parallel 4 x pipeline parallel 1"):
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tp=4 x parallel.pp=1"):
         check_layout(6, 4, 1)
 
 
