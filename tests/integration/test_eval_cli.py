@@ -153,3 +153,20 @@ def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
     code, err = run("--model", str(tmp_path / "missing"), "--benchmarks", "mine", "--data-dir", data)
     assert code == 2 and "folder not found" in err
     assert not os.path.exists(out)   # nothing written for a run that could not start
+
+
+def test_eval_defaults_come_from_the_config_eval_section(tmp_path):
+    """`egrsd eval --config X`: every eval option not given takes X's eval.* value; a given one wins."""
+    from egrsd_megatron.cli import build_parser
+    from egrsd_megatron.eval.commands import _eval_defaults
+    conf = tmp_path / "c.yaml"
+    conf.write_text("eval:\n  benchmarks: [mine, gsm8k]\n  k: 3\n  temperature: 0.0\n  max_new_tokens: 7\n"
+                    "prompt:\n  thinking: false\n")
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--config", str(conf), "--k", "5"])
+    ev, prompt = _eval_defaults(args)
+    assert (ev.benchmarks, ev.k, ev.temperature, ev.max_new_tokens, ev.top_p) == (["mine", "gsm8k"], 5, 0.0, 7, 0.95)
+    assert prompt.thinking is False
+    # Without --config: EvalConfig's defaults, and --benchmarks is then required (a one-line error, exit 2).
+    ev, _ = _eval_defaults(build_parser().parse_args(["eval", "--model", "m", "--out", "o"]))
+    assert (ev.benchmarks, ev.k, ev.temperature) == ([], 1, 0.6)
+    assert main(["eval", "--model", "m", "--out", str(tmp_path / "o")]) == 2
