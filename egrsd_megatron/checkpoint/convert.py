@@ -22,6 +22,7 @@ from .hf_mapping import HFSource
 from .layout import emitters, hf_shapes, shard_from_hf
 from .megatron_format import (META_FILE, TOKENIZER_DIR, MegatronSource, build_metadata, copy_tokenizer_files,
                               rank_file, rank_state_dict, write_common, write_rank_file)
+from ..utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _source_dtype(src: HFSource) -> torch.dtype:
     kinds = {d for d, _, _ in seen}
     if len(kinds) != 1 or next(iter(kinds)) not in _ST_DTYPES:
         example = {d: (os.path.basename(fn), k) for d, fn, k in seen}
-        raise ValueError(f"{src.dir}: tensors must share one dtype of F32/BF16/F16, found {example} "
+        raise InputError(f"{src.dir}: tensors must share one dtype of F32/BF16/F16, found {example} "
                          f"(dtype: (file, example tensor))")
     return _ST_DTYPES[next(iter(kinds))]
 

@@ -17,6 +17,7 @@ import torch
 from ..models.arch import ModelArch
 from .layout import (EMBED, ParamMap, canonical_local_name, emitters, hf_from_shards, hf_shapes, output_param,
                      shard_from_hf, stage_of, stage_params)
+from ..utils.errors import InputError, MissingInputError
 
 __all__ = ["HFSource", "load_hf_weights", "load_from_source", "gather_hf_state_dict", "shard_from_hf",
            "hf_from_shards", "model_params_by_canonical_name"]
@@ -41,7 +42,7 @@ class HFSource:
             with open(index) as f:
                 wm = json.load(f).get("weight_map")
             if not isinstance(wm, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+                raise InputError(f"{index}: no 'weight_map' object")
             self.file_of: Dict[str, str] = {k: os.path.join(self.dir, v) for k, v in wm.items()}
             self.index_file = index
         elif os.path.isfile(single):
@@ -49,11 +50,11 @@ class HFSource:
                 self.file_of = {k: single for k in f.keys()}
             self.index_file = single
         else:
-            raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+            raise MissingInputError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
                                     f"(save the model with save_pretrained(..., safe_serialization=True))")
         for fn in set(self.file_of.values()):
             if not os.path.isfile(fn):
-                raise FileNotFoundError(f"{index}: lists {os.path.basename(fn)}, which is missing in {self.dir}")
+                raise MissingInputError(f"{index}: lists {os.path.basename(fn)}, which is missing in {self.dir}")
 
     def shape(self, name: str) -> Tuple[int, ...]:
         from safetensors import safe_open
@@ -65,19 +66,19 @@ class HFSource:
         cfg = config_path or os.path.join(self.dir, "config.json")
         missing = [n for n in expected if n not in self.file_of]
         if missing:
-            raise ValueError(f"{self.index_file}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            raise InputError(f"{self.index_file}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              f"({len(missing)} in all) that the architecture in {cfg} needs: the weights do not "
                              f"match the config")
         extra = [n for n in self.file_of if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                  and not (arch.tie_word_embeddings and n == "lm_head.weight")]
         if extra:
-            raise ValueError(f"{self.index_file}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+            raise InputError(f"{self.index_file}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                              f"({len(extra)} in all) for the architecture in {cfg} (family {arch.family}, "
                              f"{arch.num_layers} layers, qk_norm={arch.qk_norm}, tied={arch.tie_word_embeddings})")
         for n, shp in expected.items():
             got = self.shape(n)
             if got != shp:
-                raise ValueError(f"{self.file_of[n]}: tensor {n} has shape {list(got)} but the config {cfg} implies "
+                raise InputError(f"{self.file_of[n]}: tensor {n} has shape {list(got)} but the config {cfg} implies "
                                  f"{list(shp)}: the config does not match the weights")
 
     def fetch(self, hf_names: Sequence[str]) -> List[torch.Tensor]:
@@ -85,7 +86,7 @@ class HFSource:
         out = []
         for n in hf_names:
             if n not in self.file_of:
-                raise ValueError(f"{self.index_file}: tensor {n} is missing")
+                raise InputError(f"{self.index_file}: tensor {n} is missing")
             with safe_open(self.file_of[n], framework="pt") as f:
                 out.append(f.get_tensor(n))
         return out

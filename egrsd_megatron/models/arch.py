@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Tuple, Union
 
 from ..config.schema import ConfigError
+from ..utils.errors import MissingInputError
 
 # Megatron-LM pads the vocabulary to a multiple of (make_vocab_size_divisible_by x TP); 128 is its default.
 VOCAB_DIVISIBLE_BY = 128
@@ -126,7 +127,7 @@ class ModelArch:
                 p = os.path.join(p, "config.json")
             src = p
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"no Hugging Face config at {p}: pass a model folder with config.json")
+                raise MissingInputError(f"no Hugging Face config at {p}: pass a model folder with config.json")
             with open(p) as f:
                 try:
                     cfg = json.load(f)

