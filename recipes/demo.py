@@ -92,7 +92,7 @@ def main() -> int:
         hf_dir = save_tiny_hf_model(os.path.join(out, "tiny_hf"))
         demo.phases.append({"phase": "model", "seconds": round(time.monotonic() - t, 1)})
         common = ["model.preset=hf", "model.init_from=megatron", "tokenizer.path=null", "parallel.tp=2",
-                  "train.steps=%d" % (args.steps or 3), "train.save_every=0", "train.prompts_per_step=2"]
+                  f"train.steps={args.steps or 3}", "train.save_every=0", "train.prompts_per_step=2"]
         gen = ["--max-new-tokens", "16"]
     else:
         from egrsd_megatron.models.smollm2 import smollm2_hf_dir

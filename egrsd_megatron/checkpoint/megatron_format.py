@@ -21,20 +21,29 @@ parameter at a time) through the Hugging Face layout, then cut for the target ra
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..models.arch import ModelArch
 from ..utils.atomic import atomic_write_json, atomic_write_text
-from .layout import (ParamMap, emitters, hf_from_shards, layers_per_stage, stage_extra_state_keys, stage_of,
-                     stage_params)
 from ..utils.errors import InputError, MissingInputError, OutputExistsError
+from .layout import (
+    ParamMap,
+    canonical_local_name,
+    emitters,
+    hf_from_shards,
+    layers_per_stage,
+    stage_extra_state_keys,
+    stage_of,
+    stage_params,
+)
+from .metadata import META_FILE, read_metadata
+from .reshard import load_from_source, model_params_by_canonical_name
 
-META_FILE = "egrsd_checkpoint.json"
 FORMAT = "megatron-lm-torch-per-rank"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -83,16 +92,9 @@ def build_metadata(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype, extra:
 
 
 def read_checkpoint_metadata(ckpt_dir: str) -> Dict[str, Any]:
-    """Our metadata of a checkpoint folder; errors name the file and what is wrong."""
+    """This format's metadata of a checkpoint folder; errors name the file and what is wrong."""
+    meta = read_metadata(ckpt_dir)
     p = os.path.join(ckpt_dir, META_FILE)
-    if not os.path.isfile(p):
-        raise MissingInputError(f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
-                                f"`egrsd convert hf-to-megatron`)")
-    with open(p) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{p}: not valid JSON ({e})") from e
     for k in ("format", "tp", "pp", "arch", "dtype"):
         if k not in meta:
             raise InputError(f"{p}: key {k!r} is missing")
@@ -209,9 +211,7 @@ def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
     Written into `<out_dir>.tmp-<rank0 pid>` and renamed when every rank succeeded; on any failure the
     temp folder is removed and nothing is left at `out_dir`.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from .hf_mapping import model_params_by_canonical_name
+    from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tpr, ppr, dpr = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                      ps.get_data_parallel_rank())
@@ -265,13 +265,12 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
     Same TP/PP: this rank's file goes straight into `model.load_state_dict(strict=True)` (what Megatron-LM
     does). Other TP/PP: every parameter is rebuilt from the source shards and re-cut (see module docstring).
     """
-    from megatron.core import parallel_state as ps
-    from .hf_mapping import load_from_source
+    from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
     src = MegatronSource(ckpt_dir, arch)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     names = {n for n, _ in model.named_parameters()}
-    local_spec = all(n == _canon(n) for n in names)
+    local_spec = all(n == canonical_local_name(n) for n in names)
     if (tp, pp) == (src.tp, src.pp) and local_spec:
         sd = src.load_rank(tpr, ppr)
         try:
@@ -283,11 +282,6 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
         load_from_source(model, arch, src, tp, tpr, pp, ppr)
     finally:
         src.close()
-
-
-def _canon(name: str) -> str:
-    from .layout import canonical_local_name
-    return canonical_local_name(name)
 
 
 __all__ = ["save_model_checkpoint", "load_model_checkpoint", "read_checkpoint_metadata", "MegatronSource",

@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 from ..utils import atomic_write_json, atomic_write_text
-from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
 from ..utils.errors import MissingInputError
+from .formats import load_checkpoint, save_checkpoint
+from .megatron_format import TOKENIZER_DIR, mp_rank_dir
+from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -88,7 +90,6 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
                      teacher: Optional[torch.nn.Module] = None, tokenizer=None) -> str:
     """Collective: every rank calls it. Returns the final step folder."""
     from megatron.core import parallel_state as ps
-    from .megatron_format import TOKENIZER_DIR, save_model_checkpoint
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -98,7 +99,7 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
         os.makedirs(os.path.join(tmp, "rng"))
         os.makedirs(os.path.join(tmp, "optim"))
     _barrier()
-    model_dir = save_model_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
+    model_dir = save_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
     if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
     sharded = is_sharded(optimizer)
@@ -131,7 +132,6 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
 
 def _optim_file() -> str:
     from megatron.core import parallel_state as ps
-    from .megatron_format import mp_rank_dir
     return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                        ps.get_pipeline_model_parallel_world_size()) + ".pt"
 
@@ -171,14 +171,13 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     The checkpoint must have been written at the same TP x PP (optimizer states are per model shard).
     The data-parallel size and `parallel.distributed_optimizer` may differ from the run that wrote it.
     """
-    from .megatron_format import load_model_checkpoint
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
         raise MissingInputError(f"{file} is missing: the checkpoint {path} was written with a different "
                                 f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
     payload = torch.load(file, map_location="cpu", weights_only=False)
-    load_model_checkpoint(model, arch, os.path.join(path, "model"))
+    load_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
     if is_sharded(optimizer):
         # ZeroRedundancyOptimizer.load_state_dict also keeps a dtype-cast copy of this rank's states in the

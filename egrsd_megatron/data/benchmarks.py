@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..rewards.extract import last_boxed
 from ..utils.atomic import atomic_write_text
-from .dataset import DataError, _iter_rows
 from ..utils.errors import InputError
+from .dataset import DataError, _iter_rows
 
 
 def _gsm8k_answer(rec_answer: str) -> Tuple[Optional[str], Optional[str]]:

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from .dataset import Problem
 from ..utils.errors import InputError
+from .dataset import Problem
 
 
 class PromptSampler:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from typing import Dict, List, Tuple
+
 from ..utils.errors import InputError
 
 _NAMES = [("Tom", "he"), ("Ann", "she"), ("Lena", "she"), ("Omar", "he"), ("Mia", "she"), ("Ravi", "he"),

@@ -14,16 +14,17 @@ import string
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..config.schema import ConfigError, PromptConfig
+from ..utils.errors import InputError
 from .chat_format import Special, qwen3_segments
 from .dataset import Problem
-from ..utils.errors import InputError
 
 
 def _template_fields(template: str, key: str) -> set:
     try:
         return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ConfigError(f"config key '{key}': not a valid format string ({e}); write literal braces as {{{{ }}}}")
+        raise ConfigError(f"config key '{key}': not a valid format string ({e}); write literal braces as "
+                          f"{{{{ }}}}") from None
 
 
 class PromptBuilder:

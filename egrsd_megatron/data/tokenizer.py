@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from typing import Any, List, Optional
+
 from ..utils.errors import MissingInputError
 
 QWEN3_SPECIAL_TOKENS: List[str] = [

@@ -10,14 +10,14 @@ from typing import Any, Tuple
 from ..config import ConfigError, load_config
 from ..config.schema import EvalConfig, PromptConfig
 
-
 # The options whose defaults come from a config's `eval:` section (--config) or else EvalConfig's defaults.
 _FROM_EVAL_SECTION = ("benchmarks", "k", "temperature", "top_p", "top_k", "max_new_tokens", "batch_size")
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("eval", help="evaluate a model: avg@k, pass@k, response lengths (resumable)")
-    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors) or Megatron checkpoint")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder (config.json + safetensors), Megatron checkpoint, step or run folder")
     # None = not given: filled in from the config's eval section (--config) or EvalConfig's defaults.
     p.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
                    help="DATA_DIR/NAME.jsonl each (default: the config's eval.benchmarks)")
@@ -29,7 +29,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--top-p", type=float, default=None, help="default: eval.top_p, 0.95")
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: eval.top_k, 20)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens, 1024")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per generation batch (default: eval.batch_size, 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per generation batch (default: eval.batch_size, 16)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument("--tokenizer", default=None, help="'qwen3' or a tokenizer folder (default: the model's)")
     p.add_argument("--seed", type=int, default=0)

@@ -116,10 +116,10 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
         ax.axis("off")
     handles, lbls = [], []
     for ax in axes.flat:   # one legend for the figure: every label once, from whichever panel has it
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in lbls:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            if lbl not in lbls:
                 handles.append(h)
-                lbls.append(l)
+                lbls.append(lbl)
     ncol = max(1, min(len(lbls), 2 * cols))          # ~2 entries per panel width fit without clipping
     legend_in = 0.3 * math.ceil(len(lbls) / ncol) + 0.1   # legend height in inches, reserved at the bottom
     fig.legend(handles, lbls, loc="lower center", ncol=ncol, fontsize=9, frameon=False)

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..checkpoint.convert import megatron_to_hf
-from ..checkpoint.megatron_format import META_FILE
+from ..checkpoint.metadata import META_FILE
 from ..checkpoint.train_state import find_latest
 from ..config.schema import DataConfig, PromptConfig, RolloutConfig
 from ..data import PromptBuilder, load_problems, load_tokenizer

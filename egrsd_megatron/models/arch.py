@@ -90,7 +90,8 @@ class ModelArch:
             raise ConfigError(f"{keys[0]}={tp} and {keys[1]}={pp} must be >= 1")
         if self.ffn_hidden_size % tp:
             raise ConfigError(f"{keys[0]}={tp} must divide the model's FFN size: {tp} does not divide "
-                              f"ffn_hidden_size={self.ffn_hidden_size}; choose a TP that divides {self.ffn_hidden_size}")
+                              f"ffn_hidden_size={self.ffn_hidden_size}; choose a TP that divides "
+                              f"{self.ffn_hidden_size}")
         if self.num_layers % pp:
             raise ConfigError(f"{keys[1]}={pp} must divide the model's {self.num_layers} layers: {pp} does not divide "
                               f"num_layers={self.num_layers}; choose a PP that divides {self.num_layers}")

@@ -54,8 +54,10 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int
 
 
 def layer_spec(arch: ModelArch):
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                          get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     if use_te_spec():
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")

@@ -60,7 +60,7 @@ GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
 @dataclass(frozen=True)
 class PlanSettings:
     gpu_mem_gb: float = 80.0            # per-GPU budget (H100 / H800 SXM: 80 GB)
-    seq_len: Optional[int] = None       # prompt + response tokens; None: data.max_prompt_tokens + rollout.max_new_tokens
+    seq_len: Optional[int] = None       # prompt + response; None: data.max_prompt_tokens + rollout.max_new_tokens
     stats_chunk: int = 1024             # token_stats chunk (tokens per fp32 upcast)
     flash_attention: bool = True        # TE / flash attention on GPUs: no S x S score matrix
     rollout_gpu_fraction: float = 0.3   # vllm engine: its pre-allocated share of GPU memory

@@ -1,13 +1,14 @@
 """Run reward functions with a hard time bound, from any thread or process, on all cores.
 
 math-verify's own timeout uses signal.alarm, which works only in a main thread, and a signal cannot stop
-a long C-level computation anyway (sympy evaluating 9^{9^{9^{9}}} with Python big integers runs for minutes). So each call
-runs in a worker process of a pebble ProcessPool: a task over its time limit gets its worker killed and
-replaced, and scores 0. Workers are started with "spawn" (no fork of a process that holds gloo/OpenMP
-threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first call pays their start
-(importing math-verify in the initializer, outside any task's budget: ~1 s idle, ~10 s on a loaded
-2-core machine; a replacement after a timeout costs the same). As with any spawn-based multiprocessing, a script that scores rewards
-must keep its top-level work under `if __name__ == "__main__":` (workers re-import the main module).
+a long C-level computation anyway (sympy evaluating 9^{9^{9^{9}}} with Python big integers runs for
+minutes). So each call runs in a worker process of a pebble ProcessPool: a task over its time limit gets
+its worker killed and replaced, and scores 0. Workers are started with "spawn" (no fork of a process that
+holds gloo/OpenMP threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first call pays
+their start (importing math-verify in the initializer, outside any task's budget: ~1 s idle, ~10 s on a
+loaded 2-core machine; a replacement after a timeout costs the same). As with any spawn-based
+multiprocessing, a script that scores rewards must keep its top-level work under
+`if __name__ == "__main__":` (workers re-import the main module).
 
 Signals meant for the trainer: Slurm delivers `--signal=USR1@...` and `scancel --signal` to every process of
 the job step, reward workers included, and SIGUSR1's default action kills a process. A worker therefore

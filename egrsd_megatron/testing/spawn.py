@@ -102,7 +102,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 if dead:
                     # A child died without reporting (segfault, os._exit, OOM kill).
                     r = dead[0]
-                    raise DistributedChildError(f"rank {r} of {world_size} died with exit code {procs[r].exitcode}")
+                    raise DistributedChildError(f"rank {r} of {world_size} died with exit code "
+                                                f"{procs[r].exitcode}") from None
                 continue
             if status == "ok":
                 results[rank] = payload

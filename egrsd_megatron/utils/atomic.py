@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from typing import Any, Iterator
+
 from .errors import OutputExistsError
 
 

@@ -56,7 +56,7 @@ def ensure_installed(timeout_s: float = 300) -> None:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"`{' '.join(cmd)}` took over {timeout_s:.0f} s (no package mirror?)")
+            raise SlurmUnavailable(f"`{' '.join(cmd)}` took over {timeout_s:.0f} s (no package mirror?)") from None
         if r.returncode != 0:
             raise SlurmUnavailable(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-400:]}")
     missing = _which_all()

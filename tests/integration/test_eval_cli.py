@@ -80,7 +80,7 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
     summary = json.load(open(os.path.join(full, "summary.json")))
     assert summary["label"] == "tiny" and set(summary["benchmarks"]) == {"gsm8k", "mine"}
     g = summary["benchmarks"]["gsm8k"]
-    recs = [json.loads(l) for l in open(os.path.join(full, "gsm8k.samples.jsonl"))]
+    recs = [json.loads(ln) for ln in open(os.path.join(full, "gsm8k.samples.jsonl"))]
     assert len(recs) == 5 * K and g["num_samples"] == 5 * K and g["samples_per_problem"] == K
     assert [(r["problem_index"], r["sample_index"]) for r in recs] == [(p, s) for p in range(5) for s in range(K)]
     assert all(1 <= r["num_tokens"] <= MAX_NEW for r in recs)
@@ -90,7 +90,7 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
         (g["accuracy"] + summary["benchmarks"]["mine"]["accuracy"]) / 2)
     lines = _read(os.path.join(full, "summary.csv")).decode().splitlines()
     assert lines[0].startswith("label,benchmark,accuracy,mean_length,") and "pass@2" in lines[0]
-    assert [l.split(",")[1] for l in lines[1:]] == ["gsm8k", "mine", "average"]
+    assert [ln.split(",")[1] for ln in lines[1:]] == ["gsm8k", "mine", "average"]
 
     # interrupted during its 2nd batch of 3, then a torn half line from the crash, then resumed with
     # another batch size
