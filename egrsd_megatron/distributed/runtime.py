@@ -37,14 +37,6 @@ class DistInfo:
     dp_rank: int
     backend: str
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
 
 def _first_slurm_host(nodelist: str) -> str:
     try:

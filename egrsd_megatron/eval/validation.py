@@ -79,8 +79,3 @@ def validation_scalars(summary: Mapping[str, Any], prefix: str = "val") -> Dict[
     return {f"{prefix}/{k}": float(v) for k, v in summary.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-
-def log_validation(writer: Any, summary: Mapping[str, Any], step: int, prefix: str = "val") -> None:
-    """Write the summary to a torch.utils.tensorboard SummaryWriter (or anything with add_scalar)."""
-    for name, value in validation_scalars(summary, prefix).items():
-        writer.add_scalar(name, value, step)

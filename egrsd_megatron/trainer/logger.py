@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..config import ConfigError, ExperimentConfig, to_dict
+from ..eval.validation import validation_scalars
 from ..utils import atomic_write_text
 
 
@@ -105,9 +106,8 @@ class StepLogger:
         with open(self.validation_path, "a") as f:
             f.write(json.dumps({"step": step + 1, **{f"val/{k}": v for k, v in m.items()}}) + "\n")
         if self.tb is not None:
-            for k, v in m.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"val/{k}", v, step + 1)
+            for name, v in validation_scalars(m).items():
+                self.tb.add_scalar(name, v, step + 1)
         if self.wandb is not None:
             self.wandb.log({f"val/{k}": v for k, v in m.items()}, step=step + 1)
         self._print(f"step {step + 1} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
