@@ -52,6 +52,7 @@ def write_random_checkpoint(arch, out_dir: str, dtype, shard_bytes: int = 1 << 3
     """A random HF checkpoint written tensor by tensor (never the whole model in memory); returns its bytes."""
     import torch
     from safetensors.torch import save_file
+
     from egrsd_megatron.checkpoint.layout import hf_shapes
     os.makedirs(out_dir)
     g = torch.Generator().manual_seed(0)
@@ -101,6 +102,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
+
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.models import resolve_arch
     arch = resolve_arch(ModelConfig(preset=args.preset))

@@ -49,6 +49,7 @@ def step_dir_name(step: int) -> str:
 
 
 def _rng_state() -> Dict[str, Any]:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -58,6 +59,7 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -89,6 +91,7 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
                      trainer_state: Dict[str, Any], keep_last: int,
                      teacher: Optional[torch.nn.Module] = None, tokenizer=None) -> str:
     """Collective: every rank calls it. Returns the final step folder."""
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
@@ -131,6 +134,7 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
 
 
 def _optim_file() -> str:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                        ps.get_pipeline_model_parallel_world_size()) + ".pt"

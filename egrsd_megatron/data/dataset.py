@@ -9,12 +9,15 @@ jsonl, 1-based row number otherwise) and the field. Prompts longer than `data.ma
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pyarrow.parquet as pq
 
 from ..config.schema import DataConfig
 from ..utils.errors import InputError, MissingInputError
@@ -63,7 +66,7 @@ class DataError(InputError):
 def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
     """Yield (row label, record) for jsonl | json | parquet | datasets folder."""
     if os.path.isdir(path):
-        import datasets
+        import datasets  # seconds to import; only a `datasets` folder (save_to_disk) needs it
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
@@ -80,7 +83,6 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
         raise MissingInputError(f"dataset {path!r} does not exist")
     low = path.lower()
     if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield f"row {i + 1}", rec
     elif low.endswith((".jsonl", ".jsonl.gz")) or low.endswith(".json"):
@@ -100,7 +102,6 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
                 return
         opener = open
         if low.endswith(".gz"):
-            import gzip
             opener = gzip.open  # type: ignore[assignment]
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

@@ -15,7 +15,10 @@ import os
 import shutil
 from typing import Any, List, Optional
 
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+
 from ..utils.errors import MissingInputError
+from .chat_format import QWEN3_JINJA_TEMPLATE
 
 QWEN3_SPECIAL_TOKENS: List[str] = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -52,13 +55,12 @@ def qwen3_ranks_file() -> str:
 
 
 def _qwen3_chat_template() -> str:
-    from .chat_format import QWEN3_JINJA_TEMPLATE
     return QWEN3_JINJA_TEMPLATE
 
 
 def build_qwen3_tokenizer(out_dir: str) -> None:
     """Build the Qwen3 tokenizer from the packaged ranks and save it as a HF tokenizer folder at out_dir."""
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+    # transformers takes seconds to import: only building or loading a tokenizer needs it, not importing data/.
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -119,7 +121,7 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
 
     `fallback_dir` (usually model.hf_path) is used when `tokenizer.path` is unset.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import (see build_qwen3_tokenizer)
 
     path = cfg_tokenizer_path or fallback_dir
     if path is None:

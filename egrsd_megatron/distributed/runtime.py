@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..compat import apply_cpu_backend, check_megatron_core_version
 from ..config.schema import ConfigError
 from ..utils.net import free_port
 
@@ -114,6 +115,7 @@ def seed_everything(seed: int, rank_offset: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state, tensor_parallel
     if parallel_state.model_parallel_is_initialized():
         # Megatron seeds TP-rank-dependent streams (dropout, sharded init) off the same base seed.
@@ -123,7 +125,6 @@ def seed_everything(seed: int, rank_offset: int = 0) -> None:
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed (if needed), the CPU backend (if no CUDA) and Megatron parallel_state."""
-    from ..compat import apply_cpu_backend, check_megatron_core_version
     check_megatron_core_version()   # on GPU too: names the installed and the supported versions
     use_cuda = torch.cuda.is_available()
     apply_cpu_backend()
@@ -138,6 +139,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
                                 timeout=datetime.timedelta(seconds=timeout_s))
     world, rank = dist.get_world_size(), dist.get_rank()
     check_layout(world, tp, pp)
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -151,6 +153,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
 
 
 def parallel_info() -> DistInfo:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -164,6 +167,7 @@ def parallel_info() -> DistInfo:
 
 def teardown() -> None:
     """Destroy Megatron's groups and the default process group; safe to call twice."""
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

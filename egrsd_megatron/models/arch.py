@@ -173,6 +173,7 @@ class ModelArch:
 
     def to_hf_config(self, dtype: str = "float32") -> Dict[str, Any]:
         """A transformers config.json dict (Qwen3ForCausalLM or LlamaForCausalLM), built by transformers itself."""
+        # lazy: transformers takes seconds to import; `egrsd plan` and config checks use ModelArch without it.
         from transformers import LlamaConfig, Qwen3Config
         common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                       intermediate_size=self.ffn_hidden_size, num_hidden_layers=self.num_layers,

@@ -28,6 +28,7 @@ def use_te_spec() -> bool:
 
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int):
     """The Megatron TransformerConfig of `arch` at TP x PP (precision and recompute from `model_cfg`)."""
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core.transformer.transformer_config import TransformerConfig
     arch.check_parallel(tp, pp)
     kw = dict(
@@ -54,6 +55,7 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int
 
 
 def layer_spec(arch: ModelArch):
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -70,7 +72,10 @@ def build_model(arch: ModelArch, model_cfg: ModelConfig):
     every TP layout for a given seed); load real weights with checkpoint.hf_mapping.load_hf_weights or
     checkpoint.megatron_format.load_model_checkpoint.
     """
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
+
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core.models.gpt import GPTModel
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

@@ -13,6 +13,9 @@ import json
 import os
 from typing import Optional
 
+import torch
+from safetensors.torch import save_file
+
 from ..utils.atomic import atomic_dir
 from ..utils.errors import MissingInputError
 
@@ -46,8 +49,7 @@ def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
     cache_dir = os.path.abspath(cache_dir)
     if _complete(cache_dir):
         return cache_dir
-    import torch
-    from safetensors.torch import save_file
+    # lazy: transformers takes seconds to import; only the one-time GGUF -> safetensors conversion needs it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = smollm2_gguf_path()
     gdir, gname = os.path.dirname(gguf), os.path.basename(gguf)

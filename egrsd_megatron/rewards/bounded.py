@@ -34,7 +34,11 @@ import signal
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from pebble import ProcessExpired, ProcessPool
 
 from .errors import RewardRejected
 
@@ -68,7 +72,6 @@ def _num_workers(n: int) -> int:
 
 
 def _pool(workers: int, preload: str = ""):
-    from pebble import ProcessPool
     key = (os.getpid(), workers, preload)   # a forked child must not reuse its parent's pool
     with _lock:
         pool = _pools.get(key)
@@ -99,7 +102,6 @@ def _start_resource_tracker_deaf() -> None:
     tracker never sees SIGUSR1; in this thread the block lasts only for the call, and a SIGUSR1 that arrives
     meanwhile stays pending and is delivered when it is lifted: the trainer never misses it.
     """
-    from multiprocessing import resource_tracker
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         resource_tracker.ensure_running()
@@ -127,9 +129,6 @@ def _allow_children() -> None:
 
 
 def _outcome(fut) -> Tuple[float, str]:
-    from concurrent.futures.process import BrokenProcessPool
-
-    from pebble import ProcessExpired
     try:
         # The pool enforces timeout_s on each task from the moment a worker starts it.
         return float(fut.result()), "ok"
