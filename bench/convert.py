@@ -123,7 +123,7 @@ def main() -> int:
                                                                     args.tp, args.pp),
                 "megatron_to_hf": run_step("megatron_to_hf", os.path.join(tmp, "meg"), os.path.join(tmp, "hf2"), 1, 1)}
         # the round trip must be bit-identical: compare tensor by tensor
-        from egrsd_megatron.checkpoint.hf_mapping import HFSource
+        from egrsd_megatron.checkpoint.hf_io import HFSource
         s1, s2 = HFSource(hf), HFSource(os.path.join(tmp, "hf2"))
         identical = all(torch.equal(s1.fetch([n])[0], s2.fetch([n])[0]) for n in s1.file_of)
     base_rss = rows["idle_import"]["peak_rss_bytes"]

@@ -64,17 +64,20 @@ def _launcher(env: Mapping[str, str]) -> str:
     return "none"
 
 
-def world_size() -> int:
-    """The number of processes of this run: the process group's when initialised, else the launcher's
-    (torchrun WORLD_SIZE, Slurm SLURM_NTASKS), else 1. The one place the world size is read."""
-    if dist.is_initialized():
-        return dist.get_world_size()
-    kind = _launcher(os.environ)
+def _env_world_size(env: Mapping[str, str]) -> int:
+    """The launcher's world size (torchrun WORLD_SIZE, Slurm SLURM_NTASKS), 1 without a launcher: the one
+    place it is read from the environment."""
+    kind = _launcher(env)
     if kind == "torchrun":
-        return int(os.environ["WORLD_SIZE"])
+        return int(env["WORLD_SIZE"])
     if kind == "slurm":
-        return int(os.environ["SLURM_NTASKS"])
+        return int(env["SLURM_NTASKS"])
     return 1
+
+
+def world_size() -> int:
+    """The number of processes of this run: the process group's when initialised, else the launcher's."""
+    return dist.get_world_size() if dist.is_initialized() else _env_world_size(os.environ)
 
 
 def launcher_env() -> dict:
@@ -82,12 +85,12 @@ def launcher_env() -> dict:
     env = os.environ
     kind = _launcher(env)
     if kind == "torchrun":
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+        return {"rank": int(env["RANK"]), "world_size": _env_world_size(env),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "master_addr": env.get("MASTER_ADDR", "127.0.0.1"), "master_port": env.get("MASTER_PORT", "29500")}
     if kind == "slurm":
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": _env_world_size(env),
                 "local_rank": int(env.get("SLURM_LOCALID", 0)),
                 "master_addr": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                 # A port derived from the job id: concurrent jobs sharing a node do not collide.
