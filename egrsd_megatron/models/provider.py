@@ -28,7 +28,6 @@ def use_te_spec() -> bool:
 
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int):
     """The Megatron TransformerConfig of `arch` at TP x PP (precision and recompute from `model_cfg`)."""
-    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core.transformer.transformer_config import TransformerConfig
     arch.check_parallel(tp, pp)
     kw = dict(
@@ -55,11 +54,8 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int
 
 
 def layer_spec(arch: ModelArch):
-    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
     if use_te_spec():
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
@@ -72,10 +68,7 @@ def build_model(arch: ModelArch, model_cfg: ModelConfig):
     every TP layout for a given seed); load real weights with checkpoint.reshard.load_hf_weights or
     checkpoint.formats.load_checkpoint.
     """
-    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
-
-    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core.models.gpt import GPTModel
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

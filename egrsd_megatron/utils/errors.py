@@ -1,10 +1,15 @@
-"""The user-error types: problems with what a user gave (a file, a folder, a row, an option), not bugs.
+"""Errors shared by every layer. `ConfigError` lives here, at the bottom of the import graph, so that both
+`config` (which validates) and `losses` (whose registry rejects an unknown `loss.name`) can raise it.
 
-`egrsd` (cli.py) prints these, and ConfigError, as one line and exits 2; any other exception is a bug and
-shows its full traceback. Each also subclasses the builtin it refines (ValueError, FileNotFoundError,
-FileExistsError), so code that catches the builtin keeps working.
+The user-error types: problems with what a user gave (a file, a folder, a row, an option), not bugs.
+`egrsd` (cli.py) prints ConfigError and every UserError as one line and exits 2; any other exception is a
+bug and shows its full traceback. Each also subclasses the builtin it refines (ValueError,
+FileNotFoundError, FileExistsError), so code that catches the builtin keeps working.
 """
-from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) and what to do."""
 
 
 class UserError(Exception):
