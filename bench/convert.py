@@ -52,6 +52,7 @@ def write_random_checkpoint(arch, out_dir: str, dtype, shard_bytes: int = 1 << 3
     """A random HF checkpoint written tensor by tensor (never the whole model in memory); returns its bytes."""
     import torch
     from safetensors.torch import save_file
+
     from egrsd_megatron.checkpoint.layout import hf_shapes
     os.makedirs(out_dir)
     g = torch.Generator().manual_seed(0)
@@ -101,6 +102,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
+
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.models import resolve_arch
     arch = resolve_arch(ModelConfig(preset=args.preset))
@@ -121,7 +123,7 @@ def main() -> int:
                                                                     args.tp, args.pp),
                 "megatron_to_hf": run_step("megatron_to_hf", os.path.join(tmp, "meg"), os.path.join(tmp, "hf2"), 1, 1)}
         # the round trip must be bit-identical: compare tensor by tensor
-        from egrsd_megatron.checkpoint.hf_mapping import HFSource
+        from egrsd_megatron.checkpoint.hf_io import HFSource
         s1, s2 = HFSource(hf), HFSource(os.path.join(tmp, "hf2"))
         identical = all(torch.equal(s1.fetch([n])[0], s2.fetch([n])[0]) for n in s1.file_of)
     base_rss = rows["idle_import"]["peak_rss_bytes"]

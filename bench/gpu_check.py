@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -129,7 +129,7 @@ def check_token_stats(n_tokens: int, vocab: int) -> None:
     sec = timed(step, 5)
     RESULTS["speed"].append({"case": f"token_stats fwd+bwd {n_tokens}x{vocab} bf16", "tokens_per_s": n_tokens / sec,
                              "ms": sec * 1e3, "peak_gb": peak_gb()})
-    del x, zs, zt
+    x = zs = zt = None  # free the logits (not `del`: the step closure above refers to them)
     reset_peak()
 
 
@@ -166,7 +166,7 @@ def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids
     out = {"case": f"{preset} {precision} fwd+bwd b{batch} s{seq}", "tokens_per_s": batch * seq / sec,
            "ms": sec * 1e3, "peak_gb": peak_gb(), "loss": float(loss),
            "logits": logits.cpu(), "te": type(model.decoder.layers[0].self_attention.linear_qkv).__module__}
-    del model
+    model = None  # free it (not `del`: the step closure above refers to it)
     reset_peak()
     return out
 
@@ -311,9 +311,10 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible: run this on a GPU node (or --cpu-dry-run)", file=sys.stderr)
         return 2
+    import megatron.core
+
     from egrsd_megatron.distributed.runtime import init_distributed
     from egrsd_megatron.models.precision import te_available
-    import megatron.core
     cuda = DEV.type == "cuda"
     info = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
             "capability": list(torch.cuda.get_device_capability()) if cuda else None,

@@ -67,7 +67,8 @@ def main() -> int:
             "prompt.thinking=false", "rollout.group_size=8", "rollout.max_new_tokens=128",
             "train.prompts_per_step=1", "parallel.micro_batch_size=4", "rollout.temperature=0.7"],
             os.path.join(tmp, "s1")))
-    hdr = f"{'case':<20} {'gen s':>7} {'teacher s':>9} {'student s':>9} {'optim s':>8} {'step s':>7} {'tok/s':>7} {'resp tok':>8}"
+    hdr = (f"{'case':<20} {'gen s':>7} {'teacher s':>9} {'student s':>9} {'optim s':>8} {'step s':>7} {'tok/s':>7} "
+           f"{'resp tok':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:

@@ -3,6 +3,10 @@
 Each subcommand is owned by one package module exposing `register(subparsers)`; that module adds its
 parser(s) with `set_defaults(func=...)` and keeps heavy imports (torch, megatron) inside the function, so
 `egrsd --help` stays fast.
+
+Errors: a user error (ConfigError, or one of utils/errors.py's UserError types: a bad or missing input
+file, row, folder or option) prints one line `egrsd COMMAND: error: ...` and exits 2; anything else is a bug
+and propagates with its full traceback.
 """
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import importlib
 import logging
 import sys
 from typing import List, Optional
+
+from .config.schema import ConfigError
+from .utils.errors import UserError
 
 # Order = order in `egrsd --help`. A module that is absent is skipped: no subcommand that does nothing.
 COMMAND_MODULES = (
@@ -44,13 +51,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .config.schema import ConfigError
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"egrsd {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"egrsd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,19 +18,14 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
+from egrsd_megatron.utils.net import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -97,7 +92,7 @@ def main() -> int:
         hf_dir = save_tiny_hf_model(os.path.join(out, "tiny_hf"))
         demo.phases.append({"phase": "model", "seconds": round(time.monotonic() - t, 1)})
         common = ["model.preset=hf", "model.init_from=megatron", "tokenizer.path=null", "parallel.tp=2",
-                  "train.steps=%d" % (args.steps or 3), "train.save_every=0", "train.prompts_per_step=2"]
+                  f"train.steps={args.steps or 3}", "train.save_every=0", "train.prompts_per_step=2"]
         gen = ["--max-new-tokens", "16"]
     else:
         from egrsd_megatron.models.smollm2 import smollm2_hf_dir

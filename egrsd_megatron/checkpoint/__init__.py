@@ -1,1 +1,2 @@
-"""Checkpoints: HF <-> Megatron mapping and conversion (hf_mapping, megatron_format, convert); train state (train_state)."""
+"""Checkpoints: Hugging Face folders (hf_io), resharding (reshard, layout, source), on-disk formats (formats,
+megatron_format, metadata), offline conversion (convert) and the training state (train_state)."""

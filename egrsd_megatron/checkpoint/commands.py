@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face folder (safetensors)")
     b.add_argument("--ckpt", required=True, help="checkpoint folder written by hf-to-megatron or training")
     b.add_argument("--out", required=True, help="output Hugging Face folder (must not exist or be empty)")
-    b.add_argument("--max-shard-gb", type=float, default=1.0, help="largest safetensors shard, GiB (held in memory while written)")
+    b.add_argument("--max-shard-gb", type=float, default=1.0,
+                   help="largest safetensors shard, GiB (held in memory while written)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     b.set_defaults(func=_megatron_to_hf)

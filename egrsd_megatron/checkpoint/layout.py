@@ -152,7 +152,8 @@ def canonical_local_name(name: str) -> str:
 
 # ---- per-tensor layout ---------------------------------------------------------------------------------
 def shard_from_hf(pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch, tp: int, tp_rank: int) -> torch.Tensor:
-    """TP shard `tp_rank` of Megatron parameter `pm` from its full Hugging Face tensors (a new contiguous tensor)."""
+    """TP shard `tp_rank` of Megatron parameter `pm` from its full Hugging Face tensors (a new contiguous
+    tensor)."""
     k = pm.kind
     if k in ("rep", "qknorm"):
         return tensors[0].clone()
@@ -223,7 +224,8 @@ def hf_from_shards(pm: ParamMap, shards: Sequence[torch.Tensor], arch: ModelArch
 def _check_zero_padding(pm: ParamMap, pad: torch.Tensor, tp: int) -> None:
     """Padding groups must be exactly zero; anything else means the exactness invariant broke."""
     if pad.numel() and bool(pad.ne(0).any()):
-        raise ValueError(f"{pm.mname} (layer {pm.layer}): the zero-padding KV group(s) added at TP={tp} hold non-zero values (max |x| = {pad.abs().max().item():.3g}): "
+        raise ValueError(f"{pm.mname} (layer {pm.layer}): the zero-padding KV group(s) added at TP={tp} hold "
+                         f"non-zero values (max |x| = {pad.abs().max().item():.3g}): "
                          f"the padding invariant broke (something wrote into the padded heads, e.g. an optimizer "
                          f"with noise or a non-zero init); these values cannot be represented in the Hugging Face "
                          f"model")

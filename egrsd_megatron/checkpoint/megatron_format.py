@@ -21,19 +21,29 @@ parameter at a time) through the Hugging Face layout, then cut for the target ra
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..models.arch import ModelArch
 from ..utils.atomic import atomic_write_json, atomic_write_text
-from .layout import (ParamMap, emitters, hf_from_shards, layers_per_stage, stage_extra_state_keys, stage_of,
-                     stage_params)
+from ..utils.errors import InputError, MissingInputError, OutputExistsError
+from .layout import (
+    ParamMap,
+    canonical_local_name,
+    emitters,
+    hf_from_shards,
+    layers_per_stage,
+    stage_extra_state_keys,
+    stage_of,
+    stage_params,
+)
+from .metadata import META_FILE, read_metadata
+from .reshard import load_from_source, model_params_by_canonical_name
 
-META_FILE = "egrsd_checkpoint.json"
 FORMAT = "megatron-lm-torch-per-rank"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -82,21 +92,14 @@ def build_metadata(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype, extra:
 
 
 def read_checkpoint_metadata(ckpt_dir: str) -> Dict[str, Any]:
-    """Our metadata of a checkpoint folder; errors name the file and what is wrong."""
+    """This format's metadata of a checkpoint folder; errors name the file and what is wrong."""
+    meta = read_metadata(ckpt_dir)
     p = os.path.join(ckpt_dir, META_FILE)
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
-                                f"`egrsd convert hf-to-megatron`)")
-    with open(p) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from e
     for k in ("format", "tp", "pp", "arch", "dtype"):
         if k not in meta:
-            raise ValueError(f"{p}: key {k!r} is missing")
+            raise InputError(f"{p}: key {k!r} is missing")
     if meta["format"] != FORMAT:
-        raise ValueError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
+        raise InputError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
     return meta
 
 
@@ -148,17 +151,17 @@ class MegatronSource:
         try:
             self.arch = ModelArch.from_dict(self.meta["arch"])
         except TypeError as e:
-            raise ValueError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
+            raise InputError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
         if arch is not None and arch != self.arch:
             diff = {k: (v, getattr(arch, k)) for k, v in self.arch.to_dict().items() if getattr(arch, k) != v}
-            raise ValueError(f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
+            raise InputError(f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
                              f"(checkpoint value, model value)")
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         for pr in range(self.pp):
             for tr in range(self.tp):
                 f = rank_file(self.dir, tr, pr, self.pp)
                 if not os.path.isfile(f):
-                    raise FileNotFoundError(f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
+                    raise MissingInputError(f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
                                             f"(metadata says TP={self.tp}, PP={self.pp})")
         self._by_names = {pm.hf_names: pm for pm in emitters(self.arch)}
         self._maps: Dict[tuple, Dict[str, Any]] = {}
@@ -169,9 +172,9 @@ class MegatronSource:
         try:
             obj = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"{f}: cannot be read as a Megatron rank file ({type(e).__name__}: {e})") from e
+            raise InputError(f"{f}: cannot be read as a Megatron rank file ({type(e).__name__}: {e})") from e
         if not isinstance(obj, dict) or "model" not in obj:
-            raise ValueError(f"{f}: no 'model' state dict inside")
+            raise InputError(f"{f}: no 'model' state dict inside")
         return obj["model"]
 
     def shards(self, pm: ParamMap) -> List[torch.Tensor]:
@@ -186,7 +189,7 @@ class MegatronSource:
                 self._maps[(tr, stage)] = self.load_rank(tr, stage)
             sd = self._maps[(tr, stage)]
             if local not in sd or sd[local] is None:
-                raise ValueError(f"{rank_file(self.dir, tr, stage, self.pp)}: tensor {local} is missing")
+                raise InputError(f"{rank_file(self.dir, tr, stage, self.pp)}: tensor {local} is missing")
             out.append(sd[local].clone())   # a private copy: the map may be released any time
             self._read_bytes += out[-1].numel() * out[-1].element_size()
         return out
@@ -208,9 +211,7 @@ def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
     Written into `<out_dir>.tmp-<rank0 pid>` and renamed when every rank succeeded; on any failure the
     temp folder is removed and nothing is left at `out_dir`.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from .hf_mapping import model_params_by_canonical_name
+    from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tpr, ppr, dpr = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                      ps.get_data_parallel_rank())
@@ -225,7 +226,7 @@ def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
     try:
         if rank == 0:
             if os.path.exists(out_dir) and os.listdir(out_dir):
-                raise FileExistsError(f"{out_dir} already exists and is not empty: choose another folder")
+                raise OutputExistsError(f"{out_dir} already exists and is not empty: choose another folder")
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         if dist.is_initialized():
@@ -264,13 +265,12 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
     Same TP/PP: this rank's file goes straight into `model.load_state_dict(strict=True)` (what Megatron-LM
     does). Other TP/PP: every parameter is rebuilt from the source shards and re-cut (see module docstring).
     """
-    from megatron.core import parallel_state as ps
-    from .hf_mapping import load_from_source
+    from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
     src = MegatronSource(ckpt_dir, arch)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     names = {n for n, _ in model.named_parameters()}
-    local_spec = all(n == _canon(n) for n in names)
+    local_spec = all(n == canonical_local_name(n) for n in names)
     if (tp, pp) == (src.tp, src.pp) and local_spec:
         sd = src.load_rank(tpr, ppr)
         try:
@@ -282,11 +282,6 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
         load_from_source(model, arch, src, tp, tpr, pp, ppr)
     finally:
         src.close()
-
-
-def _canon(name: str) -> str:
-    from .layout import canonical_local_name
-    return canonical_local_name(name)
 
 
 __all__ = ["save_model_checkpoint", "load_model_checkpoint", "read_checkpoint_metadata", "MegatronSource",

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any, Dict, Set
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 
 def is_sharded(opt: torch.optim.Optimizer) -> bool:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
     return isinstance(opt, ZeroRedundancyOptimizer)
 
 

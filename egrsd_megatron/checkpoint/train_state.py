@@ -36,6 +36,9 @@ import torch
 import torch.distributed as dist
 
 from ..utils import atomic_write_json, atomic_write_text
+from ..utils.errors import MissingInputError
+from .formats import load_checkpoint, save_checkpoint
+from .megatron_format import TOKENIZER_DIR, mp_rank_dir
 from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -46,6 +49,7 @@ def step_dir_name(step: int) -> str:
 
 
 def _rng_state() -> Dict[str, Any]:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -55,6 +59,7 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -77,7 +82,7 @@ def find_latest(root: str) -> Optional[str]:
     name = open(tracker).read().strip()
     path = os.path.join(root, name)
     if not STEP_RE.match(name) or not os.path.isdir(path):
-        raise FileNotFoundError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
+        raise MissingInputError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
                                 f"point train.resume at a step_XXXXXXXX folder or remove the tracker")
     return path
 
@@ -86,8 +91,8 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
                      trainer_state: Dict[str, Any], keep_last: int,
                      teacher: Optional[torch.nn.Module] = None, tokenizer=None) -> str:
     """Collective: every rank calls it. Returns the final step folder."""
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
-    from .megatron_format import TOKENIZER_DIR, save_model_checkpoint
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -97,7 +102,7 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
         os.makedirs(os.path.join(tmp, "rng"))
         os.makedirs(os.path.join(tmp, "optim"))
     _barrier()
-    model_dir = save_model_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
+    model_dir = save_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
     if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
     sharded = is_sharded(optimizer)
@@ -129,8 +134,8 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
 
 
 def _optim_file() -> str:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
-    from .megatron_format import mp_rank_dir
     return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                        ps.get_pipeline_model_parallel_world_size()) + ".pt"
 
@@ -153,7 +158,7 @@ def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str,
     for r in range(n):
         f = os.path.join(path, "optim", _shard_file(r))
         if not os.path.isfile(f):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{f} is missing: the checkpoint {path} was written with parallel.distributed_optimizer=true at "
                 f"data-parallel size {n} and needs all {n} optimizer shard files; the checkpoint is incomplete "
                 f"(resume from another step folder)")
@@ -170,14 +175,13 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     The checkpoint must have been written at the same TP x PP (optimizer states are per model shard).
     The data-parallel size and `parallel.distributed_optimizer` may differ from the run that wrote it.
     """
-    from .megatron_format import load_model_checkpoint
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} is missing: the checkpoint {path} was written with a different "
+        raise MissingInputError(f"{file} is missing: the checkpoint {path} was written with a different "
                                 f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
     payload = torch.load(file, map_location="cpu", weights_only=False)
-    load_model_checkpoint(model, arch, os.path.join(path, "model"))
+    load_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
     if is_sharded(optimizer):
         # ZeroRedundancyOptimizer.load_state_dict also keeps a dtype-cast copy of this rank's states in the

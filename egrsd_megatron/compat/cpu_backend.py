@@ -2,7 +2,7 @@
 
 Each redirect is the smallest change that makes one CUDA assumption hold on CPU; on a GPU machine
 `apply_cpu_backend()` does nothing. Checked with megatron-core 0.16.1: TP=2, PP=2 and TP2xPP2
-forward/backward match TP=1 and Hugging Face transformers (tests/distributed/test_megatron_cpu.py).
+forward/backward match TP=1 and Hugging Face transformers (tests/distributed/test_model_parallel_equivalence.py).
 
 1. `torch.cuda.current_device()` is used as the device of buffers (rotary embeddings, TP mappings,
    layer weights): it returns the CPU device.
@@ -40,10 +40,6 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.rerun_state_machine",
     "megatron.core.tensor_parallel.data",
 )
-
-
-def cpu_backend_active() -> bool:
-    return _APPLIED
 
 
 def _is_cuda(device: Any) -> bool:

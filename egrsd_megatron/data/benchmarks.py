@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..rewards.extract import last_boxed
 from ..utils.atomic import atomic_write_text
+from ..utils.errors import InputError
 from .dataset import DataError, _iter_rows
 
 
@@ -110,7 +111,7 @@ def prepare_benchmark(name: str, src: str, out: str) -> int:
     """Convert `src` (jsonl | json | parquet | datasets folder, public layout) to our jsonl at `out`.
     Returns the number of problems written. The output is written atomically, only if every row converts."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        raise InputError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
     spec = BENCHMARKS[name]
     rows: List[Dict[str, Any]] = []
     for i, (label, rec) in enumerate(_iter_rows(src)):

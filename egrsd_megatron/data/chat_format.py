@@ -48,13 +48,6 @@ def qwen3_segments(messages: Sequence[Dict[str, str]], add_generation_prompt: bo
     return segs
 
 
-def render_qwen3(messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True,
-                 thinking: bool = True) -> str:
-    """The prompt as text (for logs and for comparison with the Jinja template)."""
-    return "".join(s.token if isinstance(s, Special) else s
-                   for s in qwen3_segments(messages, add_generation_prompt, thinking))
-
-
 # Same semantics as above (and as Qwen3's template for these messages); `enable_thinking` defaults to on.
 QWEN3_JINJA_TEMPLATE = (
     "{%- for message in messages %}"

@@ -14,7 +14,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     s.add_argument("--min-steps", type=int, default=1, help="fewest arithmetic steps per problem")
     s.add_argument("--max-steps", type=int, default=2, help="most arithmetic steps per problem")
     s.set_defaults(func=_synth)
-    from .benchmarks import BENCHMARKS   # light: no heavy imports
+    from .benchmarks import BENCHMARKS  # light: no heavy imports
     q = dsub.add_parser("prepare", help="convert a public evaluation-set file to our jsonl fields (docs/data.md)")
     q.add_argument("name", choices=sorted(BENCHMARKS))
     q.add_argument("--src", required=True, help="source file: jsonl | json | parquet | datasets folder")

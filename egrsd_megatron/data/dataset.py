@@ -9,6 +9,7 @@ jsonl, 1-based row number otherwise) and the field. Prompts longer than `data.ma
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -16,7 +17,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import pyarrow.parquet as pq
+
 from ..config.schema import DataConfig
+from ..utils.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +59,14 @@ class ProblemSet(Sequence[Problem]):
         return f"ProblemSet({self.path!r}, {len(self)} problems, {self.skipped} skipped as overlong)"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad dataset row or file; the message names the file, row and field."""
 
 
 def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
     """Yield (row label, record) for jsonl | json | parquet | datasets folder."""
     if os.path.isdir(path):
-        import datasets
+        import datasets  # seconds to import; only a `datasets` folder (save_to_disk) needs it
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
@@ -76,10 +80,9 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
             yield f"row {i + 1}", rec
         return
     if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset {path!r} does not exist")
+        raise MissingInputError(f"dataset {path!r} does not exist")
     low = path.lower()
     if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield f"row {i + 1}", rec
     elif low.endswith((".jsonl", ".jsonl.gz")) or low.endswith(".json"):
@@ -99,7 +102,6 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
                 return
         opener = open
         if low.endswith(".gz"):
-            import gzip
             opener = gzip.open  # type: ignore[assignment]
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from ..utils.errors import InputError
 from .dataset import Problem
 
 
@@ -53,7 +54,7 @@ class PromptSampler:
             if key not in state:
                 raise ValueError(f"PromptSampler.load_state_dict: state has no '{key}' (got keys {sorted(state)})")
         if int(state["num_problems"]) != len(self.problems):
-            raise ValueError(f"PromptSampler.load_state_dict: the checkpoint saw {state['num_problems']} problems, "
+            raise InputError(f"PromptSampler.load_state_dict: the checkpoint saw {state['num_problems']} problems, "
                              f"this dataset has {len(self.problems)}; resume with the same data.train_path and "
                              f"data.max_prompt_tokens, or start a new run")
         if not 0 <= int(state["pos"]) <= int(state["num_problems"]):

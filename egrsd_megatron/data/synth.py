@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Tuple
 
+from ..utils.errors import InputError
+
 _NAMES = [("Tom", "he"), ("Ann", "she"), ("Lena", "she"), ("Omar", "he"), ("Mia", "she"), ("Ravi", "he"),
           ("Sara", "she"), ("Ben", "he"), ("Yuki", "she"), ("Leo", "he")]
 _FRIENDS = ["a cousin", "a friend", "a neighbour", "the teacher", "a classmate"]
@@ -111,9 +113,9 @@ def _money(rng: random.Random, steps: int) -> Tuple[str, List[str], int]:
 def generate_problems(n: int, seed: int, min_steps: int = 1, max_steps: int = 2) -> List[Dict[str, str]]:
     """n problems {problem, solution, answer}; steps uniform in [min_steps, max_steps]; deterministic by seed."""
     if n < 0:
-        raise ValueError(f"--n must be >= 0, got {n}")
+        raise InputError(f"--n must be >= 0, got {n}")
     if not 1 <= min_steps <= max_steps:
-        raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
+        raise InputError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
     out: List[Dict[str, str]] = []
     for i in range(n):
         rng = random.Random(f"egrsd-synth/{seed}/{i}")   # str seeds hash with sha512: stable across runs

@@ -14,6 +14,7 @@ import string
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..config.schema import ConfigError, PromptConfig
+from ..utils.errors import InputError
 from .chat_format import Special, qwen3_segments
 from .dataset import Problem
 
@@ -22,7 +23,8 @@ def _template_fields(template: str, key: str) -> set:
     try:
         return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ConfigError(f"config key '{key}': not a valid format string ({e}); write literal braces as {{{{ }}}}")
+        raise ConfigError(f"config key '{key}': not a valid format string ({e}); write literal braces as "
+                          f"{{{{ }}}}") from None
 
 
 class PromptBuilder:
@@ -54,7 +56,7 @@ class PromptBuilder:
 
     def teacher_text(self, problem: Problem) -> str:
         if not problem.solution:
-            raise ValueError(f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
+            raise InputError(f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
                              f"solution (privileged context); this problem has none")
         return self.cfg.teacher_template.format(problem=problem.problem, solution=problem.solution)
 

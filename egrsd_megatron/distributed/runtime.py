@@ -12,11 +12,15 @@ import os
 import random
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..compat import apply_cpu_backend, check_megatron_core_version
+from ..config.schema import ConfigError
+from ..utils.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +37,6 @@ class DistInfo:
     pp_rank: int
     dp_rank: int
     backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -59,41 +55,61 @@ def _first_slurm_host(nodelist: str) -> str:
     return head
 
 
+def _launcher(env: Mapping[str, str]) -> str:
+    """Which launcher started this process: torchrun (wins), slurm (srun), or none."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    return "none"
+
+
+def _env_world_size(env: Mapping[str, str]) -> int:
+    """The launcher's world size (torchrun WORLD_SIZE, Slurm SLURM_NTASKS), 1 without a launcher: the one
+    place it is read from the environment."""
+    kind = _launcher(env)
+    if kind == "torchrun":
+        return int(env["WORLD_SIZE"])
+    if kind == "slurm":
+        return int(env["SLURM_NTASKS"])
+    return 1
+
+
+def world_size() -> int:
+    """The number of processes of this run: the process group's when initialised, else the launcher's."""
+    return dist.get_world_size() if dist.is_initialized() else _env_world_size(os.environ)
+
+
 def launcher_env() -> dict:
     """rank / world_size / local_rank / master from torchrun's or Slurm's variables (torchrun wins)."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+    kind = _launcher(env)
+    if kind == "torchrun":
+        return {"rank": int(env["RANK"]), "world_size": _env_world_size(env),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "master_addr": env.get("MASTER_ADDR", "127.0.0.1"), "master_port": env.get("MASTER_PORT", "29500")}
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if kind == "slurm":
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": _env_world_size(env),
                 "local_rank": int(env.get("SLURM_LOCALID", 0)),
                 "master_addr": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                 # A port derived from the job id: concurrent jobs sharing a node do not collide.
                 "master_port": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
     # A single process without a launcher: any free local port (two such runs must not collide).
     return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": "127.0.0.1",
-            "master_port": env.get("MASTER_PORT") or str(_free_port())}
+            "master_port": env.get("MASTER_PORT") or str(free_port())}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Return DP; raise ValueError naming the numbers when world_size is not a multiple of TP x PP."""
+def check_layout(world: int, tp: int, pp: int, world_desc: Optional[str] = None) -> int:
+    """Return DP = world / (TP x PP); ConfigError naming the numbers when `world` is not a multiple of
+    TP x PP. `world_desc` replaces the bare number in the message (e.g. "4 nodes x 8 GPUs = 32")."""
     if tp < 1 or pp < 1:
-        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(f"world size {world_size} is not divisible by tensor parallel {tp} x pipeline "
-                         f"parallel {pp} = {tp * pp}: launch a multiple of {tp * pp} processes or change "
-                         f"parallel.tp / parallel.pp")
-    return world_size // (tp * pp)
+        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
+    if world % (tp * pp) != 0:
+        raise ConfigError(f"world size {world_desc or world} is not divisible by parallel.tp={tp} x "
+                          f"parallel.pp={pp} = {tp * pp}: launch a multiple of {tp * pp} processes or change "
+                          f"parallel.tp / parallel.pp")
+    return world // (tp * pp)
 
 
 def seed_everything(seed: int, rank_offset: int = 0) -> None:
@@ -102,6 +118,7 @@ def seed_everything(seed: int, rank_offset: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state, tensor_parallel
     if parallel_state.model_parallel_is_initialized():
         # Megatron seeds TP-rank-dependent streams (dropout, sharded init) off the same base seed.
@@ -111,7 +128,6 @@ def seed_everything(seed: int, rank_offset: int = 0) -> None:
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed (if needed), the CPU backend (if no CUDA) and Megatron parallel_state."""
-    from ..compat import apply_cpu_backend, check_megatron_core_version
     check_megatron_core_version()   # on GPU too: names the installed and the supported versions
     use_cuda = torch.cuda.is_available()
     apply_cpu_backend()
@@ -126,6 +142,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
                                 timeout=datetime.timedelta(seconds=timeout_s))
     world, rank = dist.get_world_size(), dist.get_rank()
     check_layout(world, tp, pp)
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -139,6 +156,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
 
 
 def parallel_info() -> DistInfo:
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -152,6 +170,7 @@ def parallel_info() -> DistInfo:
 
 def teardown() -> None:
     """Destroy Megatron's groups and the default process group; safe to call twice."""
+    # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

@@ -2,24 +2,35 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from typing import Any, Tuple
+
+# Config only (light: dataclasses + omegaconf); the evaluation code is imported in _eval, for a fast --help.
+from ..config import ConfigError, load_config
+from ..config.schema import EvalConfig, PromptConfig
+
+# The options whose defaults come from a config's `eval:` section (--config) or else EvalConfig's defaults.
+_FROM_EVAL_SECTION = ("benchmarks", "k", "temperature", "top_p", "top_k", "max_new_tokens", "batch_size")
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
-    from ..config.schema import EvalConfig
-    d = EvalConfig()
     p = sub.add_parser("eval", help="evaluate a model: avg@k, pass@k, response lengths (resumable)")
-    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors) or Megatron checkpoint")
-    p.add_argument("--benchmarks", nargs="+", required=True, metavar="NAME", help="DATA_DIR/NAME.jsonl each")
-    p.add_argument("--k", type=int, default=d.k, help="samples per problem (default %(default)s)")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder (config.json + safetensors), Megatron checkpoint, step or run folder")
+    # None = not given: filled in from the config's eval section (--config) or EvalConfig's defaults.
+    p.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
+                   help="DATA_DIR/NAME.jsonl each (default: the config's eval.benchmarks)")
+    p.add_argument("--k", type=int, default=None, help="samples per problem (default: eval.k, 1)")
     p.add_argument("--data-dir", default="data/eval", help="folder of NAME.jsonl files (default %(default)s)")
     p.add_argument("--out", required=True, help="result folder (rerun the same command to resume)")
     p.add_argument("--label", default=None, help="name in tables and plots (default: model folder name)")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per generation batch")
+    p.add_argument("--temperature", type=float, default=None, help="default: eval.temperature, 0.6")
+    p.add_argument("--top-p", type=float, default=None, help="default: eval.top_p, 0.95")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: eval.top_k, 20)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens, 1024")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per generation batch (default: eval.batch_size, 16)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument("--tokenizer", default=None, help="'qwen3' or a tokenizer folder (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -30,8 +41,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--chat-format", choices=("qwen3", "tokenizer"), default="qwen3",
                    help="qwen3: the project's Qwen3 template; tokenizer: the tokenizer's own chat template")
     p.add_argument("--config", default=None,
-                   help="take the prompt templates and chat format from this training config (so the model is "
-                        "asked exactly as in training); --no-thinking / --chat-format are then ignored")
+                   help="a training config: its prompt templates and chat format (so the model is asked exactly as "
+                        "in training; --no-thinking / --chat-format are then ignored) and, for every option not "
+                        "given here, its eval section (eval.benchmarks, eval.k, eval.temperature, ...)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -48,25 +60,36 @@ def register(sub: "argparse._SubParsersAction") -> None:
     c.set_defaults(func=_curves)
 
 
+def _eval_defaults(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """(EvalConfig, PromptConfig) for this command: the config's sections with --config, else the defaults;
+    then every option given on the command line replaces its eval.* value."""
+    if args.config:
+        cfg = load_config(args.config)
+        eval_cfg, prompt_cfg = cfg.eval, cfg.prompt
+    else:
+        eval_cfg = EvalConfig()
+        prompt_cfg = PromptConfig(thinking=not args.no_thinking, chat_format=args.chat_format)
+    given = {k: getattr(args, k) for k in _FROM_EVAL_SECTION if getattr(args, k) is not None}
+    return dataclasses.replace(eval_cfg, **given), prompt_cfg
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from ..config.schema import PromptConfig
     from .runner import EvalSettings, default_engine_name, run_eval
-    if args.k < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--k, --batch-size and --max-new-tokens must be >= 1")
+    ev, prompt_cfg = _eval_defaults(args)
+    if not ev.benchmarks:
+        raise ConfigError("no benchmarks: pass --benchmarks NAME [NAME ...] or set eval.benchmarks in --config")
+    if ev.k < 1 or ev.batch_size < 1 or ev.max_new_tokens < 1:
+        raise ConfigError("--k, --batch-size and --max-new-tokens (eval.k, eval.batch_size, eval.max_new_tokens) "
+                          "must be >= 1")
     if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
+        raise ConfigError("--limit must be >= 1")
     settings = EvalSettings(
         model=os.path.abspath(args.model), label=args.label or os.path.basename(os.path.normpath(args.model)),
-        k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, reward=args.reward,
+        k=ev.k, temperature=ev.temperature, top_p=ev.top_p, top_k=ev.top_k,
+        max_new_tokens=ev.max_new_tokens, seed=args.seed, reward=args.reward,
         engine=default_engine_name() if args.engine == "auto" else args.engine, tokenizer=args.tokenizer,
         limit=args.limit)
-    if args.config:
-        from ..config import load_config
-        prompt_cfg = load_config(args.config).prompt
-    else:
-        prompt_cfg = PromptConfig(thinking=not args.no_thinking, chat_format=args.chat_format)
-    summary = run_eval(args.model, args.benchmarks, args.data_dir, args.out, settings, batch_size=args.batch_size,
+    summary = run_eval(args.model, ev.benchmarks, args.data_dir, args.out, settings, batch_size=ev.batch_size,
                        prompt_cfg=prompt_cfg, progress=not args.no_progress)
     for name, m in {**summary["benchmarks"], "average": summary["average"]}.items():
         print(f"{name:>12}  accuracy {100 * m['accuracy']:6.2f}%  mean length {m['mean_length']:8.1f}  "

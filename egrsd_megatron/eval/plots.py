@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..utils import atomic_write_bytes
+from ..utils.errors import InputError, MissingInputError
 
 PANEL_W, PANEL_H, DPI = 4.8, 3.9, 100
 
@@ -31,8 +32,10 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
 
 
 def _pyplot():
+    # Imported on first plot: matplotlib.use("Agg") must run before pyplot is imported (headless: never needs a
+    # display), and importing it at module level would select a backend for whoever imports eval.
     import matplotlib
-    matplotlib.use("Agg")   # headless: never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -47,15 +50,15 @@ def _save(fig: Any, out: str) -> None:
 def load_result(result_dir: str) -> Dict[str, Any]:
     path = os.path.join(result_dir, "summary.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{result_dir}: no summary.json (expected an `egrsd eval --out` folder)")
+        raise MissingInputError(f"{result_dir}: no summary.json (expected an `egrsd eval --out` folder)")
     with open(path) as f:
         s = json.load(f)
     if not isinstance(s.get("benchmarks"), dict) or not s["benchmarks"]:
-        raise ValueError(f"{path}: no 'benchmarks' entries; rerun `egrsd eval` to completion")
+        raise InputError(f"{path}: no 'benchmarks' entries; rerun `egrsd eval` to completion")
     for name, m in s["benchmarks"].items():
         for key in ("accuracy", "mean_length"):
             if not isinstance(m.get(key), (int, float)):
-                raise ValueError(f"{path}: benchmark '{name}' has no numeric '{key}'")
+                raise InputError(f"{path}: benchmark '{name}' has no numeric '{key}'")
     return s
 
 
@@ -64,7 +67,7 @@ def frontier_table(result_dirs: Sequence[str], labels: Optional[Sequence[str]] =
     """(labels, {panel: [(mean_length, accuracy) per result]}); panel "average" averages the benchmarks that
     EVERY result has, so all points of that panel average the same set."""
     if labels is not None and len(labels) != len(result_dirs):
-        raise ValueError(f"--labels: got {len(labels)} labels for {len(result_dirs)} result folders")
+        raise InputError(f"--labels: got {len(labels)} labels for {len(result_dirs)} result folders")
     results = [load_result(d) for d in result_dirs]
     names = list(labels) if labels else [r.get("label") or os.path.basename(os.path.normpath(d))
                                          for r, d in zip(results, result_dirs)]
@@ -113,10 +116,10 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
         ax.axis("off")
     handles, lbls = [], []
     for ax in axes.flat:   # one legend for the figure: every label once, from whichever panel has it
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in lbls:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            if lbl not in lbls:
                 handles.append(h)
-                lbls.append(l)
+                lbls.append(lbl)
     ncol = max(1, min(len(lbls), 2 * cols))          # ~2 entries per panel width fit without clipping
     legend_in = 0.3 * math.ceil(len(lbls) / ncol) + 0.1   # legend height in inches, reserved at the bottom
     fig.legend(handles, lbls, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
@@ -134,7 +137,7 @@ CURVE_KEYS = ("step", "accuracy", "response_length")
 def load_curve(run_dir: str) -> Dict[str, List[float]]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (expected a training run folder)")
+        raise MissingInputError(f"{run_dir}: no metrics.jsonl (expected a training run folder)")
     out: Dict[str, List[float]] = {k: [] for k in CURVE_KEYS}
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -143,20 +146,20 @@ def load_curve(run_dir: str) -> Dict[str, List[float]]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path} line {i}: not JSON ({e})") from e
+                raise InputError(f"{path} line {i}: not JSON ({e})") from e
             missing = [k for k in CURVE_KEYS if not isinstance(row.get(k), (int, float))]
             if missing:
-                raise ValueError(f"{path} line {i}: missing numeric key(s) {', '.join(missing)}")
+                raise InputError(f"{path} line {i}: missing numeric key(s) {', '.join(missing)}")
             for k in CURVE_KEYS:
                 out[k].append(float(row[k]))
     if not out["step"]:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     return out
 
 
 def plot_curves(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[str]] = None) -> str:
     if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"--labels: got {len(labels)} labels for {len(run_dirs)} run folders")
+        raise InputError(f"--labels: got {len(labels)} labels for {len(run_dirs)} run folders")
     curves = [load_curve(d) for d in run_dirs]
     names = list(labels) if labels else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     plt = _pyplot()

@@ -11,6 +11,7 @@ stored in <out>/eval_settings.json; resuming with different ones is an error, no
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -20,8 +21,19 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from ..checkpoint.convert import megatron_to_hf
+from ..checkpoint.metadata import META_FILE
+from ..checkpoint.train_state import find_latest
+from ..config.schema import DataConfig, PromptConfig, RolloutConfig
+from ..data import PromptBuilder, load_problems, load_tokenizer
+from ..data.benchmarks import BENCHMARKS
+from ..rollout import SamplingParams, make_engine
 from ..utils import atomic_write_json, atomic_write_text
+from ..utils.errors import InputError, MissingInputError
 from .metrics import average_summaries
+from .validation import evaluate_problems, sample_key
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +67,30 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------ inputs
 def benchmark_file(data_dir: str, name: str) -> str:
     """DATA_DIR/NAME.jsonl, with an error that says what to do when it is not there."""
-    from ..data.benchmarks import BENCHMARKS   # the sets `egrsd data prepare` knows
     path = os.path.join(data_dir, f"{name}.jsonl")
     if os.path.isfile(path):
         return path   # a known set, or a custom one someone put there
     if name in BENCHMARKS:
-        raise FileNotFoundError(f"benchmark '{name}': file {path} not found; create it with `egrsd data prepare "
+        raise MissingInputError(f"benchmark '{name}': file {path} not found; create it with `egrsd data prepare "
                                 f"{name} --src <downloaded file> --out {path}` or pass the right --data-dir")
-    raise ValueError(f"unknown benchmark '{name}': known are {', '.join(sorted(BENCHMARKS))}; a custom benchmark "
+    raise InputError(f"unknown benchmark '{name}': known are {', '.join(sorted(BENCHMARKS))}; a custom benchmark "
                      f"needs a file {path} (jsonl with fields problem, answer)")
 
 
 def megatron_model_dir(path: str) -> Optional[str]:
     """The megatron_format folder behind `path`: the folder itself (it holds egrsd_checkpoint.json), a
-    training step folder (step_N/model/), or a run folder whose `latest` names a step; else None."""
-    from ..checkpoint.megatron_format import META_FILE
+    training step folder (step_N/model/), or a run folder (or its checkpoints/) whose `latest` names a step;
+    else None."""
     if os.path.isfile(os.path.join(path, META_FILE)):
         return path
     if os.path.isfile(os.path.join(path, "model", META_FILE)):
         return os.path.join(path, "model")
-    if os.path.isfile(os.path.join(path, "latest")):
-        from ..checkpoint.train_state import find_latest
-        step = find_latest(path)
-        if step is not None and os.path.isfile(os.path.join(step, "model", META_FILE)):
-            return os.path.join(step, "model")
+    # A checkpoints folder holds `latest`; a run folder (train.out_dir) holds it in checkpoints/.
+    for root in (path, os.path.join(path, "checkpoints")):
+        if os.path.isfile(os.path.join(root, "latest")):
+            step = find_latest(root)
+            if step is not None and os.path.isfile(os.path.join(step, "model", META_FILE)):
+                return os.path.join(step, "model")
     return None
 
 
@@ -89,17 +101,16 @@ def has_hf_weights(path: str) -> bool:
 def resolve_model_dir(model_dir: str, tmp_root: str) -> str:
     """A Hugging Face folder with weights: `model_dir` itself, or a conversion of a Megatron checkpoint."""
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"--model {model_dir}: folder not found")
+        raise MissingInputError(f"--model {model_dir}: folder not found")
     mdir = megatron_model_dir(model_dir)
     if mdir is not None:
-        from ..checkpoint.convert import megatron_to_hf
         log.info("converting Megatron checkpoint %s to Hugging Face format", mdir)
         return megatron_to_hf(mdir, os.path.join(tmp_root, "hf_model"))
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"--model {model_dir}: neither a Hugging Face model folder (config.json) nor a "
+        raise MissingInputError(f"--model {model_dir}: neither a Hugging Face model folder (config.json) nor a "
                                 f"Megatron checkpoint (egrsd_checkpoint.json, step_N/model/, or a run with `latest`)")
     if not has_hf_weights(model_dir):
-        raise FileNotFoundError(f"--model {model_dir}: config.json but no weights (*.safetensors or *.bin); "
+        raise MissingInputError(f"--model {model_dir}: config.json but no weights (*.safetensors or *.bin); "
                                 f"save the model with save_pretrained or convert a checkpoint into it")
     return model_dir
 
@@ -108,7 +119,6 @@ def resolve_model_dir(model_dir: str, tmp_root: str) -> str:
 def read_samples(path: str) -> Dict[Tuple[int, int], Dict[str, Any]]:
     """Records already in a samples file. A torn LAST line (crash mid-write) is cut off the file; a bad line
     elsewhere is an error naming the line."""
-    from .validation import sample_key
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:
@@ -127,7 +137,7 @@ def read_samples(path: str) -> Dict[Tuple[int, int], Dict[str, Any]]:
                     with open(path, "r+b") as f:
                         f.truncate(offset)
                     break
-                raise ValueError(f"{path} line {i + 1}: not a sample record ({e}); delete the file to start "
+                raise InputError(f"{path} line {i + 1}: not a sample record ({e}); delete the file to start "
                                  f"this benchmark over") from e
         offset += len(line) + 1
     return out
@@ -156,7 +166,7 @@ def _check_settings(out_dir: str, settings: EvalSettings) -> None:
         new = json.loads(json.dumps(settings.sample_defining()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            raise ValueError(f"{out_dir} holds an evaluation with different settings ({', '.join(diff)}): use "
+            raise InputError(f"{out_dir} holds an evaluation with different settings ({', '.join(diff)}): use "
                              f"another --out folder, or delete it to start over")
     else:
         atomic_write_json(path, settings.sample_defining())
@@ -201,13 +211,8 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
              batch_size: int = 16, engine: Any = None, prompt_cfg: Any = None, progress: bool = True) -> Dict[str, Any]:
     """Evaluate and write all outputs; returns the summary. `engine` may be passed in (tests, the trainer);
     otherwise one is built from the model folder (vllm when a GPU and vllm are present, else hf)."""
-    from ..config.schema import DataConfig, PromptConfig, RolloutConfig
-    from ..data import PromptBuilder, load_problems, load_tokenizer
-    from ..rollout import SamplingParams, make_engine
-    from .validation import evaluate_problems
-
     if not benchmarks:
-        raise ValueError("no benchmarks given: pass --benchmarks NAME [NAME ...]")
+        raise InputError("no benchmarks given: pass --benchmarks NAME [NAME ...]")
     files = {name: benchmark_file(data_dir, name) for name in benchmarks}   # all checked before any work
     tmp_root = tempfile.mkdtemp(prefix="egrsd_eval_")
     own_engine = engine is None
@@ -258,6 +263,4 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
 
 def default_engine_name() -> str:
     """vllm when it is importable and a GPU is visible, else hf."""
-    import importlib.util
-    import torch
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None else "hf"

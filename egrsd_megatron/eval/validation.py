@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from tqdm import tqdm
+
+from ..rewards import score_batch
 from ..rollout import RolloutEngine, SamplingParams, stable_seed
 from .metrics import compute_metrics
 
@@ -34,7 +37,6 @@ def evaluate_problems(engine: RolloutEngine, prompt_builder: Any, problems: Sequ
     (problem_index, sample_index)); they are not regenerated and are part of the result. `on_result` is
     called once per NEW record, in order, right after its batch is scored.
     """
-    from ..rewards import score_batch
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch_size < 1:
@@ -46,7 +48,6 @@ def evaluate_problems(engine: RolloutEngine, prompt_builder: Any, problems: Sequ
     records: Dict[Tuple[int, int], Record] = dict(done)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(problems) * k, initial=len(problems) * k - len(todo), desc=benchmark,
                    unit="sample", dynamic_ncols=True)
     try:
@@ -78,8 +79,3 @@ def validation_scalars(summary: Mapping[str, Any], prefix: str = "val") -> Dict[
     return {f"{prefix}/{k}": float(v) for k, v in summary.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-
-def log_validation(writer: Any, summary: Mapping[str, Any], step: int, prefix: str = "val") -> None:
-    """Write the summary to a torch.utils.tensorboard SummaryWriter (or anything with add_scalar)."""
-    for name, value in validation_scalars(summary, prefix).items():
-        writer.add_scalar(name, value, step)

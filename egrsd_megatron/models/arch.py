@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 from ..config.schema import ConfigError
+from ..utils.errors import MissingInputError
 
 # Megatron-LM pads the vocabulary to a multiple of (make_vocab_size_divisible_by x TP); 128 is its default.
 VOCAB_DIVISIBLE_BY = 128
@@ -78,20 +79,22 @@ class ModelArch:
         """Number of zero (padding) query groups at TP; 0 when TP divides num_kv_heads."""
         return self.megatron_groups(tp) - self.num_kv_heads
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise ConfigError when TP does not divide the FFN, or PP the layers.
+    def check_parallel(self, tp: int, pp: int, keys: Tuple[str, str] = ("tp", "pp")) -> None:
+        """Raise ConfigError when TP does not divide the FFN, or PP the layers; `keys` name TP and PP in the
+        message as the caller's user set them (e.g. "parallel.tp" for a config, "--tp" for a command).
 
         Heads / KV groups that TP does not divide are padded with zero groups (see megatron_groups), so
         they do not restrict TP; the FFN (split column-wise, no exact padding here) and layers do.
         """
         if tp < 1 or pp < 1:
-            raise ConfigError(f"tp={tp} and pp={pp} must be >= 1")
+            raise ConfigError(f"{keys[0]}={tp} and {keys[1]}={pp} must be >= 1")
         if self.ffn_hidden_size % tp:
-            raise ConfigError(f"tensor parallel size {tp} does not divide ffn_hidden_size={self.ffn_hidden_size}: "
-                              f"choose a TP that divides {self.ffn_hidden_size}")
+            raise ConfigError(f"{keys[0]}={tp} must divide the model's FFN size: {tp} does not divide "
+                              f"ffn_hidden_size={self.ffn_hidden_size}; choose a TP that divides "
+                              f"{self.ffn_hidden_size}")
         if self.num_layers % pp:
-            raise ConfigError(f"pipeline parallel size {pp} does not divide num_layers={self.num_layers}: "
-                              f"choose a PP that divides {self.num_layers}")
+            raise ConfigError(f"{keys[1]}={pp} must divide the model's {self.num_layers} layers: {pp} does not divide "
+                              f"num_layers={self.num_layers}; choose a PP that divides {self.num_layers}")
 
     def num_params(self) -> int:
         h, L = self.hidden_size, self.num_layers
@@ -125,7 +128,7 @@ class ModelArch:
                 p = os.path.join(p, "config.json")
             src = p
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"no Hugging Face config at {p}: pass a model folder with config.json")
+                raise MissingInputError(f"no Hugging Face config at {p}: pass a model folder with config.json")
             with open(p) as f:
                 try:
                     cfg = json.load(f)
@@ -170,6 +173,7 @@ class ModelArch:
 
     def to_hf_config(self, dtype: str = "float32") -> Dict[str, Any]:
         """A transformers config.json dict (Qwen3ForCausalLM or LlamaForCausalLM), built by transformers itself."""
+        # lazy: transformers takes seconds to import; `egrsd plan` and config checks use ModelArch without it.
         from transformers import LlamaConfig, Qwen3Config
         common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                       intermediate_size=self.ffn_hidden_size, num_hidden_layers=self.num_layers,

@@ -73,8 +73,8 @@ def build_model(arch: ModelArch, model_cfg: ModelConfig):
     """This rank's GPTModel chunk: TP/PP sizes and the stage come from Megatron's parallel_state.
 
     Requires `init_distributed(tp, pp)` first. Weights are randomly initialised (Megatron's init, same on
-    every TP layout for a given seed); load real weights with checkpoint.hf_mapping.load_hf_weights or
-    checkpoint.megatron_format.load_model_checkpoint.
+    every TP layout for a given seed); load real weights with checkpoint.reshard.load_hf_weights or
+    checkpoint.formats.load_checkpoint.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel

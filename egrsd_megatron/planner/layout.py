@@ -1,8 +1,7 @@
-"""The parallel layout of a run: TP x PP x DP over nodes x GPUs, and the divisibility rules it must meet.
+"""The parallel layout of a planned run: TP x PP x DP over nodes x GPUs.
 
-Every rule that the trainer (or Megatron) would reject at start-up is checked here, before a job is
-queued, with the numbers in the message: world size by TP x PP, heads / KV groups / FFN by TP (whole query
-groups per TP rank), layers by PP, prompts per step by DP, rollouts per DP rank by the micro-batch.
+The divisibility rules are the trainer's own (models/layout.py: check_parallel_layout), checked here
+before a job is queued; the planner adds the one rule only a cluster has: TP stays inside a node.
 """
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 
 from ..config.schema import ConfigError, ExperimentConfig
 from ..models.arch import ModelArch
+from ..models.layout import check_parallel_layout
 
 
 @dataclass(frozen=True)
@@ -32,25 +32,13 @@ def make_layout(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_nod
     """Layout from cfg.parallel on `nodes` x `gpus_per_node`; ConfigError when a size does not divide."""
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes={nodes} and --gpus-per-node={gpus_per_node} must both be >= 1")
-    tp, pp, mb = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.micro_batch_size
-    world = nodes * gpus_per_node
-    if world % (tp * pp):
-        raise ConfigError(f"world size {nodes} nodes x {gpus_per_node} GPUs = {world} is not divisible by "
-                          f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp}")
+    tp = cfg.parallel.tp
     if tp > gpus_per_node:
         # TP all-reduces every layer: across nodes it would run over the network, not NVLink.
         raise ConfigError(f"parallel.tp={tp} is larger than --gpus-per-node={gpus_per_node}: tensor parallelism "
                           f"must stay inside one node (NVLink)")
-    arch.check_parallel(tp, pp)
-    dp = world // (tp * pp)
-    prompts = cfg.train.prompts_per_step
-    if prompts % dp:
-        raise ConfigError(f"train.prompts_per_step={prompts} is not divisible by the data-parallel size "
-                          f"DP={dp} (= {world} GPUs / (TP {tp} x PP {pp}))")
-    per_rank = prompts // dp * cfg.rollout.group_size
-    if per_rank % mb:
-        raise ConfigError(f"parallel.micro_batch_size={mb} does not divide the {per_rank} rollouts per "
-                          f"data-parallel rank (train.prompts_per_step {prompts} / DP {dp} x "
-                          f"rollout.group_size {cfg.rollout.group_size})")
-    return Layout(nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, dp=dp, micro_batch_size=mb,
-                  rollouts_per_dp_rank=per_rank, num_microbatches=per_rank // mb)
+    world = nodes * gpus_per_node
+    lay = check_parallel_layout(cfg, arch, world, world_desc=f"{nodes} nodes x {gpus_per_node} GPUs = {world}")
+    return Layout(nodes=nodes, gpus_per_node=gpus_per_node, tp=lay.tp, pp=lay.pp, dp=lay.dp,
+                  micro_batch_size=lay.micro_batch_size, rollouts_per_dp_rank=lay.rollouts_per_dp_rank,
+                  num_microbatches=lay.num_microbatches)

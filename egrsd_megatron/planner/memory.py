@@ -16,8 +16,9 @@ static (resident the whole step):
   teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
   reference copy P_s x 2 (bf16) when loss.kl_coef > 0 and teacher.mode is not frozen (a frozen teacher
                  already holds the initial weights, which are the reference)
-  rollout engine hf: the whole model unsharded, N_params x 2 (bf16; the transformers engine is refitted
-                 from the gathered shards); vllm: rollout_gpu_fraction x GPU memory (pre-allocated)
+  rollout engine hf: the whole model unsharded, N_params x HF_WEIGHT_COPIES x bytes(HF_ENGINE_DTYPE) = 1 x 4
+                 (fp32, as rollout/hf_engine.py builds it; the refit streams one tensor at a time);
+                 vllm: rollout_gpu_fraction x GPU memory (pre-allocated). Both from rollout/footprint.py.
   overhead       CUDA context, NCCL buffers, allocator fragmentation (a flat allowance)
 training transient (during the student pass):
   activations    per layer and token, bf16, with flash attention (no S x S scores):
@@ -36,8 +37,9 @@ training transient (during the student pass):
                  for OPSD's reverse_kl/jsd signals, its logits (n_mb x b x R x V/t x 2); the token_stats working set,
                  4 fp32 [chunk, V/t] buffers (both sides' upcast chunk and their exponentials).
 rollout transient (during generation; never at the same time as the student pass):
-  KV cache       hf: rows x S x L x 2 (K and V) x kv x 2 bytes, rows = min(rollout.max_batch, rollouts this
-                 GPU generates = rollouts per DP rank / (TP x PP)); vllm: inside its fraction.
+  KV cache       hf: rows x S x L x 2 (K and V) x kv x bytes(HF_ENGINE_DTYPE) (4: the cache has the model's
+                 dtype), rows = min(rollout.max_batch, rollouts this GPU generates = rollouts per DP rank /
+                 (TP x PP)); vllm: inside its fraction.
 peak = static + max(training transient, rollout transient).
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Dict, Optional
 from ..config.schema import ConfigError, ExperimentConfig
 from ..losses.registry import divergence_kind
 from ..models.arch import ModelArch
+from ..rollout.footprint import HF_WEIGHT_COPIES, engine_weight_dtype
 from .layout import Layout, make_layout
 
 GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
@@ -57,7 +60,7 @@ GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
 @dataclass(frozen=True)
 class PlanSettings:
     gpu_mem_gb: float = 80.0            # per-GPU budget (H100 / H800 SXM: 80 GB)
-    seq_len: Optional[int] = None       # prompt + response tokens; None: data.max_prompt_tokens + rollout.max_new_tokens
+    seq_len: Optional[int] = None       # prompt + response; None: data.max_prompt_tokens + rollout.max_new_tokens
     stats_chunk: int = 1024             # token_stats chunk (tokens per fp32 upcast)
     flash_attention: bool = True        # TE / flash attention on GPUs: no S x S score matrix
     rollout_gpu_fraction: float = 0.3   # vllm engine: its pre-allocated share of GPU memory
@@ -150,6 +153,7 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
     compute_bytes = 4 if cfg.model.precision == "fp32" else 2
     act_tok_layer = activation_bytes_per_token_layer(arch, tp, S, cfg.model.recompute, settings.flash_attention)
     L_s = arch.num_layers // pp
+    engine_bytes = engine_weight_dtype(cfg.rollout, device="cuda").itemsize   # hf: fp32 (rollout/footprint.py)
 
     best: Optional[Plan] = None
     for stage in sorted({0, pp - 1}):
@@ -161,8 +165,8 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
             "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
             "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,
-            "rollout engine": (arch.num_params() * 2.0 if cfg.rollout.engine == "hf"
-                               else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB),
+            "rollout engine": (arch.num_params() * HF_WEIGHT_COPIES * float(engine_bytes)
+                               if cfg.rollout.engine == "hf" else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB),
             "overhead": settings.overhead_gb * GB,
         }
         inflight = min(pp - stage, lay.num_microbatches)  # 1F1B warm-up depth of this stage
@@ -186,7 +190,8 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
         rollout: Dict[str, float] = {}
         if cfg.rollout.engine == "hf":
             rows = min(cfg.rollout.max_batch, math.ceil(lay.rollouts_per_dp_rank / (tp * pp)))
-            rollout["KV cache"] = float(rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2)
+            rollout["KV cache"] = float(rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim
+                                        * engine_bytes)
         p = Plan(layout=lay, arch=arch, seq_len=S, response_len=R, stage=f"{stage} of {pp}", params_per_gpu=P,
                  static=static, train_transient=train, rollout_transient=rollout,
                  budget=settings.gpu_mem_gb * GB,

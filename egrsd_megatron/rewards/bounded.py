@@ -1,13 +1,14 @@
 """Run reward functions with a hard time bound, from any thread or process, on all cores.
 
 math-verify's own timeout uses signal.alarm, which works only in a main thread, and a signal cannot stop
-a long C-level computation anyway (sympy evaluating 9^{9^{9^{9}}} with Python big integers runs for minutes). So each call
-runs in a worker process of a pebble ProcessPool: a task over its time limit gets its worker killed and
-replaced, and scores 0. Workers are started with "spawn" (no fork of a process that holds gloo/OpenMP
-threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first call pays their start
-(importing math-verify in the initializer, outside any task's budget: ~1 s idle, ~10 s on a loaded
-2-core machine; a replacement after a timeout costs the same). As with any spawn-based multiprocessing, a script that scores rewards
-must keep its top-level work under `if __name__ == "__main__":` (workers re-import the main module).
+a long C-level computation anyway (sympy evaluating 9^{9^{9^{9}}} with Python big integers runs for
+minutes). So each call runs in a worker process of a pebble ProcessPool: a task over its time limit gets
+its worker killed and replaced, and scores 0. Workers are started with "spawn" (no fork of a process that
+holds gloo/OpenMP threads; override with EGRSD_REWARD_START_METHOD=fork|forkserver); the first call pays
+their start (importing math-verify in the initializer, outside any task's budget: ~1 s idle, ~10 s on a
+loaded 2-core machine; a replacement after a timeout costs the same). As with any spawn-based
+multiprocessing, a script that scores rewards must keep its top-level work under
+`if __name__ == "__main__":` (workers re-import the main module).
 
 Signals meant for the trainer: Slurm delivers `--signal=USR1@...` and `scancel --signal` to every process of
 the job step, reward workers included, and SIGUSR1's default action kills a process. A worker therefore
@@ -33,7 +34,11 @@ import signal
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from typing import Callable, Dict, List, Sequence, Tuple
+
+from pebble import ProcessExpired, ProcessPool
 
 from .errors import RewardRejected
 
@@ -67,7 +72,6 @@ def _num_workers(n: int) -> int:
 
 
 def _pool(workers: int, preload: str = ""):
-    from pebble import ProcessPool
     key = (os.getpid(), workers, preload)   # a forked child must not reuse its parent's pool
     with _lock:
         pool = _pools.get(key)
@@ -98,7 +102,6 @@ def _start_resource_tracker_deaf() -> None:
     tracker never sees SIGUSR1; in this thread the block lasts only for the call, and a SIGUSR1 that arrives
     meanwhile stays pending and is delivered when it is lifted: the trainer never misses it.
     """
-    from multiprocessing import resource_tracker
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         resource_tracker.ensure_running()
@@ -126,9 +129,6 @@ def _allow_children() -> None:
 
 
 def _outcome(fut) -> Tuple[float, str]:
-    from concurrent.futures.process import BrokenProcessPool
-
-    from pebble import ProcessExpired
     try:
         # The pool enforces timeout_s on each task from the moment a worker starts it.
         return float(fut.result()), "ok"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from ..config.schema import ConfigError
 from .bounded import RawReward, run_bounded
 from .final_number import final_number_reward_raw, math_or_final_number_raw
 from .math_verify_reward import math_reward_raw
@@ -32,7 +33,7 @@ def reward_names() -> List[str]:
 
 def raw_reward(name: str) -> RawReward:
     if name not in _RAW:
-        raise ValueError(f"config key 'reward.name': unknown reward {name!r}; registered: {', '.join(reward_names())}")
+        raise ConfigError(f"config key 'reward.name': unknown reward {name!r}; registered: {', '.join(reward_names())}")
     return _RAW[name]
 
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
+from .footprint import HF_ENGINE_DTYPE
 from .sampling import select_next
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class HFEngine(RolloutEngine):
 def make_hf_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,
                    weights_dir: Optional[str] = None) -> HFEngine:
     """fp32 model on the GPU when one is visible, else on CPU; sub-batches of `rollout.max_batch` rows."""
-    model = build_hf_model(hf_config, weights_dir, dtype=torch.float32)
+    model = build_hf_model(hf_config, weights_dir, dtype=HF_ENGINE_DTYPE)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return HFEngine(model, tokenizer, max_batch=int(getattr(rollout_cfg, "max_batch", 16)),

@@ -58,6 +58,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
+from .footprint import vllm_default_dtype
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 _LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()   # engines started and not closed
@@ -146,7 +147,7 @@ class VLLMEngine(RolloutEngine):
         self._vllm = vllm
         self.llm = None
         self.device = device
-        self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+        self.dtype = dtype or vllm_default_dtype(device)
         self._has_tokenizer = not skip_tokenizer_init
         if device == "cpu" and kv_cache_gb is None:
             kv_cache_gb = 1.0

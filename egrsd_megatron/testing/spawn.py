@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
+import sys
+import time
 import traceback
 from typing import Any, Callable, List
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from ..utils.net import free_port
 
 
 class DistributedChildError(RuntimeError):
     """A child rank raised; the message carries that child's own traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _to_portable(obj: Any) -> Any:
@@ -49,7 +47,6 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env
             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
         })
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        import torch.distributed as dist
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)
@@ -61,8 +58,6 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env
 
 
 def _teardown() -> None:
-    import sys
-    import torch.distributed as dist
     # Only if the child used Megatron: importing megatron.core just to tear down costs seconds per rank.
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     try:
@@ -84,14 +79,13 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, env or {}, q), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict = {}
     errors: dict = {}
-    import time
     deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) < world_size:
@@ -108,7 +102,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 if dead:
                     # A child died without reporting (segfault, os._exit, OOM kill).
                     r = dead[0]
-                    raise DistributedChildError(f"rank {r} of {world_size} died with exit code {procs[r].exitcode}")
+                    raise DistributedChildError(f"rank {r} of {world_size} died with exit code "
+                                                f"{procs[r].exitcode}") from None
                 continue
             if status == "ok":
                 results[rank] = payload

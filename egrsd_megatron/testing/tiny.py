@@ -10,11 +10,18 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import torch
+
+from ..config import ModelConfig
+from ..data.byte_tokenizer import byte_tokenizer
+from ..models import resolve_arch
+from ..utils import atomic_dir
+
 
 def save_random_hf_model(arch: Any, out_dir: str, seed: int = 0, randomize_norms: bool = False,
                          tokenizer: Optional[Any] = None) -> str:
     """Write a randomly initialised transformers model of `arch` (a ModelArch) to `out_dir`; return it."""
-    import torch
+    # lazy: transformers takes seconds to import; tests that only need the package's other helpers skip it.
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg_dict = arch.to_hf_config()
     cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
@@ -37,10 +44,6 @@ def save_tiny_hf_model(out_dir: str, preset: str = "qwen3_tiny_chat", seed: int 
     """Write (once) a randomly initialised HF model of `preset` + byte tokenizer to `out_dir`; return it."""
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
-    from ..config import ModelConfig
-    from ..data.byte_tokenizer import byte_tokenizer
-    from ..models import resolve_arch
-    from ..utils import atomic_dir
     with atomic_dir(out_dir, overwrite=True) as tmp:
         save_random_hf_model(resolve_arch(ModelConfig(preset=preset)), tmp, seed, tokenizer=byte_tokenizer())
     return out_dir

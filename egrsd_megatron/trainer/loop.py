@@ -29,16 +29,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..checkpoint.formats import load_checkpoint as load_model_checkpoint
 from ..checkpoint.hf_mapping import load_hf_weights
-from ..checkpoint.megatron_format import load_model_checkpoint
 from ..checkpoint.train_state import find_latest, load_train_state, save_train_state
 from ..config import ConfigError, ExperimentConfig, load_config, to_dict
 from ..data import PromptBuilder, PromptSampler, load_problems, load_tokenizer
 from ..distributed import init_distributed, teardown
 from ..distributed.grads import attach_fp32_grad_accumulators
+from ..distributed.runtime import world_size
 from ..eval.validation import evaluate_problems
 from ..losses import group_advantages
 from ..models import build_model, resolve_arch
+from ..models.layout import check_training_config as check_config
 from ..rollout import SamplingParams, make_engine
 from ..rollout.sampling import check_training_sampling
 from .batch import Sample, make_micro_batches
@@ -56,43 +58,13 @@ NONFINITE_EXIT_CODE = 3
 OFF_POLICY_EXIT_CODE = 4   # the first step's engine/trainer log-prob mismatch is above rollout.max_logprob_diff
 
 
-def check_config(cfg: ExperimentConfig, world_size: int, arch) -> int:
-    """Every check that can fail before any work starts; returns the data-parallel size."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
-                          f"{world_size}: launch a multiple of {tp * pp} processes")
-    if arch.ffn_hidden_size % tp:  # KV groups / heads TP does not divide are zero-padded (ModelArch.megatron_groups)
-        raise ConfigError(f"parallel.tp={tp} must divide the model's FFN size ({arch.ffn_hidden_size})")
-    if arch.num_layers % pp:
-        raise ConfigError(f"parallel.pp={pp} must divide the model's {arch.num_layers} layers")
-    dp = world_size // (tp * pp)
-    if cfg.train.prompts_per_step % dp:
-        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the "
-                          f"data-parallel size {dp}")
-    per_rank = cfg.train.prompts_per_step // dp * cfg.rollout.group_size
-    if per_rank % cfg.parallel.micro_batch_size:
-        raise ConfigError(f"parallel.micro_batch_size={cfg.parallel.micro_batch_size} must divide the "
-                          f"{per_rank} rollouts per data-parallel rank (train.prompts_per_step / DP x "
-                          f"rollout.group_size)")
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path is not set: point it at a jsonl/parquet/datasets file "
-                          "(e.g. one made by `egrsd data synth`)")
-    if not os.path.exists(cfg.data.train_path):
-        raise ConfigError(f"data.train_path={cfg.data.train_path} does not exist")
-    return dp
-
-
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.arch = resolve_arch(cfg.model)
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        if dist.is_initialized():
-            world = dist.get_world_size()
-        self.dp = check_config(cfg, world, self.arch)
+        self.world_size = world_size()   # the one read of the world size in the trainer (the metrics all-gather)
+        self.dp = check_config(cfg, self.world_size, self.arch)
         check_training_sampling(cfg.rollout)   # T = 0 or a truncated distribution: refused, naming the key
-        self.world_size = world   # the one read of the world size in the trainer (the metrics all-gather)
         self.tokenizer = self._load_tokenizer()
 
         self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)

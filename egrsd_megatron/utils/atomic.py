@@ -12,6 +12,8 @@ import os
 import shutil
 from typing import Any, Iterator
 
+from .errors import OutputExistsError
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     path = os.path.abspath(path)
@@ -44,7 +46,7 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     """
     path = os.path.abspath(path.rstrip("/"))
     if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path} already exists and is not empty: choose another output folder or "
+        raise OutputExistsError(f"{path} already exists and is not empty: choose another output folder or "
                               f"remove it first (nothing was written)")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

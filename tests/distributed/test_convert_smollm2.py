@@ -16,7 +16,7 @@ PROMPT = "What is 7 + 5? Answer: 7 + 5 ="
 
 def _worker(rank, world, hf_dir, ckpt_dir, ids):
     from megatron.core import parallel_state as ps
-    from egrsd_megatron.checkpoint.hf_mapping import load_hf_weights
+    from egrsd_megatron.checkpoint.reshard import load_hf_weights
     from egrsd_megatron.checkpoint.megatron_format import load_model_checkpoint
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import init_distributed

@@ -64,7 +64,7 @@ def _n_padding(model, arch) -> int:
 
 def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, str], save_root: str):
     from megatron.core import parallel_state as ps
-    from egrsd_megatron.checkpoint.hf_mapping import gather_hf_state_dict, load_hf_weights
+    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict, load_hf_weights
     from egrsd_megatron.checkpoint.megatron_format import load_model_checkpoint, save_model_checkpoint
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import init_distributed

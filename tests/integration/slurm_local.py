@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from egrsd_megatron.utils.net import free_port as _free_port
+
 REQUIRED = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun", "slurmctld", "slurmd", "munged", "munge")
 
 
@@ -54,18 +56,12 @@ def ensure_installed(timeout_s: float = 300) -> None:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"`{' '.join(cmd)}` took over {timeout_s:.0f} s (no package mirror?)")
+            raise SlurmUnavailable(f"`{' '.join(cmd)}` took over {timeout_s:.0f} s (no package mirror?)") from None
         if r.returncode != 0:
             raise SlurmUnavailable(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[-400:]}")
     missing = _which_all()
     if missing:
         raise SlurmUnavailable(f"after apt-get install, still missing: {', '.join(missing)}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port() -> str:

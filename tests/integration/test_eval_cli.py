@@ -80,7 +80,7 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
     summary = json.load(open(os.path.join(full, "summary.json")))
     assert summary["label"] == "tiny" and set(summary["benchmarks"]) == {"gsm8k", "mine"}
     g = summary["benchmarks"]["gsm8k"]
-    recs = [json.loads(l) for l in open(os.path.join(full, "gsm8k.samples.jsonl"))]
+    recs = [json.loads(ln) for ln in open(os.path.join(full, "gsm8k.samples.jsonl"))]
     assert len(recs) == 5 * K and g["num_samples"] == 5 * K and g["samples_per_problem"] == K
     assert [(r["problem_index"], r["sample_index"]) for r in recs] == [(p, s) for p in range(5) for s in range(K)]
     assert all(1 <= r["num_tokens"] <= MAX_NEW for r in recs)
@@ -90,7 +90,7 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
         (g["accuracy"] + summary["benchmarks"]["mine"]["accuracy"]) / 2)
     lines = _read(os.path.join(full, "summary.csv")).decode().splitlines()
     assert lines[0].startswith("label,benchmark,accuracy,mean_length,") and "pass@2" in lines[0]
-    assert [l.split(",")[1] for l in lines[1:]] == ["gsm8k", "mine", "average"]
+    assert [ln.split(",")[1] for ln in lines[1:]] == ["gsm8k", "mine", "average"]
 
     # interrupted during its 2nd batch of 3, then a torn half line from the crash, then resumed with
     # another batch size
@@ -153,3 +153,20 @@ def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
     code, err = run("--model", str(tmp_path / "missing"), "--benchmarks", "mine", "--data-dir", data)
     assert code == 2 and "folder not found" in err
     assert not os.path.exists(out)   # nothing written for a run that could not start
+
+
+def test_eval_defaults_come_from_the_config_eval_section(tmp_path):
+    """`egrsd eval --config X`: every eval option not given takes X's eval.* value; a given one wins."""
+    from egrsd_megatron.cli import build_parser
+    from egrsd_megatron.eval.commands import _eval_defaults
+    conf = tmp_path / "c.yaml"
+    conf.write_text("eval:\n  benchmarks: [mine, gsm8k]\n  k: 3\n  temperature: 0.0\n  max_new_tokens: 7\n"
+                    "prompt:\n  thinking: false\n")
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--config", str(conf), "--k", "5"])
+    ev, prompt = _eval_defaults(args)
+    assert (ev.benchmarks, ev.k, ev.temperature, ev.max_new_tokens, ev.top_p) == (["mine", "gsm8k"], 5, 0.0, 7, 0.95)
+    assert prompt.thinking is False
+    # Without --config: EvalConfig's defaults, and --benchmarks is then required (a one-line error, exit 2).
+    ev, _ = _eval_defaults(build_parser().parse_args(["eval", "--model", "m", "--out", "o"]))
+    assert (ev.benchmarks, ev.k, ev.temperature) == ([], 1, 0.6)
+    assert main(["eval", "--model", "m", "--out", str(tmp_path / "o")]) == 2

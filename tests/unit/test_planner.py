@@ -51,9 +51,9 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert s["optimizer states"] == P * 12 == 24_578_125_824
     assert s["teacher copy"] == P * 2
     assert s["fp8 weight copies"] == 0
-    # hf rollout engine: the whole model in bf16: 36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 + 4096
-    #   = 8,190,735,360 parameters x 2 bytes.
-    assert s["rollout engine"] == 8_190_735_360 * 2
+    # hf rollout engine: the whole model in fp32, as rollout/hf_engine.py builds it (rollout/footprint.py):
+    #   36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 + 4096 = 8,190,735,360 parameters x 4 bytes.
+    assert s["rollout engine"] == 8_190_735_360 * 4 == 32_762_941_440
     assert s["overhead"] == 4e9
     t = p.train_transient
     # Sequence 1024 + 4096 = 5120. Per token per layer: 2 x (4 x 4096 + 3 x (4096 + 1024 + 12288) / 4)
@@ -67,14 +67,14 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert t["teacher logits (one micro-batch)"] == 622_854_144
     # token_stats: 4 x 1024 x 38,016 x 4 = 622,854,144.
     assert t["token_stats chunk"] == 622_854_144
-    # KV cache: rows = min(16, 32 / 4) = 8; 8 x 5120 x 36 x 2 x 8 x 128 x 2 bytes = 6,039,797,760.
-    assert p.rollout_transient["KV cache"] == 6_039_797_760
-    static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 16_381_470_720 + 4_000_000_000
+    # KV cache in the engine's fp32: rows = min(16, 32 / 4) = 8; 8 x 5120 x 36 x 2 x 8 x 128 x 4 bytes.
+    assert p.rollout_transient["KV cache"] == 12_079_595_520
+    static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 32_762_941_440 + 4_000_000_000
     train = 21_705_523_200 + 3_114_270_720 + 622_854_144 + 622_854_144
     assert p.total == pytest.approx(static + train)            # training transient > KV cache
-    assert p.total / GB == pytest.approx(87.410, abs=1e-3)
+    assert p.total / GB == pytest.approx(103.792, abs=1e-3)
     assert not p.fits
-    with pytest.raises(ConfigError, match=r"87\.4 GB per GPU, over the 80 GB budget; largest terms: optimizer"):
+    with pytest.raises(ConfigError, match=r"103\.8 GB per GPU, over the 80 GB budget; largest terms: rollout engine 32\.8 GB, optimizer"):
         check_fits(p)
     # Tokens per step: 32 prompts x 8 rollouts x 5120 = 1,310,720 (response 1,048,576).
     assert (p.tokens_per_step, p.response_tokens_per_step) == (1_310_720, 1_048_576)
@@ -156,7 +156,7 @@ def test_qwen3_4b_tied_embedding_counted_once():
     (["parallel.tp=5"], 1, 5, "does not divide ffn_hidden_size=12288"),
     (["parallel.tp=1", "parallel.pp=5"], 5, 1, "does not divide num_layers=36"),
     ([], 3, 5, r"world size 3 nodes x 5 GPUs = 15 is not divisible by parallel.tp=4 x parallel.pp=1"),
-    (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 is not divisible by the data-parallel size DP=8"),
+    (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 must be divisible by the data-parallel size DP=8"),
     (["parallel.micro_batch_size=3"], 4, 8, r"micro_batch_size=3 does not divide the 32 rollouts"),
     (["parallel.tp=16"], 4, 8, "larger than --gpus-per-node=8"),
 ])
@@ -175,9 +175,9 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
     assert "over the 80 GB budget" in text.err
     d = json.loads(out.read_text())
     assert d["layout"]["dp"] == 8 and d["fits"] is False
-    assert math.isclose(d["peak_bytes"], 87.4105e9, rel_tol=1e-5)
+    assert math.isclose(d["peak_bytes"], 103.7920e9, rel_tol=1e-5)
     # A budget above the peak passes.
-    assert main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpu-mem-gb", "90"]) == 0
+    assert main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpu-mem-gb", "110"]) == 0
 
 
 @pytest.mark.parametrize("conf, nodes", [("qwen3_8b", 4), ("qwen3_4b", 2)])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from egrsd_megatron.distributed.runtime import check_layout, launcher_env
+from egrsd_megatron.distributed.runtime import check_layout, launcher_env, world_size
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.spawn import DistributedChildError
 
@@ -36,9 +36,22 @@ def test_slurm_env(monkeypatch):
     assert env["master_port"] == str(20000 + 12345 % 20000)
 
 
+def test_world_size_from_the_launcher(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert world_size() == 1
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node1")   # no scontrol lookup of the node list
+    assert world_size() == 8 == launcher_env()["world_size"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")   # torchrun wins over Slurm (torchrun inside an allocation)
+    assert world_size() == 4 == launcher_env()["world_size"]
+
+
 def test_layout_error_names_the_numbers():
     assert check_layout(8, 2, 2) == 2
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tensor parallel 4 x pipeline parallel 1"):
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tp=4 x parallel.pp=1"):
         check_layout(6, 4, 1)
 
 

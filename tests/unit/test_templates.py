@@ -4,7 +4,13 @@ import pytest
 
 from egrsd_megatron.config.schema import ConfigError, PromptConfig
 from egrsd_megatron.data import Problem, PromptBuilder, load_tokenizer
-from egrsd_megatron.data.chat_format import render_qwen3
+from egrsd_megatron.data.chat_format import Special, qwen3_segments
+
+
+def render_qwen3(messages, add_generation_prompt=True, thinking=True):
+    """The prompt as text, from the segments the tokenizer path encodes (compared with the Jinja template)."""
+    return "".join(s.token if isinstance(s, Special) else s
+                   for s in qwen3_segments(messages, add_generation_prompt, thinking))
 
 
 @pytest.fixture(scope="module")
