@@ -68,3 +68,23 @@ def sum_bound(n_terms: int, magnitude: float, unit_roundoff: float = FP32_U) -> 
     if n_terms < 1 or magnitude < 0:
         raise ValueError(f"sum_bound: need n_terms >= 1 and magnitude >= 0; got {n_terms}, {magnitude}")
     return 2.0 * max(n_terms - 1, 1) * unit_roundoff * magnitude
+
+
+def transformer_terms(arch, seq_len: int, tokens: int = 1, backward: bool = False) -> int:
+    """Roundings along one output's dependency chain in a decoder-only transformer (`arch`: a ModelArch).
+
+    Per layer, forward: RMSNorm's sum of squares (H), the QKV projection (a length-H dot product: H
+    products + H additions, 2H), QK-norm (head_dim, if on), scores (2 head_dim), the softmax sum and
+    the probabilities x values (seq_len, 2 seq_len), the output projection (2 heads*head_dim), the
+    second RMSNorm (H), the gate/up projection (2H), the down projection (2F) and ~20 elementwise ops
+    (RoPE, SwiGLU, residual adds, scalings); then the final RMSNorm (H) and the LM head (2H).
+    Backward (`backward=True`) runs the transposed chain once more (x2) and sums each weight gradient
+    over the `tokens` positions of the batch (2 tokens). This is an error-propagation count for
+    `fp32_rel_tol` (the errors of the stages add as independent roundings; the normalised, residual
+    networks of this project do not amplify them beyond O(1), as the tests' measurements confirm).
+    """
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    per_layer = (h + 2 * h + (d if arch.qk_norm else 0) + 2 * d + 3 * seq_len
+                 + 2 * arch.num_attention_heads * d + h + 2 * h + 2 * f + 20)
+    forward = arch.num_layers * per_layer + h + 2 * h
+    return 2 * forward + 2 * tokens if backward else forward
