@@ -18,8 +18,9 @@ roundoff) and S_k the k-th partial sum. With |S_k| <= M:
 
 `magnitude` M is a bound on the partial sums: for same-sign terms (a softmax denominator, a sum of
 squares) the total; for zero-mean terms of std s (a dot product of random vectors) 4 sqrt(n) s, since a
-random walk's running maximum exceeds c sqrt(n) s with probability ~4 P(Z > c) (2.5e-4 at c = 4); the
-largest |result| over many outputs of the same kind is a stand-in of the same size. A dot product also rounds each of its n
+random walk's running maximum exceeds c sqrt(n) s with probability ~4 P(Z > c) (1.3e-4 at c = 4); the
+largest |result| over many outputs of the same kind is a stand-in of the same size.
+A dot product also rounds each of its n
 products (errors <= u |a_i b_i|, smaller than the partial sums' for n >= 2): count them by passing
 `n_terms = 2 n` when they matter. Reductions in sequence (a chain of matmuls, or layers) add
 independent errors: pass the sum of their term counts, with M the largest magnitude along the chain,

@@ -152,6 +152,10 @@ def test_padded_tp_matches_transformers_and_tp1(case):
         assert rel_err(got, hf_logits.numpy()) <= l_tol, key
         grads = res[0][key]["grads"]
         assert set(grads) == set(hf_grads), key
+        worst = max(max(rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
+                    for n, g in hf_grads.items())
+        print(f"{key}: logits rel err {max(rel_err(got, base), rel_err(got, hf_logits.numpy())):.2g} / {l_tol:.2g}, "
+              f"grads {worst:.2g} / {g_tol:.2g}")
         for n, g in hf_grads.items():
             assert rel_err(grads[n], g.numpy()) <= g_tol, (key, n)
             assert rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]) <= g_tol, (key, n)

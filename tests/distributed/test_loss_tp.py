@@ -97,7 +97,8 @@ def _tolerances(ref_grad: np.ndarray) -> tuple:
     Backward error: a token's fp32 log-softmax / entropy / KL equal the exact ones at logits perturbed
     by eps_x, the rounding of its sums over the V vocabulary entries (max-shifted exps <= 1; the log-sum
     over V; for KL/entropy a second V-term sum of p * log p) plus ~8 elementwise ops, all of size at most
-    S = 2 max|logit| + log V (the range of log p = x - lse): eps_x = fp32_sum_tol(2V + 8, S). TP=2 changes the order of those
+    S = 2 max|logit| + log V (the range of log p = x - lse): eps_x = fp32_sum_tol(2V + 8, S).
+    TP=2 changes the order of those
     V-sums (two halves + an all-reduce), so both sides carry such an error; the fp64 reference carries
     none, so the same bound holds against it.
     Loss: to first order dL = sum_{i,v} g_iv dx_iv (g = dL/dlogits); within a token the perturbations
@@ -129,8 +130,8 @@ def test_loss_and_logit_gradient_equal_at_tp1_and_tp2():
         for name, loss, grad in (("tp2 vs tp1", float(tp2_loss[0]), tp2_grad), ("tp1 vs fp64", float(tp1_loss), None),
                                  ("tp2 vs fp64", float(tp2_loss[0]), tp2_grad)):
             want_loss, want_grad = (float(tp1_loss), tp1_grad) if name == "tp2 vs tp1" else (ref_loss, ref_grad)
-            print(f"{kw} {name}: |dloss| {abs(loss - want_loss):.2g} / tol {loss_tol:.2g}"
-                  + (f", |dgrad| {np.abs(grad - want_grad).max():.2g} / tol {grad_tol:.2g}" if grad is not None else ""))
+            dgrad = f", |dgrad| {np.abs(grad - want_grad).max():.2g} / tol {grad_tol:.2g}" if grad is not None else ""
+            print(f"{kw} {name}: |dloss| {abs(loss - want_loss):.2g} / tol {loss_tol:.2g}{dgrad}")
             np.testing.assert_allclose(loss, want_loss, rtol=0, atol=loss_tol, err_msg=f"{name} {kw}")
             if grad is not None:
                 np.testing.assert_allclose(grad, want_grad, rtol=0, atol=grad_tol, err_msg=f"{name} {kw}")

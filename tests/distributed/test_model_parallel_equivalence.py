@@ -192,6 +192,10 @@ def test_logits_and_grads_match_tp1_and_transformers(case):
         assert rel_err(got, base) <= logits_tol(arch), key
         grads = results[0][key]["grads"]
         assert set(grads) == set(hf_grads), key
+        worst = max(max(rel_err(grads[n], results[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
+                    for n, g in hf_grads.items())
+        print(f"{key}: logits rel err {rel_err(got, base):.2g} / {logits_tol(arch):.2g}, "
+              f"grads {worst:.2g} / {grads_tol(arch):.2g}")
         for n, g in hf_grads.items():
             assert rel_err(grads[n], results[0][f"{case}/tp1pp1"]["grads"][n]) <= grads_tol(arch), (key, n)
             assert rel_err(grads[n], g.numpy()) <= grads_tol(arch), (key, n)
