@@ -198,7 +198,8 @@ def _dp_change_tolerances(ref_rows) -> dict:
     ||dw||_2 <= 2 lr (2 rel clip) / eps ~= 9.5e-7 (the reason for OPTIM's eps = 1e-4: at eps = 1e-8 the
     same bound is 1e4 times larger, and near-zero gradient components take lr-sized steps of random sign).
     Then |d loss_4| <= step 3's + grad_norm_4 ||dw||, and |d grad_norm_4| <= step 3's + lambda_max ||dw||
-    with lambda_max < 2 / lr (the Hessian bound for which a step of lr is stable). Final weights: both
+    with lambda_max < 2 / lr (assumed: the curvature below which a gradient step of size lr is stable;
+    an assumption for Adam, and the loosest bound here: 1.9e-3 absolute). Final weights: both
     steps' ||dw|| plus the rounding of each update into weights of |w| <= 1: 2 (||dw|| + 2 u).
     """
     rel = 4 * FP32_U
