@@ -89,3 +89,17 @@ def transformer_terms(arch, seq_len: int, tokens: int = 1, backward: bool = Fals
                  + 2 * arch.num_attention_heads * d + h + 2 * h + 2 * f + 20)
     forward = arch.num_layers * per_layer + h + 2 * h
     return 2 * forward + 2 * tokens if backward else forward
+
+
+def adam_update_change(lr: float, eps: float, grad_diff: float, c: float = 2.0) -> float:
+    """Bound on how much one AdamW step's update moves when its gradient moves by `grad_diff`: c lr dg / eps.
+
+    Adam's update lr m_hat / (sqrt(v_hat) + eps) has |d update / d g| <= lr ((1 - beta1) / (1 - beta1^t)
+    + O(1)) / eps; c = 2 covers betas (0.9, 0.95 .. 0.999) from t = 2 on (c ~= 1 at t = 3, betas
+    (0.9, 0.999)). Holds per element and in L2. This is why a comparison after an optimizer step needs an
+    eps well above the gradients' rounding noise: at eps = 1e-8, a 1e-9 rounding difference in a near-zero
+    gradient component can flip an lr-sized step; at eps = 1e-4 it moves the update by ~lr * 1e-5.
+    """
+    if lr < 0 or eps <= 0 or grad_diff < 0:
+        raise ValueError(f"adam_update_change: need lr >= 0, eps > 0, grad_diff >= 0; got {lr}, {eps}, {grad_diff}")
+    return c * lr * grad_diff / eps

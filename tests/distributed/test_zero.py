@@ -19,7 +19,7 @@ import pytest
 from egrsd_megatron.config import load_config
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
-from egrsd_megatron.testing.tolerance import FP32_U, fp32_sum_tol
+from egrsd_megatron.testing.tolerance import FP32_U, adam_update_change, fp32_sum_tol
 from tests.distributed.test_trainer import tiny_overrides, write_data
 
 # A schedule that moves every step (warmup then cosine) and a clip below the tiny model's grad norm (both
@@ -204,7 +204,7 @@ def _dp_change_tolerances(ref_rows) -> dict:
     """
     rel = 4 * FP32_U
     clip, lr, eps = OPTIM["optim.clip_grad"], OPTIM["optim.lr"], OPTIM["optim.eps"]
-    dw = 2 * lr * (2 * rel * clip) / eps
+    dw = adam_update_change(lr, eps, 2 * rel * clip)
     loss3 = fp32_sum_tol(128, 2.0)
     gn = [r["grad_norm"] for r in ref_rows]
     return {"accuracy": [fp32_sum_tol(8, 1.0)] * 2, "loss": [loss3, loss3 + gn[1] * dw],

@@ -9,8 +9,8 @@ M is each trial's own largest |partial sum|, as the tolerance's docstring define
 import numpy as np
 import pytest
 
-from egrsd_megatron.testing.tolerance import (BF16_EPS, FP32_EPS, FP32_U, fp32_rel_tol, fp32_sum_tol, sum_bound,
-                                              sum_tol)
+from egrsd_megatron.testing.tolerance import (BF16_EPS, FP32_EPS, FP32_U, adam_update_change, fp32_rel_tol,
+                                              fp32_sum_tol, sum_bound, sum_tol)
 
 TRIALS = 2000
 
@@ -50,3 +50,25 @@ def test_constants_and_arguments():
     assert sum_tol(10, 1.0, unit_roundoff=2 ** -8) == pytest.approx(2 ** 16 * fp32_sum_tol(10, 1.0))
     with pytest.raises(ValueError, match="n_terms"):
         fp32_sum_tol(0, 1.0)
+
+
+def test_adam_update_change_bounds_a_real_adamw_step():
+    """Two AdamW runs (betas 0.9, 0.999, eps 1e-4) whose third gradient differs by a rounding-sized amount:
+    the weights after the step differ by no more than the bound, and it is not absurdly loose in the case it
+    is for: near-zero components, sqrt(v) << eps (where sqrt(v) >> eps the change is eps / sqrt(v) smaller)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(1000, generator=g, dtype=torch.float64)
+    grads = [torch.randn(1000, generator=g, dtype=torch.float64) * 1e-6 for _ in range(3)]
+    delta = torch.randn(1000, generator=g, dtype=torch.float64) * 1e-9
+    out = []
+    for d in (0.0, 1.0):
+        w = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=1e-3, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.01)
+        for i, gr in enumerate(grads):
+            w.grad = gr + (d * delta if i == 2 else 0)
+            opt.step()
+        out.append(w.detach().clone())
+    dw = float((out[0] - out[1]).abs().max())
+    bound = adam_update_change(1e-3, 1e-4, float(delta.abs().max()))
+    assert 0 < dw <= bound and bound <= 100 * dw, (dw, bound)
