@@ -7,6 +7,8 @@ traceback and a hard timeout.
 The function runs as `fn(rank, world_size, *args)` after `torch.distributed` is initialised with gloo
 on a free localhost port. Its return value must be picklable; tensors are converted to numpy before
 crossing the queue (torch tensors sent through a queue by an exiting child can arrive broken).
+Each rank's thread count and deterministic mode follow OMP_NUM_THREADS and EGRSD_DETERMINISTIC
+(`numerics.apply_numerics`; unset: cpu_count // world_size threads).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..utils.net import free_port
+from .numerics import apply_numerics
 
 
 class DistributedChildError(RuntimeError):
@@ -46,7 +49,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env
             "RANK": str(rank), "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
         })
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        apply_numerics(world_size)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)

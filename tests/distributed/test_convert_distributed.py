@@ -45,5 +45,6 @@ def test_saved_checkpoints_convert_back_bit_identical(case, tmp_path):
         for f in glob.glob(os.path.join(out, "*.safetensors")):
             got.update(load_file(f))
         assert set(got) == set(ref)
+        # Bitwise: conversion only slices, concatenates and copies tensors (no arithmetic), at any layout.
         assert all(torch.equal(got[k], ref[k]) for k in ref), (tp, pp)
     assert not glob.glob(os.path.join(root, "saved", "*.tmp-*"))

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from egrsd_megatron.testing.tolerance import fp32_rel_tol, transformer_terms
+
 PROMPT = "What is 7 + 5? Answer: 7 + 5 ="
 
 
@@ -50,6 +52,7 @@ def _rel(a, b):
 def test_smollm2_cached_copy_converts_and_matches(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from egrsd_megatron.checkpoint.convert import hf_to_megatron
+    from egrsd_megatron.models import ModelArch
     from egrsd_megatron.models.smollm2 import smollm2_gguf_path, smollm2_hf_dir
     from egrsd_megatron.testing.spawn import run_distributed
 
@@ -61,6 +64,8 @@ def test_smollm2_cached_copy_converts_and_matches(tmp_path):
         gguf = smollm2_gguf_path()
         g = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                  dtype=torch.float32)(ids).logits
+    # Bitwise: the GGUF file dequantises to the same fp32 tensors, and both models run in this process with
+    # the same kernels and thread count, so equal weights give equal bits; any difference is a different model.
     assert torch.equal(ref, g)          # the cached copy IS the GGUF model
 
     ckpt = hf_to_megatron(hf_dir, str(tmp_path / "meg"), tp=2)
@@ -68,9 +73,16 @@ def test_smollm2_cached_copy_converts_and_matches(tmp_path):
     res.sort(key=lambda r: r["tp_rank"])
     V = ref.shape[-1]
     full = {k: np.concatenate([r[k] for r in res], axis=-1)[..., :V] for k in ("ckpt", "hf", "swapped")}
-    assert _rel(full["hf"], ref.numpy()) <= 1e-5
-    assert _rel(full["ckpt"], ref.numpy()) <= 1e-5
-    assert _rel(full["swapped"], ref.numpy()) > 1e-3     # the tolerance catches a layout error
+    # Megatron TP=2 vs transformers: other kernels and a split inner dimension in every matmul. The random
+    # walk of the roundings along one logit's forward chain (30 layers, H=576, F=1536: 238008 terms at
+    # 16 tokens) relative to max|logit|: fp32_rel_tol -> 9.5e-5 at 4 sigma (the former 1e-5 was tighter than
+    # this bound; observed 1.4e-6 on 2 cores at OMP_NUM_THREADS=1). The swapped-layer control (observed
+    # 0.47) must stay far above it.
+    tol = fp32_rel_tol(transformer_terms(ModelArch.from_hf_config(hf_dir), ids.shape[1]))
+    errs = {k: _rel(full[k], ref.numpy()) for k in ("hf", "ckpt", "swapped")}
+    print(f"smollm2 rel errors {errs}, tolerance {tol:.2g}")
+    assert errs["hf"] <= tol and errs["ckpt"] <= tol, (errs, tol)
+    assert errs["swapped"] > 1e-3 > 10 * tol, (errs, tol)    # the tolerance catches a layout error
     # Megatron (TP=2, padded) -> HF drops the zero groups: the original tensors, bit for bit.
     from safetensors import safe_open
     from egrsd_megatron.checkpoint.convert import megatron_to_hf

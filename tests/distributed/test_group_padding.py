@@ -1,6 +1,7 @@
 """KV-group zero padding (ModelArch.megatron_groups): a tiny model with 3 KV groups (6 heads, head_dim 16,
 3 layers) runs at TP=2 (groups padded 3 -> 4), TP=3 (no padding) and TP=2 x PP=3, and gives transformers'
-and TP=1's logits and per-HF-parameter gradients (fp32, <= 1e-5 relative), for Qwen3 (untied, QK-norm) and
+and TP=1's logits and per-HF-parameter gradients (fp32, to the tolerances derived in
+test_model_parallel_equivalence: `logits_tol`, `grads_tol`), for Qwen3 (untied, QK-norm) and
 Llama (tied). The padded weights and their gradients are exactly zero and stay exactly zero after AdamW
 steps with weight decay; HF -> Megatron (TP=2) -> HF is bit-identical; checkpoints written at TP=2 (offline
 conversion and save_model_checkpoint) load at TP=1, TP=3 and TP=2 x PP=3 with the same logits.
@@ -19,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.test_model_parallel_equivalence import (B, T, _run_layout, full_logits, hf_reference,
-                                                               inputs_and_weights, rel_err)
+from tests.distributed.test_model_parallel_equivalence import (B, T, _run_layout, full_logits, grads_tol,
+                                                               hf_reference, inputs_and_weights, logits_tol, rel_err)
 
 # (2, 1) first: its saved (padded) checkpoint is then loaded by every later layout.
 LAYOUTS = [(2, 1), (1, 1), (3, 1), (2, 3)]
@@ -98,6 +99,8 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
                 m2 = build_model(arch, ModelConfig())
                 load_model_checkpoint(m2, arch, ckpt)
                 l2 = _run_layout(m2, arch, ids, w)
+                # Bitwise: same layout, process and thread count as r["logits"], and the loaded weights are
+                # bit-identical (values_mismatch), so the same kernels run on the same bits in the same order.
                 r[f"load_{name}_equal"] = torch.equal(l2, r["logits"]) if ps.is_pipeline_last_stage() else l2 is None
                 r[f"load_{name}_pad"] = _padding_absmax(m2, arch)
             # AdamW with weight decay on the Megatron shards: the padding stays exactly zero, the rest moves.
@@ -137,18 +140,25 @@ def test_padded_tp_matches_transformers_and_tp1(case):
     arch = tiny_arch(case)
     hf_logits, hf_grads = refs[case]
     base = full_logits(res, f"{case}/tp1pp1", arch.vocab_size)
-    assert rel_err(base, hf_logits.numpy()) <= 1e-5
+    # tiny_arch: 3453 (llama 3405) forward roundings -> logits_tol 1.1e-5, grads_tol 1.6e-5 (4 sigma).
+    # The padded group's zero rows add exact zeros to each sum (no rounding), so padding adds no terms.
+    l_tol, g_tol = logits_tol(arch), grads_tol(arch)
+    assert rel_err(base, hf_logits.numpy()) <= l_tol
     for tp, pp in LAYOUTS:
         key = f"{case}/tp{tp}pp{pp}"
         got = full_logits(res, key, arch.vocab_size)
         assert got.shape == (B, T, arch.vocab_size)
-        assert rel_err(got, base) <= 1e-5, key
-        assert rel_err(got, hf_logits.numpy()) <= 1e-5, key
+        assert rel_err(got, base) <= l_tol, key
+        assert rel_err(got, hf_logits.numpy()) <= l_tol, key
         grads = res[0][key]["grads"]
         assert set(grads) == set(hf_grads), key
+        worst = max(max(rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
+                    for n, g in hf_grads.items())
+        print(f"{key}: logits rel err {max(rel_err(got, base), rel_err(got, hf_logits.numpy())):.2g} / {l_tol:.2g}, "
+              f"grads {worst:.2g} / {g_tol:.2g}")
         for n, g in hf_grads.items():
-            assert rel_err(grads[n], g.numpy()) <= 1e-5, (key, n)
-            assert rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]) <= 1e-5, (key, n)
+            assert rel_err(grads[n], g.numpy()) <= g_tol, (key, n)
+            assert rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]) <= g_tol, (key, n)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from egrsd_megatron.config import load_config
 from egrsd_megatron.rewards import register_reward
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
+from egrsd_megatron.testing.tolerance import FP32_U
 from egrsd_megatron.trainer import loop
 from tests.distributed.test_trainer import tiny_overrides, write_data
 
@@ -32,6 +33,7 @@ T = 0.7
 # (|log p| <= log V / T = log 320 / 0.7 = 8.2 for the near-uniform random tiny model), so 4 sigma of that
 # random walk is 4 * sqrt(16) * 2^-24 * 8.2 = 7.8e-6: below 1e-5.
 LOGPROB_TOL = 1e-5
+assert 4 * math.sqrt(16) * FP32_U * math.log(320) / T < LOGPROB_TOL
 
 
 def nonempty(response: str, answer: str) -> float:  # noqa: ARG001 - reward signature

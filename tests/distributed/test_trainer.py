@@ -18,6 +18,7 @@ from egrsd_megatron.config import ConfigError, load_config
 from egrsd_megatron.models import resolve_arch
 from egrsd_megatron.rewards import register_reward
 from egrsd_megatron.testing import run_distributed
+from egrsd_megatron.testing.tolerance import FP32_U
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
 
 LOSSES = ["grpo", "rlsd", "egrsd", "cl_egrsd", "opsd"]
@@ -85,9 +86,6 @@ def run_all_losses(rank: int, world: int, tp: int, pp: int, data: str, out: str)
     return out_by_loss
 
 
-U32 = 2.0**-24  # fp32 unit roundoff
-
-
 def layout_tolerances(cfg, rows: dict) -> tuple:
     """(loss atol per step, grad-norm rtol per step) for one variant's run, derived from the arithmetic.
 
@@ -120,7 +118,7 @@ def layout_tolerances(cfg, rows: dict) -> tuple:
       carried-over update is not what dominates: each step's own rounding is.
     """
     n_tok = [2 * cfg.rollout.group_size * r for r in rows["response_length"]]   # prompts_per_step=2
-    sigma_lp = 4 * U32 * math.log(cfg_vocab(cfg))
+    sigma_lp = 4 * FP32_U * math.log(cfg_vocab(cfg))
     if cfg.loss.name == "opsd":
         w = math.sqrt(2)
     else:
@@ -128,7 +126,7 @@ def layout_tolerances(cfg, rows: dict) -> tuple:
         w = math.sqrt(cfg.rollout.group_size - 1) * (1 + lc.clip.eps_hi) * (
             (1 + lc.ratio.eps_w) * math.sqrt(2) + (1 - lc.gate.g_min) / lc.gate.tau)
     atol = [4 * w * sigma_lp / math.sqrt(n) for n in n_tok]
-    rtol = [4 * U32 * math.sqrt(n * cfg_vocab(cfg)) for n in n_tok]
+    rtol = [4 * FP32_U * math.sqrt(n * cfg_vocab(cfg)) for n in n_tok]
     lr1 = rows["lr"][0]
     carried = lr1 / cfg.optim.eps * rtol[0] * min(rows["grad_norm"][0], cfg.optim.clip_grad or math.inf)
     atol = [atol[0]] + [a + carried * g for a, g in zip(atol[1:], rows["grad_norm"][1:])]

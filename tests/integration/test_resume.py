@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from egrsd_megatron.testing.numerics import thread_count
 from tests.distributed.test_trainer import tiny_overrides, write_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,9 @@ TRAIN = os.path.join(ROOT, "recipes", "train.py")
 
 
 def _start(overrides, log_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    # Bitwise comparisons are legitimate only at one layout (TP=1, one process) and one thread count: every
+    # trainer process gets the same OMP_NUM_THREADS (this run's, else cpu_count // 2: A and B run at once).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(thread_count(2))}
     # The toy reward lives in the test module: register it in the trainer process through an import.
     code = ("import sys, runpy; import tests.distributed.test_trainer; "
             f"sys.argv = [{TRAIN!r}] + sys.argv[1:]; runpy.run_path({TRAIN!r}, run_name='__main__')")
@@ -90,7 +93,8 @@ def test_kill_preempt_resume_is_bitwise(tmp_path):
     assert pa.wait(timeout=300) == 0, open(tmp_path / "a.log").read()[-3000:]
 
     assert _steps_logged(b) == _steps_logged(a) == [1, 2, 3, 4, 5]
-    assert _losses(b) == _losses(a)           # bitwise: JSON floats round-trip exactly
+    # Bitwise (same layout, same thread count, state restored bit for bit): JSON floats round-trip exactly.
+    assert _losses(b) == _losses(a)
     wa, wb = _weights(a, 5), _weights(b, 5)
     assert wa.keys() == wb.keys()
     for k in wa:

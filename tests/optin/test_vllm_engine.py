@@ -49,6 +49,7 @@ def folder_run(models):
     t = time.perf_counter()
     e = make_engine(SimpleNamespace(engine="vllm"), {}, byte_tokenizer(), weights_dir=models.a)
     start_s = time.perf_counter() - t
+    # Exact comparisons of state, not of floating-point results: the RNG state's bytes and the thread count.
     rng_kept, threads_kept = torch.equal(rng, torch.get_rng_state()), threads == torch.get_num_threads()
     print(f"\nvllm engine start (weights_dir): {start_s:.1f} s")
     try:
@@ -91,6 +92,11 @@ def test_engine_runs_on_cpu_in_fp32(folder_run):
 def test_greedy_equals_hf_engine(models, folder_run):
     ref = models.hf_a.generate(PROMPTS, GREEDY)
     out = folder_run.batch
+    # Exact token equality across engines is legitimate where every step's top-1 / top-2 logit gap exceeds
+    # the engines' logit difference (other kernels and reduction orders: ~fp32_rel_tol(transformer_terms)
+    # x max|logit|, ~1e-5 relative for these tiny models, egrsd_megatron/testing/tolerance.py). Random tiny
+    # models' gaps are orders of magnitude larger; a failure here at a near-tie (gap ~1e-5 |logit|) would be
+    # rounding, not a bug: print the gap before suspecting the engine.
     assert ids(out) == ids(ref)
     assert all(c.truncated and len(c.response_ids) == GREEDY.max_new_tokens for c in out)
     assert [c.prompt_ids for c in out] == PROMPTS

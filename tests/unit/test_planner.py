@@ -8,7 +8,6 @@ Per layer: h(q + 2kv) = 4096 x 6144 = 25,165,824 (QKV); q h = 16,777,216 (O); 3 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -72,7 +71,8 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 32_762_941_440 + 4_000_000_000
     train = 21_705_523_200 + 3_114_270_720 + 622_854_144 + 622_854_144
     assert p.total == pytest.approx(static + train)            # training transient > KV cache
-    assert p.total / GB == pytest.approx(103.792, abs=1e-3)
+    # The same total in GB, written to 6 decimals (103,791,986,688 bytes): half a unit of the last digit.
+    assert p.total / GB == pytest.approx(103.791987, abs=5e-7)
     assert not p.fits
     with pytest.raises(ConfigError, match=r"103\.8 GB per GPU, over the 80 GB budget; largest terms: rollout engine 32\.8 GB, optimizer"):
         check_fits(p)
@@ -175,7 +175,8 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
     assert "over the 80 GB budget" in text.err
     d = json.loads(out.read_text())
     assert d["layout"]["dp"] == 8 and d["fits"] is False
-    assert math.isclose(d["peak_bytes"], 103.7920e9, rel_tol=1e-5)
+    # A byte count: a sum of integer-valued terms below 2^53, exact in float64 and in JSON.
+    assert d["peak_bytes"] == 103_791_986_688
     # A budget above the peak passes.
     assert main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpu-mem-gb", "110"]) == 0
 
