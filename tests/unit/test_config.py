@@ -154,3 +154,14 @@ def test_config_show_cli(capsys):
     assert "steps: 9" in out and "preset: qwen3_tiny_chat" in out
     assert main(["config", "show", "tiny_cpu", "train.stepz=9"]) == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err
+
+
+def test_rlsd_lam_schedule_is_linear_then_flat():
+    from egrsd_megatron.config.schema import RatioConfig
+    r = RatioConfig(lam=0.5, lam_end=0.0, lam_steps=50)
+    assert [r.lam_at(t) for t in (0, 25, 50, 80)] == [0.5, 0.25, 0.0, 0.0]
+    assert RatioConfig(lam=0.7).lam_at(123) == 0.7          # no schedule: constant
+    with pytest.raises(ConfigError, match="loss.ratio.lam_steps"):
+        load_config(None, ["loss.ratio.lam_end=0.0"])
+    with pytest.raises(ConfigError, match="loss.ratio.lam_end"):
+        load_config(None, ["loss.ratio.lam_end=1.5", "loss.ratio.lam_steps=3"])

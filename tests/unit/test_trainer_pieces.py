@@ -3,6 +3,7 @@
 rollout record (assignment to model-parallel ranks, seeds, merge, samples)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -214,3 +215,35 @@ def test_to_samples_pairs_each_rollout_with_its_problems_prompts():
         [([10], [20], 0), ([10], [20], 0), ([11], [21], 1), ([11], [21], 1)]
     assert [s.advantage for s in samples] == [0.5, -0.5, 1.0, -1.0]
     assert samples[3].truncated and samples[3].response == [3, 4] and samples[2].reward == 0.5
+
+
+# ---------------------------------------------------------------- on-policy pieces of the micro-batch loss
+def test_ratio_weight_reads_the_behaviour_logprob():
+    """PPO epochs > 1: rho (and so Ahat) comes from the old log-probs, not the current ones."""
+    from egrsd_megatron.losses import token_advantages
+    cfg = LossConfig(name="egrsd")
+    samples, _, stats, _, old = _batch(0)
+    mb = make_micro_batches(samples, 8)[0]
+    _, rec = micro_batch_loss(stats, mb, cfg, denominator=mb.num_tokens, vocab_size=V, old_logprobs={0: old})
+    _, want = token_advantages(mb.advantages, old, stats.teacher_logprob, stats.teacher_entropy, mb.mask, cfg,
+                               vocab_size=V, return_metrics=True)
+    _, current = token_advantages(mb.advantages, stats.student_logprob, stats.teacher_logprob,
+                                  stats.teacher_entropy, mb.mask, cfg, vocab_size=V, return_metrics=True)
+    assert rec.values["ratio_weight_mean"] == want["ratio_weight_mean"] != current["ratio_weight_mean"]
+
+
+def test_engine_mismatch_metrics():
+    samples, _, stats, _, _ = _batch(1)
+    delta = torch.linspace(0, 0.3, len(samples))
+    for s, d in zip(samples, delta.tolist()):   # the engine's log-probs are the trainer's, shifted per row
+        s.engine_logprobs = [float(x) + d for x in stats.student_logprob[samples.index(s), : len(s.response)]]
+    mb = make_micro_batches(samples, 8)[0]
+    _, rec = micro_batch_loss(stats, mb, LossConfig(name="grpo"), denominator=mb.num_tokens, vocab_size=V)
+    per_token = delta[:, None].expand(mb.mask.shape)[mb.mask].double()
+    # fp32 log-probs of magnitude <= 5 shifted by d: the difference is d to a few fp32 ulps of 5 (~1e-6).
+    assert rec.values["logprob_diff_mean"] == pytest.approx(float(per_token.mean()), abs=2e-6)
+    assert rec.values["logprob_diff_max"] == pytest.approx(0.3, abs=2e-6)
+    assert rec.values["prob_ratio_error"] == pytest.approx(float(torch.expm1(per_token).mean()), abs=3e-6)
+    bare = make_micro_batches([dataclasses.replace(s, engine_logprobs=[]) for s in samples], 8)[0]
+    assert "logprob_diff_mean" not in micro_batch_loss(stats, bare, LossConfig(name="grpo"),
+                                                       denominator=bare.num_tokens, vocab_size=V)[1].values
