@@ -1,4 +1,5 @@
 """egrsd-megatron: EGRSD / CL-EGRSD on-policy self-distillation for Qwen3 on Megatron-Core."""
+
 from setuptools import find_packages, setup
 
 setup(

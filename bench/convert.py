@@ -8,6 +8,7 @@ Each step runs in a fresh subprocess whose own peak RSS (ru_maxrss) is recorded.
   checkpoint + save_file (what a non-streaming converter does at least; it holds the model once).
 Usage: python bench/convert.py [--preset qwen3_0.6b] [--dtype bf16|fp32] [--tp 1 --pp 1] [--out r.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def write_random_checkpoint(arch, out_dir: str, dtype, shard_bytes: int = 1 << 3
     from safetensors.torch import save_file
 
     from egrsd_megatron.checkpoint.layout import hf_shapes
+
     os.makedirs(out_dir)
     g = torch.Generator().manual_seed(0)
     shapes = hf_shapes(arch)
@@ -85,8 +87,12 @@ def write_random_checkpoint(arch, out_dir: str, dtype, shard_bytes: int = 1 << 3
 
 def run_step(step: str, a: str, b: str, tp: int, pp: int) -> dict:
     code = _CHILD.format(root=ROOT)
-    r = subprocess.run([sys.executable, "-c", code, step, a, b, str(tp), str(pp)], capture_output=True, text=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", code, step, a, b, str(tp), str(pp)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{step} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -105,6 +111,7 @@ def main() -> int:
 
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.models import resolve_arch
+
     arch = resolve_arch(ModelConfig(preset=args.preset))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     size_gib = arch.num_params() * (2 if args.dtype == "bf16" else 4) / 1024**3
@@ -117,32 +124,57 @@ def main() -> int:
         t = time.perf_counter()
         nbytes = write_random_checkpoint(arch, hf, dtype)
         gen_s = time.perf_counter() - t
-        rows = {"idle_import": run_step("idle", hf, "", 1, 1),
-                "naive_copy (baseline)": run_step("naive_copy", hf, os.path.join(tmp, "copy"), 1, 1),
-                f"hf_to_megatron tp{args.tp} pp{args.pp}": run_step("hf_to_megatron", hf, os.path.join(tmp, "meg"),
-                                                                    args.tp, args.pp),
-                "megatron_to_hf": run_step("megatron_to_hf", os.path.join(tmp, "meg"), os.path.join(tmp, "hf2"), 1, 1)}
+        rows = {
+            "idle_import": run_step("idle", hf, "", 1, 1),
+            "naive_copy (baseline)": run_step("naive_copy", hf, os.path.join(tmp, "copy"), 1, 1),
+            f"hf_to_megatron tp{args.tp} pp{args.pp}": run_step(
+                "hf_to_megatron", hf, os.path.join(tmp, "meg"), args.tp, args.pp
+            ),
+            "megatron_to_hf": run_step("megatron_to_hf", os.path.join(tmp, "meg"), os.path.join(tmp, "hf2"), 1, 1),
+        }
         # the round trip must be bit-identical: compare tensor by tensor
         from egrsd_megatron.checkpoint.hf_io import HFSource
+
         s1, s2 = HFSource(hf), HFSource(os.path.join(tmp, "hf2"))
         identical = all(torch.equal(s1.fetch([n])[0], s2.fetch([n])[0]) for n in s1.file_of)
     base_rss = rows["idle_import"]["peak_rss_bytes"]
     base_wall = rows["naive_copy (baseline)"]["wall_s"]
-    print(f"checkpoint: {args.preset} {args.dtype}, {nbytes / 1024**3:.2f} GiB ({arch.num_params() / 1e6:.0f}M params; "
-          f"generated in {gen_s:.0f} s); round trip bit-identical: {identical}")
-    print(f"{'step':34s} {'wall s':>8s} {'x naive':>8s} {'peak RSS GiB':>13s} {'RSS/ckpt':>9s} {'(RSS-idle)/ckpt':>16s}")
+    print(
+        f"checkpoint: {args.preset} {args.dtype}, {nbytes / 1024**3:.2f} GiB ({arch.num_params() / 1e6:.0f}M params; "
+        f"generated in {gen_s:.0f} s); round trip bit-identical: {identical}"
+    )
+    print(
+        f"{'step':34s} {'wall s':>8s} {'x naive':>8s} {'peak RSS GiB':>13s} {'RSS/ckpt':>9s} {'(RSS-idle)/ckpt':>16s}"
+    )
     out_rows = []
     for name, r in rows.items():
         rss = r["peak_rss_bytes"]
-        row = {"step": name, "wall_s": r["wall_s"], "wall_vs_naive": r["wall_s"] / base_wall,
-               "peak_rss_gib": rss / 1024**3, "rss_over_ckpt": rss / nbytes, "rss_minus_idle_over_ckpt": (rss - base_rss) / nbytes}
+        row = {
+            "step": name,
+            "wall_s": r["wall_s"],
+            "wall_vs_naive": r["wall_s"] / base_wall,
+            "peak_rss_gib": rss / 1024**3,
+            "rss_over_ckpt": rss / nbytes,
+            "rss_minus_idle_over_ckpt": (rss - base_rss) / nbytes,
+        }
         out_rows.append(row)
-        print(f"{name:34s} {row['wall_s']:8.1f} {row['wall_vs_naive']:8.2f} {row['peak_rss_gib']:13.2f} "
-              f"{row['rss_over_ckpt']:9.2f} {row['rss_minus_idle_over_ckpt']:16.2f}")
-    result = {"preset": args.preset, "dtype": args.dtype, "tp": args.tp, "pp": args.pp, "checkpoint_bytes": nbytes,
-              "round_trip_bit_identical": identical, "target_rss_over_ckpt": 1.5, "rows": out_rows}
+        print(
+            f"{name:34s} {row['wall_s']:8.1f} {row['wall_vs_naive']:8.2f} {row['peak_rss_gib']:13.2f} "
+            f"{row['rss_over_ckpt']:9.2f} {row['rss_minus_idle_over_ckpt']:16.2f}"
+        )
+    result = {
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "tp": args.tp,
+        "pp": args.pp,
+        "checkpoint_bytes": nbytes,
+        "round_trip_bit_identical": identical,
+        "target_rss_over_ckpt": 1.5,
+        "rows": out_rows,
+    }
     if args.out:
         from egrsd_megatron.utils.atomic import atomic_write_json
+
         atomic_write_json(args.out, result)
     return 0 if identical else 1
 

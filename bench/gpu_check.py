@@ -14,6 +14,7 @@ Prints a table and writes everything to --out (JSON). A check that fails prints 
 an FP8 case refused on a pre-Hopper GPU is recorded as "refused" (that refusal is itself the expected
 behaviour there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,7 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: Dict
 
 def check_token_stats(n_tokens: int, vocab: int) -> None:
     from egrsd_megatron.ops.vocab_parallel import token_stats
+
     dev = DEV
     g = torch.Generator(device=dev).manual_seed(0)
     # Logits like a trained LM's: a scale of a few units, a few large spikes (peaked distributions).
@@ -91,8 +93,10 @@ def check_token_stats(n_tokens: int, vocab: int) -> None:
     zt = (zs.float() + torch.randn(n_tokens, vocab, device=dev, generator=g)).bfloat16()
     zt[:, :8] += 20
     y = torch.randint(0, vocab, (n_tokens,), device=dev, generator=g)
-    w = {k: torch.randn(n_tokens, device=dev, dtype=torch.float64, generator=g)
-         for k in ("student_logprob", "student_entropy", "kl")}
+    w = {
+        k: torch.randn(n_tokens, device=dev, dtype=torch.float64, generator=g)
+        for k in ("student_logprob", "student_entropy", "kl")
+    }
 
     x = zs.clone().requires_grad_(True)
     st = token_stats(x, zt, y, vocab_size=vocab, student_entropy=True, kl="reverse")
@@ -108,7 +112,7 @@ def check_token_stats(n_tokens: int, vocab: int) -> None:
             errs[k] = max(errs[k], (getattr(st, k)[a:b].double() - ref[k]).abs().max().item())
         # The gradient is stored in bf16 like the logits (8 mantissa bits): allow its rounding, 2^-8 relative,
         # on top of a small absolute error of the fp32 math.
-        d = (x.grad[a:b].double() - gref).abs() - 2.0 ** -8 * gref.abs()
+        d = (x.grad[a:b].double() - gref).abs() - 2.0**-8 * gref.abs()
         gerr = max(gerr, d.max().item())
         gscale = max(gscale, gref.abs().max().item())
         del ref, gref
@@ -117,18 +121,28 @@ def check_token_stats(n_tokens: int, vocab: int) -> None:
     tol = 2e-4
     for k, e in errs.items():
         check(f"token_stats {k} vs float64 ({n_tokens} x {vocab})", e < tol, f"max abs err {e:.2e} (tol {tol:g})")
-    check("token_stats d/dz_student vs float64 autograd", gerr < 1e-5 * max(gscale, 1.0),
-          f"max (|err| - 2^-8 |ref|) {gerr:.2e} (max |grad| {gscale:.2e}; bf16 gradient rounding allowed)")
+    check(
+        "token_stats d/dz_student vs float64 autograd",
+        gerr < 1e-5 * max(gscale, 1.0),
+        f"max (|err| - 2^-8 |ref|) {gerr:.2e} (max |grad| {gscale:.2e}; bf16 gradient rounding allowed)",
+    )
 
     def step():
         x.grad = None
         s = token_stats(x, zt, y, vocab_size=vocab, student_entropy=True, kl="reverse", check_finite=False)
         (s.student_logprob.sum() + s.student_entropy.sum() + s.kl.sum()).backward()
+
     step()
     reset_peak()
     sec = timed(step, 5)
-    RESULTS["speed"].append({"case": f"token_stats fwd+bwd {n_tokens}x{vocab} bf16", "tokens_per_s": n_tokens / sec,
-                             "ms": sec * 1e3, "peak_gb": peak_gb()})
+    RESULTS["speed"].append(
+        {
+            "case": f"token_stats fwd+bwd {n_tokens}x{vocab} bf16",
+            "tokens_per_s": n_tokens / sec,
+            "ms": sec * 1e3,
+            "peak_gb": peak_gb(),
+        }
+    )
     x = zs = zt = None  # free the logits (not `del`: the step closure above refers to them)
     reset_peak()
 
@@ -138,6 +152,7 @@ def build(preset: str, precision: str, seed: int = 1234):
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import seed_everything
     from egrsd_megatron.models import build_model, resolve_arch
+
     mc = ModelConfig(preset=preset, params_dtype="fp32" if precision == "fp32" else "bf16", precision=precision)
     arch = resolve_arch(mc)
     seed_everything(seed)  # same seed -> same weights for every precision
@@ -146,6 +161,7 @@ def build(preset: str, precision: str, seed: int = 1234):
 
 def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids: torch.Tensor) -> Dict[str, Any]:
     from egrsd_megatron.models import forward_logits
+
     reset_peak()
     model, arch = build(preset, precision)
     model.train()
@@ -153,7 +169,9 @@ def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids
 
     def step():
         logits = forward_logits(model, ids)
-        loss = torch.nn.functional.cross_entropy(logits[..., :arch.vocab_size].float().flatten(0, 1), targets.flatten())
+        loss = torch.nn.functional.cross_entropy(
+            logits[..., : arch.vocab_size].float().flatten(0, 1), targets.flatten()
+        )
         loss.backward()
         return loss
 
@@ -162,10 +180,16 @@ def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids
     sec = timed(step, iters)
     with torch.no_grad():
         model.eval()
-        logits = forward_logits(model, ids)[..., :arch.vocab_size].float()
-    out = {"case": f"{preset} {precision} fwd+bwd b{batch} s{seq}", "tokens_per_s": batch * seq / sec,
-           "ms": sec * 1e3, "peak_gb": peak_gb(), "loss": float(loss),
-           "logits": logits.cpu(), "te": type(model.decoder.layers[0].self_attention.linear_qkv).__module__}
+        logits = forward_logits(model, ids)[..., : arch.vocab_size].float()
+    out = {
+        "case": f"{preset} {precision} fwd+bwd b{batch} s{seq}",
+        "tokens_per_s": batch * seq / sec,
+        "ms": sec * 1e3,
+        "peak_gb": peak_gb(),
+        "loss": float(loss),
+        "logits": logits.cpu(),
+        "te": type(model.decoder.layers[0].self_attention.linear_qkv).__module__,
+    }
     model = None  # free it (not `del`: the step closure above refers to it)
     reset_peak()
     return out
@@ -173,6 +197,7 @@ def run_model(preset: str, precision: str, batch: int, seq: int, iters: int, ids
 
 def model_checks(fast: bool) -> None:
     from egrsd_megatron.config.schema import ConfigError
+
     cases = [("qwen3_tiny", 8, 256, 10), ("qwen3_0.6b", 2 if fast else 4, 2048, 5 if fast else 10)]
     if DEV.type == "cpu":
         cases = [("qwen3_tiny", 2, 32, 2)]
@@ -197,12 +222,19 @@ def model_checks(fast: bool) -> None:
             results[precision] = r
             if DEV.type == "cuda":
                 from egrsd_megatron.models.precision import te_available
+
                 if te_available():
-                    check(f"{preset} {precision} uses the Transformer Engine layer spec", "transformer_engine" in r["te"],
-                          f"linear_qkv from {r['te']}")
+                    check(
+                        f"{preset} {precision} uses the Transformer Engine layer spec",
+                        "transformer_engine" in r["te"],
+                        f"linear_qkv from {r['te']}",
+                    )
             RESULTS["speed"].append({k: v for k, v in r.items() if k != "logits"})
-            check(f"{preset} {precision} fwd+bwd", math.isfinite(r["loss"]),
-                  f"loss {r['loss']:.4f} (ln V = {math.log(vocab):.4f} expected near init), layer module {r['te']}")
+            check(
+                f"{preset} {precision} fwd+bwd",
+                math.isfinite(r["loss"]),
+                f"loss {r['loss']:.4f} (ln V = {math.log(vocab):.4f} expected near init), layer module {r['te']}",
+            )
         # Same weights: bf16 and FP8 logits should agree to low-precision rounding (relative to their spread).
         for a, b, tol in (("fp32", "bf16", 0.05), ("bf16", "fp8", 0.25)):
             if a in results and b in results:
@@ -215,6 +247,7 @@ def check_master_weights(numel: int) -> None:
     """MasterWeightAdamW on the device: its fp32 masters follow torch AdamW on fp32 copies bitwise (same
     bf16-representable gradients), the bf16 parameters are their rounding; step time vs that AdamW."""
     from egrsd_megatron.trainer.optim import MasterWeightAdamW
+
     kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
     g = torch.Generator(device=DEV).manual_seed(0)
     shapes = [(numel // 1024, 1024), (1024,)]
@@ -229,11 +262,21 @@ def check_master_weights(numel: int) -> None:
         opt_ref.step()
     ok = all(torch.equal(opt_low.state[p]["master"], q.detach()) for p, q in zip(low, ref))
     rounded = all(torch.equal(p.detach(), q.detach().to(torch.bfloat16)) for p, q in zip(low, ref))
-    check(f"MasterWeightAdamW masters == fp32 AdamW bitwise ({numel:,} params)", ok and rounded,
-          f"masters equal: {ok}, params are their rounding: {rounded}")
+    check(
+        f"MasterWeightAdamW masters == fp32 AdamW bitwise ({numel:,} params)",
+        ok and rounded,
+        f"masters equal: {ok}, params are their rounding: {rounded}",
+    )
     t_low, t_ref = timed(opt_low.step, 5), timed(opt_ref.step, 5)
-    RESULTS["speed"].append({"case": f"MasterWeightAdamW step, {numel:,} bf16 params", "tokens_per_s": 0.0,
-                             "ms": t_low * 1e3, "peak_gb": peak_gb(), "vs_fp32_adamw": t_low / t_ref})
+    RESULTS["speed"].append(
+        {
+            "case": f"MasterWeightAdamW step, {numel:,} bf16 params",
+            "tokens_per_s": 0.0,
+            "ms": t_low * 1e3,
+            "peak_gb": peak_gb(),
+            "vs_fp32_adamw": t_low / t_ref,
+        }
+    )
 
 
 def vllm_checks(fast: bool) -> None:
@@ -243,6 +286,7 @@ def vllm_checks(fast: bool) -> None:
     import dataclasses
     import importlib.util
     import tempfile
+
     if importlib.util.find_spec("vllm") is None:
         RESULTS["checks"].append({"name": "vllm engine", "ok": True, "detail": "skipped: vllm not installed"})
         print("SKIP vllm engine: vllm not installed", flush=True)
@@ -253,47 +297,63 @@ def vllm_checks(fast: bool) -> None:
     from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
     from egrsd_megatron.rollout.vllm_engine import make_vllm_engine
     from egrsd_megatron.testing.tiny import save_random_hf_model
-    arch = dataclasses.replace(PRESETS["qwen3_tiny_chat"], head_dim=32)   # vLLM CPU has no head_dim 16 kernel
+
+    arch = dataclasses.replace(PRESETS["qwen3_tiny_chat"], head_dim=32)  # vLLM CPU has no head_dim 16 kernel
     root = tempfile.mkdtemp(prefix="gpu_check_vllm_")
     tok = byte_tokenizer()
-    a, b = (save_random_hf_model(arch, os.path.join(root, x), seed=i, randomize_norms=True, tokenizer=tok)
-            for i, x in enumerate("AB"))
+    a, b = (
+        save_random_hf_model(arch, os.path.join(root, x), seed=i, randomize_norms=True, tokenizer=tok)
+        for i, x in enumerate("AB")
+    )
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     hf = {x: HFEngine(build_hf_model({}, d, dtype=dtype).to(DEV), tok) for x, d in (("A", a), ("B", b))}
     prompts = [[5 + (i * 7 + j) % 200 for j in range(8 + i)] for i in range(8)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=32)
     t = time.perf_counter()
-    engine = make_vllm_engine(argparse.Namespace(), arch.to_hf_config(), tok)   # dummy weights
+    engine = make_vllm_engine(argparse.Namespace(), arch.to_hf_config(), tok)  # dummy weights
     start_s = time.perf_counter() - t
     try:
+
         def named(d):
             return build_hf_model({}, d).state_dict().items()
+
         engine.update_weights(named(a))
         out_a = [c.response_ids for c in engine.generate(prompts, greedy)]
         ref_a = [c.response_ids for c in hf["A"].generate(prompts, greedy)]
         first = sum(x[0] == y[0] for x, y in zip(out_a, ref_a))
         prefix = [next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(out_a, ref_a)]
-        exact = DEV.type != "cuda"   # fp32 on CPU: token for token; bf16 kernels differ on a GPU
-        check("vllm greedy vs hf engine (tiny Qwen3)", (prefix == [len(x) for x in out_a]) if exact
-              else first == len(prompts), f"first tokens equal {first}/{len(prompts)}, mean equal prefix "
-              f"{sum(prefix) / len(prefix):.1f}/{greedy.max_new_tokens} ({dtype})")
+        exact = DEV.type != "cuda"  # fp32 on CPU: token for token; bf16 kernels differ on a GPU
+        check(
+            "vllm greedy vs hf engine (tiny Qwen3)",
+            (prefix == [len(x) for x in out_a]) if exact else first == len(prompts),
+            f"first tokens equal {first}/{len(prompts)}, mean equal prefix "
+            f"{sum(prefix) / len(prefix):.1f}/{greedy.max_new_tokens} ({dtype})",
+        )
         engine.update_weights(named(b))
         out_b = [c.response_ids for c in engine.generate(prompts, greedy)]
         ref_b = [c.response_ids for c in hf["B"].generate(prompts, greedy)]
         engine.update_weights(named(a))
         again = [c.response_ids for c in engine.generate(prompts, greedy)]
-        check("vllm refit A -> B -> A", again == out_a and out_b != out_a
-              and sum(x[0] == y[0] for x, y in zip(out_b, ref_b)) == len(prompts),
-              f"A again identical: {again == out_a}; B differs from A: {out_b != out_a}")
+        check(
+            "vllm refit A -> B -> A",
+            again == out_a and out_b != out_a and sum(x[0] == y[0] for x, y in zip(out_b, ref_b)) == len(prompts),
+            f"A again identical: {again == out_a}; B differs from A: {out_b != out_a}",
+        )
         rows = [prompts[i % len(prompts)] for i in range(16 if fast else 64)]
         params = SamplingParams(temperature=1.0, max_new_tokens=64 if fast else 256, seed=0)
         for name, eng in (("vllm", engine), ("hf", hf["A"])):
             t = time.perf_counter()
             n = sum(len(c.response_ids) for c in eng.generate(rows, params))
             sec = time.perf_counter() - t
-            RESULTS["speed"].append({"case": f"{name} engine generate {len(rows)} rows x {params.max_new_tokens}",
-                                     "tokens_per_s": n / sec, "ms": sec * 1e3, "peak_gb": peak_gb(),
-                                     "engine_start_s": start_s if name == "vllm" else None})
+            RESULTS["speed"].append(
+                {
+                    "case": f"{name} engine generate {len(rows)} rows x {params.max_new_tokens}",
+                    "tokens_per_s": n / sec,
+                    "ms": sec * 1e3,
+                    "peak_gb": peak_gb(),
+                    "engine_start_s": start_s if name == "vllm" else None,
+                }
+            )
     finally:
         engine.close()
 
@@ -302,8 +362,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--fast", action="store_true", help="smaller sizes (a quicker smoke run)")
-    ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="run the script's code on the CPU at toy sizes (checks the script, measures nothing)")
+    ap.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="run the script's code on the CPU at toy sizes (checks the script, measures nothing)",
+    )
     args = ap.parse_args()
     global DEV
     if args.cpu_dry_run:
@@ -315,25 +378,32 @@ def main() -> int:
 
     from egrsd_megatron.distributed.runtime import init_distributed
     from egrsd_megatron.models.precision import te_available
+
     cuda = DEV.type == "cuda"
-    info = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
-            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-            "memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9 if cuda else None,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda, "megatron_core": getattr(megatron.core, "__version__", "?"),
-            "transformer_engine": None}
+    info = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9 if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "megatron_core": getattr(megatron.core, "__version__", "?"),
+        "transformer_engine": None,
+    }
     if te_available():
         import transformer_engine
+
         info["transformer_engine"] = getattr(transformer_engine, "__version__", "present")
     RESULTS["info"] = info
     print(json.dumps(info), flush=True)
     t0 = time.time()
     init_distributed(tp=1, pp=1, seed=1234)
     n_tok, vocab = (64, 1000) if not cuda else (2048 if args.fast else 8192, 151936)
-    for name, fn in (("token_stats", lambda: check_token_stats(n_tok, vocab)),
-                     ("models", lambda: model_checks(args.fast)),
-                     ("master weights", lambda: check_master_weights(2**16 if not cuda else 2**26)),
-                     ("vllm", lambda: vllm_checks(args.fast or not cuda))):
+    for name, fn in (
+        ("token_stats", lambda: check_token_stats(n_tok, vocab)),
+        ("models", lambda: model_checks(args.fast)),
+        ("master weights", lambda: check_master_weights(2**16 if not cuda else 2**26)),
+        ("vllm", lambda: vllm_checks(args.fast or not cuda)),
+    ):
         try:
             fn()
         except Exception as e:  # noqa: BLE001
@@ -350,6 +420,7 @@ def main() -> int:
     n_fail = sum(not c["ok"] for c in RESULTS["checks"])
     print(f"\n{info['device']}: {len(RESULTS['checks']) - n_fail} passed, {n_fail} failed, {RESULTS['wall_s']:.0f} s")
     from egrsd_megatron.utils.atomic import atomic_write_json
+
     atomic_write_json(args.out, RESULTS)
     print(f"wrote {args.out}")
     return 1 if n_fail else 0

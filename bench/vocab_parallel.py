@@ -17,6 +17,7 @@ ranks) are skipped per variant and recorded with the reason. Targets (ratios mea
 
     .venv/bin/python bench/vocab_parallel.py --out bench_vocab_parallel.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,9 +139,19 @@ def _make_inputs(n: int, v_local: int, v: int, dtype: torch.dtype, rank: int, se
     return out[0], out[1], y
 
 
-def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, group, rank: int,
-             v: int, chunk: int, temps: Optional[dict] = None):
+def _step_fn(
+    variant: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    y: torch.Tensor,
+    group,
+    rank: int,
+    v: int,
+    chunk: int,
+    temps: Optional[dict] = None,
+):
     from egrsd_megatron.ops.vocab_parallel import token_stats
+
     v_local = student.shape[1]
     if variant == "fused":
         x = student.requires_grad_(True)
@@ -150,6 +161,7 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torc
             st.student_logprob.sum().backward()
             x.grad = None
             return st.student_logprob.detach(), st.teacher_entropy
+
         return step, None
     if variant == "unfused":
         x = student.requires_grad_(True)
@@ -162,8 +174,10 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torc
             lp.sum().backward()
             x.grad = None
             return lp.detach(), ht
+
         return step, None
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
     if student.dtype == torch.float32:
         # Megatron overwrites fp32 logits in place: each step gets a fresh copy made before the clock
         # starts (it plays the role of the model's output, which Megatron may consume).
@@ -178,6 +192,7 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torc
             loss.sum().backward()
             x.grad = None
             return -loss.detach(), None
+
         return step, prepare
     x = student.requires_grad_(True)
 
@@ -186,14 +201,17 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor, y: torc
         loss.sum().backward()
         x.grad = None
         return -loss.detach(), None
+
     return step, None
 
 
 def _worker(rank: int, world: int, grid: List[tuple], opts: dict) -> List[dict]:
     torch.set_num_threads(opts["threads"])
     from egrsd_megatron.distributed.runtime import init_distributed
+
     init_distributed(tp=world)
     from megatron.core import parallel_state as ps
+
     group = ps.get_tensor_model_parallel_group()
     rows = []
     for n, v, dname in grid:
@@ -201,13 +219,16 @@ def _worker(rank: int, world: int, grid: List[tuple], opts: dict) -> List[dict]:
         v_local = v // world
         row = {"tp": world, "n": n, "v": v, "dtype": dname, "rank": rank, "variants": {}}
         need = {k: estimate_bytes(k, n, v_local, dtype.itemsize) / GiB for k in VARIANTS}  # per rank
-        runnable = [k for k in VARIANTS
-                    if need[k] <= opts["mem_budget_gib"] and need[k] * world <= opts["total_budget_gib"]]
+        runnable = [
+            k for k in VARIANTS if need[k] <= opts["mem_budget_gib"] and need[k] * world <= opts["total_budget_gib"]
+        ]
         for k in VARIANTS:
             if k not in runnable:
-                row["variants"][k] = {"skipped": f"estimated {need[k]:.1f} GiB per rank x {world} rank(s) "
-                                                 f"exceeds --mem-budget-gib {opts['mem_budget_gib']} per rank "
-                                                 f"or --total-budget-gib {opts['total_budget_gib']}"}
+                row["variants"][k] = {
+                    "skipped": f"estimated {need[k]:.1f} GiB per rank x {world} rank(s) "
+                    f"exceeds --mem-budget-gib {opts['mem_budget_gib']} per rank "
+                    f"or --total-budget-gib {opts['total_budget_gib']}"
+                }
         if runnable:
             student, teacher, y = _make_inputs(n, v_local, v, dtype, rank, opts["seed"])
             outputs = {}
@@ -230,14 +251,20 @@ def _worker(rank: int, world: int, grid: List[tuple], opts: dict) -> List[dict]:
                     outputs[k] = out
                     del out
                 student.requires_grad_(False)
-                row["variants"][k] = {"time_s": statistics.median(times), "times_s": times,
-                                      "peak_gib": max(peaks), "est_gib": need[k] / world}
+                row["variants"][k] = {
+                    "time_s": statistics.median(times),
+                    "times_s": times,
+                    "peak_gib": max(peaks),
+                    "est_gib": need[k] / world,
+                }
             # The variants must compute the same log-probs (else the comparison is meaningless).
             ref = outputs["unfused"] if "unfused" in outputs else outputs.get("megatron_ce")
             if "fused" in outputs and ref is not None:
                 row["max_abs_diff_logprob"] = float((outputs["fused"][0] - ref[0]).abs().max())
                 if "unfused" in outputs:
-                    row["max_abs_diff_entropy"] = float((outputs["fused"][1] - outputs["unfused"][1]).abs().max().detach())
+                    row["max_abs_diff_entropy"] = float(
+                        (outputs["fused"][1] - outputs["unfused"][1]).abs().max().detach()
+                    )
             del student, teacher, y, outputs
         rows.append(row)
     return rows
@@ -255,9 +282,11 @@ def _merge(per_rank: List[List[dict]]) -> List[dict]:
             if "skipped" in vs[0]:
                 base["variants"][k] = vs[0]
             else:
-                base["variants"][k] = {"time_s": max(x["time_s"] for x in vs),
-                                       "peak_gib": max(x["peak_gib"] for x in vs),
-                                       "times_s_rank0": vs[0]["times_s"]}
+                base["variants"][k] = {
+                    "time_s": max(x["time_s"] for x in vs),
+                    "peak_gib": max(x["peak_gib"] for x in vs),
+                    "times_s_rank0": vs[0]["times_s"],
+                }
         for key in ("max_abs_diff_logprob", "max_abs_diff_entropy"):
             if key in rows[0]:
                 base[key] = max(r[key] for r in rows)
@@ -278,17 +307,21 @@ def _fmt(v: dict, key: str, spec: str) -> str:
 
 
 def print_table(rows: List[dict]) -> None:
-    hdr = (f"{'TP':>2} {'N':>5} {'V':>6} {'dtype':>5} | {'a s':>7} {'b s':>7} {'c s':>7} | {'a GiB':>6} "
-           f"{'b GiB':>6} {'c GiB':>6} | {'t a/b':>6} {'m a/b':>6} {'t a/c':>6}")
+    hdr = (
+        f"{'TP':>2} {'N':>5} {'V':>6} {'dtype':>5} | {'a s':>7} {'b s':>7} {'c s':>7} | {'a GiB':>6} "
+        f"{'b GiB':>6} {'c GiB':>6} | {'t a/b':>6} {'m a/b':>6} {'t a/c':>6}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         a, b, c = (r["variants"][k] for k in VARIANTS)
         q = r["ratios"]
-        print(f"{r['tp']:>2} {r['n']:>5} {r['v']:>6} {r['dtype']:>5} | {_fmt(a, 'time_s', '7.3f')} "
-              f"{_fmt(b, 'time_s', '7.3f')} {_fmt(c, 'time_s', '7.3f')} | {_fmt(a, 'peak_gib', '6.3f')} "
-              f"{_fmt(b, 'peak_gib', '6.3f')} {_fmt(c, 'peak_gib', '6.3f')} | "
-              f"{_fmt(q, 'time_a_over_b', '6.3f')} {_fmt(q, 'mem_a_over_b', '6.3f')} {_fmt(q, 'time_a_over_c', '6.3f')}")
+        print(
+            f"{r['tp']:>2} {r['n']:>5} {r['v']:>6} {r['dtype']:>5} | {_fmt(a, 'time_s', '7.3f')} "
+            f"{_fmt(b, 'time_s', '7.3f')} {_fmt(c, 'time_s', '7.3f')} | {_fmt(a, 'peak_gib', '6.3f')} "
+            f"{_fmt(b, 'peak_gib', '6.3f')} {_fmt(c, 'peak_gib', '6.3f')} | "
+            f"{_fmt(q, 'time_a_over_b', '6.3f')} {_fmt(q, 'mem_a_over_b', '6.3f')} {_fmt(q, 'time_a_over_c', '6.3f')}"
+        )
     print("targets: t a/b <= 0.5, m a/b <= 0.25, t a/c <= 2.0 ('skip': over the memory budget, see JSON)")
 
 
@@ -302,22 +335,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (1: robust on a shared box)")
-    p.add_argument("--mem-budget-gib", type=float, default=6.0,
-                   help="skip a variant whose estimated footprint per rank (inputs included) exceeds this")
-    p.add_argument("--total-budget-gib", type=float, default=10.0,
-                   help="... or whose footprint summed over the ranks exceeds this (shared machine)")
+    p.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=6.0,
+        help="skip a variant whose estimated footprint per rank (inputs included) exceeds this",
+    )
+    p.add_argument(
+        "--total-budget-gib",
+        type=float,
+        default=10.0,
+        help="... or whose footprint summed over the ranks exceeds this (shared machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="(a) only: token_stats(temperature=...)")
-    p.add_argument("--entropy-temperature", type=float, default=None,
-                   help="(a) only: token_stats(entropy_temperature=...) (default: = --temperature)")
+    p.add_argument(
+        "--entropy-temperature",
+        type=float,
+        default=None,
+        help="(a) only: token_stats(entropy_temperature=...) (default: = --temperature)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     from egrsd_megatron.testing.spawn import run_distributed
     from egrsd_megatron.utils.atomic import atomic_write_json
-    opts = {"threads": args.threads, "mem_budget_gib": args.mem_budget_gib, "reps": args.reps,
-            "total_budget_gib": args.total_budget_gib,
-            "warmup": args.warmup, "chunk": args.chunk, "seed": args.seed,
-            "temps": {"temperature": args.temperature, "entropy_temperature": args.entropy_temperature}}
+
+    opts = {
+        "threads": args.threads,
+        "mem_budget_gib": args.mem_budget_gib,
+        "reps": args.reps,
+        "total_budget_gib": args.total_budget_gib,
+        "warmup": args.warmup,
+        "chunk": args.chunk,
+        "seed": args.seed,
+        "temps": {"temperature": args.temperature, "entropy_temperature": args.entropy_temperature},
+    }
     for tp in args.tp:
         bad = [v for v in args.v if v % tp]
         if bad:
@@ -328,11 +380,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for tp in args.tp:
         rows += _merge(run_distributed(_worker, tp, grid, opts, timeout=3600))
         if args.out:  # a partial file after each TP, replaced atomically: a long run is never all lost
-            atomic_write_json(args.out, {"config": vars(args), "torch": torch.__version__, "rows": rows,
-                                         "complete": tp == args.tp[-1]})
+            atomic_write_json(
+                args.out,
+                {"config": vars(args), "torch": torch.__version__, "rows": rows, "complete": tp == args.tp[-1]},
+            )
     print_table(rows)
-    print(f"(total {time.time() - t0:.0f} s; {args.threads} thread(s) per rank; median of {args.reps} reps "
-          f"after {args.warmup} warm-up; torch {torch.__version__})")
+    print(
+        f"(total {time.time() - t0:.0f} s; {args.threads} thread(s) per rank; median of {args.reps} reps "
+        f"after {args.warmup} warm-up; torch {torch.__version__})"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ Errors: a user error (ConfigError, or one of utils/errors.py's UserError types: 
 file, row, folder or option) prints one line `egrsd COMMAND: error: ...` and exits 2; anything else is a bug
 and propagates with its full traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ from .utils.errors import UserError
 
 # Order = order in `egrsd --help`. A module that is absent is skipped: no subcommand that does nothing.
 COMMAND_MODULES = (
-    "egrsd_megatron.config.commands",      # egrsd config show
-    "egrsd_megatron.data.commands",        # egrsd data synth | prepare
+    "egrsd_megatron.config.commands",  # egrsd config show
+    "egrsd_megatron.data.commands",  # egrsd data synth | prepare
     "egrsd_megatron.checkpoint.commands",  # egrsd convert hf-to-megatron | megatron-to-hf
-    "egrsd_megatron.trainer.commands",     # egrsd train
-    "egrsd_megatron.eval.commands",        # egrsd eval | frontier | curves
-    "egrsd_megatron.planner.commands",     # egrsd plan
+    "egrsd_megatron.trainer.commands",  # egrsd train
+    "egrsd_megatron.eval.commands",  # egrsd eval | frontier | curves
+    "egrsd_megatron.planner.commands",  # egrsd plan
 )
 
 

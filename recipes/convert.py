@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Thin entry: `python recipes/convert.py hf-to-megatron|megatron-to-hf ...` == `egrsd convert ...`."""
+
 import os
 import sys
 

@@ -12,6 +12,7 @@ Phases (each a CLI command a user could type; wall time of each is measured and 
   8. plots     frontier.png (accuracy vs length) and curves.png (per-step accuracy and length)
 Writes <out>/summary.md and <out>/summary.json. `--quick`: the same pipeline on a tiny random Qwen3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,22 @@ class Demo:
         self.run(phase, [sys.executable, "-m", "egrsd_megatron.cli", *args])
 
     def torchrun(self, phase: str, nproc: int, *args: str) -> None:
-        self.run(phase, [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                         os.path.join(ROOT, "recipes", "train.py"), *args])
+        self.run(
+            phase,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(nproc),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(free_port()),
+                os.path.join(ROOT, "recipes", "train.py"),
+                *args,
+            ],
+        )
 
 
 def read_eval(result_dir: str, bench: str) -> Dict:
@@ -80,22 +94,57 @@ def main() -> int:
     config = "tiny_cpu" if quick else "demo_cpu"
 
     # 1. data
-    demo.egrsd("data", "data", "synth", "--n", "256", "--seed", "1", "--min-steps", "1", "--max-steps", "1",
-               "--out", os.path.join(data_dir, "train.jsonl"))
-    demo.egrsd("data (held-out)", "data", "synth", "--n", str(eval_n), "--seed", "2", "--min-steps", "1",
-               "--max-steps", "1", "--out", os.path.join(data_dir, "synth.jsonl"))
+    demo.egrsd(
+        "data",
+        "data",
+        "synth",
+        "--n",
+        "256",
+        "--seed",
+        "1",
+        "--min-steps",
+        "1",
+        "--max-steps",
+        "1",
+        "--out",
+        os.path.join(data_dir, "train.jsonl"),
+    )
+    demo.egrsd(
+        "data (held-out)",
+        "data",
+        "synth",
+        "--n",
+        str(eval_n),
+        "--seed",
+        "2",
+        "--min-steps",
+        "1",
+        "--max-steps",
+        "1",
+        "--out",
+        os.path.join(data_dir, "synth.jsonl"),
+    )
 
     # 2. model
     if quick:
         t = time.monotonic()
         from egrsd_megatron.testing.tiny import save_tiny_hf_model
+
         hf_dir = save_tiny_hf_model(os.path.join(out, "tiny_hf"))
         demo.phases.append({"phase": "model", "seconds": round(time.monotonic() - t, 1)})
-        common = ["model.preset=hf", "model.init_from=megatron", "tokenizer.path=null", "parallel.tp=2",
-                  f"train.steps={args.steps or 3}", "train.save_every=0", "train.prompts_per_step=2"]
+        common = [
+            "model.preset=hf",
+            "model.init_from=megatron",
+            "tokenizer.path=null",
+            "parallel.tp=2",
+            f"train.steps={args.steps or 3}",
+            "train.save_every=0",
+            "train.prompts_per_step=2",
+        ]
         gen = ["--max-new-tokens", "16"]
     else:
         from egrsd_megatron.models.smollm2 import smollm2_hf_dir
+
         t = time.monotonic()
         print("=== model: SmolLM2-135M-Instruct (first run: GGUF -> safetensors cache, ~20 s)", flush=True)
         hf_dir = smollm2_hf_dir()
@@ -103,9 +152,22 @@ def main() -> int:
         common = [] if args.steps is None else [f"train.steps={args.steps}"]
         gen = ["--max-new-tokens", "96"]
     # Greedy, the training prompt templates (--config), the training reward.
-    eval_args = ["--benchmarks", "synth", "--data-dir", data_dir, "--k", "1", "--temperature", "0",
-                 "--reward", "final_number", *gen, "--no-progress",
-                 "--config", config]
+    eval_args = [
+        "--benchmarks",
+        "synth",
+        "--data-dir",
+        data_dir,
+        "--k",
+        "1",
+        "--temperature",
+        "0",
+        "--reward",
+        "final_number",
+        *gen,
+        "--no-progress",
+        "--config",
+        config,
+    ]
 
     # 3. convert
     mega = os.path.join(out, "megatron_tp2")
@@ -113,8 +175,9 @@ def main() -> int:
         demo.egrsd("convert", "convert", "hf-to-megatron", "--hf", hf_dir, "--out", mega, "--tp", "2", "--pp", "1")
 
     # 4. base evaluation
-    demo.egrsd("eval base", "eval", "--model", mega, "--out", os.path.join(out, "eval", "base"), "--label", "base",
-               *eval_args)
+    demo.egrsd(
+        "eval base", "eval", "--model", mega, "--out", os.path.join(out, "eval", "base"), "--label", "base", *eval_args
+    )
 
     results = {"base": os.path.join(out, "eval", "base")}
     methods = ["cl_egrsd", "grpo"]
@@ -124,37 +187,80 @@ def main() -> int:
             spent = demo.elapsed()
             per_method = sum(p["seconds"] for p in demo.phases if p["phase"].endswith(methods[0]))
             if spent + per_method > demo.budget_s:
-                print(f"=== skipping {method}: {spent / 60:.1f} min spent, one more method takes "
-                      f"~{per_method / 60:.1f} min, budget {demo.budget_s / 60:.0f} min", flush=True)
+                print(
+                    f"=== skipping {method}: {spent / 60:.1f} min spent, one more method takes "
+                    f"~{per_method / 60:.1f} min, budget {demo.budget_s / 60:.0f} min",
+                    flush=True,
+                )
                 break
         # 5./7. train (TP=2 over gloo)
-        demo.torchrun(f"train {method}", 2, config, f"model.hf_path={hf_dir}", f"model.load={mega}",
-                      f"data.train_path={os.path.join(data_dir, 'train.jsonl')}", f"loss.name={method}",
-                      f"train.out_dir={run_dir}", "train.resume=none", *common)
+        demo.torchrun(
+            f"train {method}",
+            2,
+            config,
+            f"model.hf_path={hf_dir}",
+            f"model.load={mega}",
+            f"data.train_path={os.path.join(data_dir, 'train.jsonl')}",
+            f"loss.name={method}",
+            f"train.out_dir={run_dir}",
+            "train.resume=none",
+            *common,
+        )
         latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
         # 6. evaluate the final checkpoint
         res = os.path.join(out, "eval", method)
-        demo.egrsd(f"eval {method}", "eval", "--model", os.path.join(run_dir, "checkpoints", latest, "model"),
-                   "--out", res, "--label", method, *eval_args)
+        demo.egrsd(
+            f"eval {method}",
+            "eval",
+            "--model",
+            os.path.join(run_dir, "checkpoints", latest, "model"),
+            "--out",
+            res,
+            "--label",
+            method,
+            *eval_args,
+        )
         results[method] = res
 
     # 8. plots
-    demo.egrsd("plots", "frontier", *results.values(), "--labels", *results.keys(),
-               "--out", os.path.join(out, "frontier.png"))
+    demo.egrsd(
+        "plots", "frontier", *results.values(), "--labels", *results.keys(), "--out", os.path.join(out, "frontier.png")
+    )
     runs = [os.path.join(out, m) for m in results if m != "base"]
-    demo.egrsd("curves", "curves", *runs, "--labels", *[m for m in results if m != "base"],
-               "--out", os.path.join(out, "curves.png"))
+    demo.egrsd(
+        "curves",
+        "curves",
+        *runs,
+        "--labels",
+        *[m for m in results if m != "base"],
+        "--out",
+        os.path.join(out, "curves.png"),
+    )
 
     # summary
     rows = []
     for label, res in results.items():
         r = read_eval(res, "synth")
-        rows.append({"model": label, "accuracy": r["accuracy"], "mean_length": r["mean_length"],
-                     "mean_length_correct": r.get("mean_length_correct"), "truncation_rate": r.get("truncation_rate")})
+        rows.append(
+            {
+                "model": label,
+                "accuracy": r["accuracy"],
+                "mean_length": r["mean_length"],
+                "mean_length_correct": r.get("mean_length_correct"),
+                "truncation_rate": r.get("truncation_rate"),
+            }
+        )
     total = demo.elapsed()
-    summary = {"quick": quick, "total_seconds": round(total, 1), "results": rows, "phases": demo.phases,
-               "frontier_png": os.path.join(out, "frontier.png"), "curves_png": os.path.join(out, "curves.png")}
+    summary = {
+        "quick": quick,
+        "total_seconds": round(total, 1),
+        "results": rows,
+        "phases": demo.phases,
+        "frontier_png": os.path.join(out, "frontier.png"),
+        "curves_png": os.path.join(out, "curves.png"),
+    }
     from egrsd_megatron.utils import atomic_write_json, atomic_write_text
+
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     lines = ["| model | accuracy | mean length (tokens) |", "|---|---|---|"]
     lines += [f"| {r['model']} | {r['accuracy']:.3f} | {r['mean_length']:.1f} |" for r in rows]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Thin entry for Slurm scripts: `python recipes/evaluate.py --model DIR --benchmarks ... --out DIR`
 is `egrsd eval ...` (same arguments)."""
+
 import sys
 
 from egrsd_megatron.cli import main

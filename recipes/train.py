@@ -4,6 +4,7 @@
 Same code path as `egrsd train`. Exit codes: 0 done, 2 bad config, 3 aborted on non-finite numerics,
 42 preempted after saving a checkpoint (the Slurm launcher requeues the job).
 """
+
 import sys
 
 from egrsd_megatron.cli import main

@@ -1,4 +1,5 @@
 """`egrsd convert hf-to-megatron | megatron-to-hf` (work in checkpoint.convert)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import argparse
 
 def _hf_to_megatron(args: argparse.Namespace) -> int:
     from .convert import hf_to_megatron
+
     out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}) to {out}")
     return 0
@@ -13,8 +15,10 @@ def _hf_to_megatron(args: argparse.Namespace) -> int:
 
 def _megatron_to_hf(args: argparse.Namespace) -> int:
     from .convert import megatron_to_hf
-    out = megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                         overwrite=args.overwrite)
+
+    out = megatron_to_hf(
+        args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite
+    )
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
@@ -32,7 +36,8 @@ def register(subparsers) -> None:
     b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face folder (safetensors)")
     b.add_argument("--ckpt", required=True, help="checkpoint folder written by hf-to-megatron or training")
     b.add_argument("--out", required=True, help="output Hugging Face folder (must not exist or be empty)")
-    b.add_argument("--max-shard-gb", type=float, default=1.0,
-                   help="largest safetensors shard, GiB (held in memory while written)")
+    b.add_argument(
+        "--max-shard-gb", type=float, default=1.0, help="largest safetensors shard, GiB (held in memory while written)"
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     b.set_defaults(func=_megatron_to_hf)

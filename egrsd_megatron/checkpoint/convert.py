@@ -8,6 +8,7 @@ memory-mapped rank files and flushes a safetensors shard whenever it reaches `ma
 Dtypes are preserved both ways, so HF -> Megatron -> HF is bit-identical.
 Both write into a temporary folder renamed on success (utils.atomic.atomic_dir).
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,14 +46,17 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrit
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for pp_rank in range(pp):
             for tp_rank in range(tp):
+
                 def tensor_of(local, pm, r=tp_rank):
                     return shard_from_hf(pm, src.fetch(pm.hf_names), arch, tp, r)
+
                 sd = rank_state_dict(arch, pp, pp_rank, tensor_of)
                 write_rank_file(rank_file(tmp, tp_rank, pp_rank, pp), sd)
                 del sd
                 log.info("wrote rank file tp %d/%d pp %d/%d", tp_rank, tp, pp_rank, pp)
-        write_common(tmp, build_metadata(arch, tp, pp, dtype, {"source": {"kind": "huggingface", "path": hf_dir}}),
-                     hf_dir)
+        write_common(
+            tmp, build_metadata(arch, tp, pp, dtype, {"source": {"kind": "huggingface", "path": hf_dir}}), hf_dir
+        )
     return os.path.abspath(out_dir)
 
 

@@ -8,6 +8,7 @@ resume code, the converter and `egrsd eval` all come through here.
     save_checkpoint(model, arch, dir)   collective; written in DEFAULT_FORMAT unless `fmt` names another
     open_source(dir)                    a TensorSource of full HF-named tensors (megatron-to-hf, eval)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,14 +27,18 @@ __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckpointFormat", "load_checkpoint", "
 @dataclass(frozen=True)
 class CheckpointFormat:
     name: str
-    save: Callable[..., str]        # (model, arch, out_dir, extra_meta=None, tokenizer_src=None) -> out_dir
-    load: Callable[..., None]       # (model, arch, ckpt_dir) -> None
-    source: Callable[..., Any]      # (ckpt_dir, arch=None) -> TensorSource with .arch, .meta, .dir, .close()
+    save: Callable[..., str]  # (model, arch, out_dir, extra_meta=None, tokenizer_src=None) -> out_dir
+    load: Callable[..., None]  # (model, arch, ckpt_dir) -> None
+    source: Callable[..., Any]  # (ckpt_dir, arch=None) -> TensorSource with .arch, .meta, .dir, .close()
 
 
 FORMATS: Dict[str, CheckpointFormat] = {
-    megatron_format.FORMAT: CheckpointFormat(megatron_format.FORMAT, megatron_format.save_model_checkpoint,
-                                             megatron_format.load_model_checkpoint, megatron_format.MegatronSource),
+    megatron_format.FORMAT: CheckpointFormat(
+        megatron_format.FORMAT,
+        megatron_format.save_model_checkpoint,
+        megatron_format.load_model_checkpoint,
+        megatron_format.MegatronSource,
+    ),
 }
 DEFAULT_FORMAT = megatron_format.FORMAT
 
@@ -42,8 +47,10 @@ def format_of(ckpt_dir: str) -> CheckpointFormat:
     """The registered format named by the folder's metadata; InputError naming the known ones otherwise."""
     name = read_metadata(ckpt_dir)["format"]
     if name not in FORMATS:
-        raise InputError(f"{ckpt_dir}/{META_FILE}: format {name!r} is not a known checkpoint format "
-                         f"(known: {', '.join(sorted(FORMATS))})")
+        raise InputError(
+            f"{ckpt_dir}/{META_FILE}: format {name!r} is not a known checkpoint format "
+            f"(known: {', '.join(sorted(FORMATS))})"
+        )
     return FORMATS[name]
 
 
@@ -51,8 +58,14 @@ def load_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str) -> N
     format_of(ckpt_dir).load(model, arch, ckpt_dir)
 
 
-def save_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str, extra_meta: Optional[Dict[str, Any]] = None,
-                    tokenizer_src: Optional[str] = None, fmt: str = DEFAULT_FORMAT) -> str:
+def save_checkpoint(
+    model: torch.nn.Module,
+    arch: ModelArch,
+    out_dir: str,
+    extra_meta: Optional[Dict[str, Any]] = None,
+    tokenizer_src: Optional[str] = None,
+    fmt: str = DEFAULT_FORMAT,
+) -> str:
     if fmt not in FORMATS:
         raise InputError(f"checkpoint format {fmt!r} is not known (known: {', '.join(sorted(FORMATS))})")
     return FORMATS[fmt].save(model, arch, out_dir, extra_meta=extra_meta, tokenizer_src=tokenizer_src)

@@ -5,6 +5,7 @@ Reading opens each file anew per read, so no memory map outlives a read (peak RS
 Writing flushes a safetensors shard whenever it reaches `max_shard_bytes` and writes the index and
 config.json, so the folder loads with `AutoModelForCausalLM.from_pretrained` (and vLLM).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,10 @@ class HFSource:
                 self.file_of = {k: single for k in f.keys()}
             self.index_file = single
         else:
-            raise MissingInputError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
-                                    f"(save the model with save_pretrained(..., safe_serialization=True))")
+            raise MissingInputError(
+                f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+                f"(save the model with save_pretrained(..., safe_serialization=True))"
+            )
         for fn in set(self.file_of.values()):
             if not os.path.isfile(fn):
                 raise MissingInputError(f"{index}: lists {os.path.basename(fn)}, which is missing in {self.dir}")
@@ -63,20 +66,31 @@ class HFSource:
         cfg = config_path or os.path.join(self.dir, "config.json")
         missing = [n for n in expected if n not in self.file_of]
         if missing:
-            raise InputError(f"{self.index_file}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"({len(missing)} in all) that the architecture in {cfg} needs: the weights do not "
-                             f"match the config")
-        extra = [n for n in self.file_of if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
-                 and not (arch.tie_word_embeddings and n == "lm_head.weight")]
+            raise InputError(
+                f"{self.index_file}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                f"({len(missing)} in all) that the architecture in {cfg} needs: the weights do not "
+                f"match the config"
+            )
+        extra = [
+            n
+            for n in self.file_of
+            if n not in expected
+            and not n.endswith(_IGNORED_SUFFIXES)
+            and not (arch.tie_word_embeddings and n == "lm_head.weight")
+        ]
         if extra:
-            raise InputError(f"{self.index_file}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                             f"({len(extra)} in all) for the architecture in {cfg} (family {arch.family}, "
-                             f"{arch.num_layers} layers, qk_norm={arch.qk_norm}, tied={arch.tie_word_embeddings})")
+            raise InputError(
+                f"{self.index_file}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                f"({len(extra)} in all) for the architecture in {cfg} (family {arch.family}, "
+                f"{arch.num_layers} layers, qk_norm={arch.qk_norm}, tied={arch.tie_word_embeddings})"
+            )
         for n, shp in expected.items():
             got = self.shape(n)
             if got != shp:
-                raise InputError(f"{self.file_of[n]}: tensor {n} has shape {list(got)} but the config {cfg} implies "
-                                 f"{list(shp)}: the config does not match the weights")
+                raise InputError(
+                    f"{self.file_of[n]}: tensor {n} has shape {list(got)} but the config {cfg} implies "
+                    f"{list(shp)}: the config does not match the weights"
+                )
 
     def fetch(self, hf_names: Sequence[str]) -> List[torch.Tensor]:
         out = []
@@ -98,8 +112,9 @@ def source_dtype(src: HFSource) -> torch.dtype:
     kinds = {d for d, _, _ in seen}
     if len(kinds) != 1 or next(iter(kinds)) not in _ST_DTYPES:
         example = {d: (os.path.basename(fn), k) for d, fn, k in seen}
-        raise InputError(f"{src.dir}: tensors must share one dtype of F32/BF16/F16, found {example} "
-                         f"(dtype: (file, example tensor))")
+        raise InputError(
+            f"{src.dir}: tensors must share one dtype of F32/BF16/F16, found {example} (dtype: (file, example tensor))"
+        )
     return _ST_DTYPES[next(iter(kinds))]
 
 
@@ -115,9 +130,14 @@ def _plan_shards(names_sizes: List[tuple], max_shard_bytes: int) -> List[List[st
     return shards
 
 
-def write_hf_folder(out_dir: str, arch: ModelArch, dtype: torch.dtype,
-                    named_tensors: Iterable[Tuple[str, torch.Tensor]], max_shard_bytes: int = 1024**3,
-                    where: str = "") -> None:
+def write_hf_folder(
+    out_dir: str,
+    arch: ModelArch,
+    dtype: torch.dtype,
+    named_tensors: Iterable[Tuple[str, torch.Tensor]],
+    max_shard_bytes: int = 1024**3,
+    where: str = "",
+) -> None:
     """Write model-0000i-of-0000n.safetensors + model.safetensors.index.json + config.json into the existing
     folder `out_dir` from (HF name, full tensor) pairs given in `hf_shapes(arch)` order, holding at most one
     shard's tensors. `where` names the source in shape errors."""
@@ -137,6 +157,7 @@ def write_hf_folder(out_dir: str, arch: ModelArch, dtype: torch.dtype,
             pending = {}
     assert not pending, "shard plan covers every tensor"
     total = sum(s for _, s in sizes)
-    atomic_write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-                      {"metadata": {"total_size": total}, "weight_map": fname})
+    atomic_write_json(
+        os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": fname}
+    )
     atomic_write_json(os.path.join(out_dir, "config.json"), arch.to_hf_config(dtype=str(dtype).replace("torch.", "")))

@@ -13,6 +13,7 @@ are appended (HF -> Megatron) and dropped after checking they are exactly zero (
 - fc1:     gate/up -> linear_fc1; TP rank r holds cat(gate shard r, up shard r).
 (Facts from ../../docs/environment.md; checked against transformers logits in the tests.)
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ from ..models.arch import ModelArch
 
 @dataclass(frozen=True)
 class ParamMap:
-    mname: str                 # Megatron name, global layer index
+    mname: str  # Megatron name, global layer index
     hf_names: Tuple[str, ...]
     kind: str
     layer: Optional[int] = None  # None: embedding / final norm / output layer
@@ -39,17 +40,26 @@ class ParamMap:
 
 def layer_params(arch: ModelArch, i: int) -> List[ParamMap]:
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    out = [ParamMap(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "rep", i),
-           ParamMap(m + "self_attention.linear_qkv.weight",
-                    (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight", h + "self_attn.v_proj.weight"),
-                    "qkv", i)]
+    out = [
+        ParamMap(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "rep", i),
+        ParamMap(
+            m + "self_attention.linear_qkv.weight",
+            (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight", h + "self_attn.v_proj.weight"),
+            "qkv",
+            i,
+        ),
+    ]
     if arch.qk_norm:
-        out += [ParamMap(m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), "qknorm", i),
-                ParamMap(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), "qknorm", i)]
-    out += [ParamMap(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "proj", i),
-            ParamMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "rep", i),
-            ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1", i),
-            ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", i)]
+        out += [
+            ParamMap(m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), "qknorm", i),
+            ParamMap(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), "qknorm", i),
+        ]
+    out += [
+        ParamMap(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "proj", i),
+        ParamMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "rep", i),
+        ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1", i),
+        ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", i),
+    ]
     return out
 
 
@@ -59,8 +69,11 @@ FINAL_NORM = ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), 
 
 def output_param(arch: ModelArch) -> ParamMap:
     # Tied: the output layer is the embedding matrix (held again on the last stage when PP > 1).
-    return ParamMap("output_layer.weight", ("model.embed_tokens.weight",) if arch.tie_word_embeddings
-                    else ("lm_head.weight",), "vocab")
+    return ParamMap(
+        "output_layer.weight",
+        ("model.embed_tokens.weight",) if arch.tie_word_embeddings else ("lm_head.weight",),
+        "vocab",
+    )
 
 
 def emitters(arch: ModelArch) -> List[ParamMap]:
@@ -80,17 +93,25 @@ def hf_shapes(arch: ModelArch) -> Dict[str, Tuple[int, ...]]:
     shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
-                       p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
-                       p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
+                p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h),
+            }
+        )
         if arch.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-        shapes.update({p + "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
-                       p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
-                       p + "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
-                       p + "mlp.down_proj.weight": (h, arch.ffn_hidden_size)})
+        shapes.update(
+            {
+                p + "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (arch.ffn_hidden_size, h),
+                p + "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
+                p + "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
@@ -129,17 +150,22 @@ def stage_extra_state_keys(arch: ModelArch, pp: int, pp_rank: int) -> List[str]:
     n = layers_per_stage(arch, pp)
     keys = []
     for j in range(n):
-        keys += [f"decoder.layers.{j}.self_attention.linear_proj._extra_state",
-                 f"decoder.layers.{j}.self_attention.linear_qkv._extra_state",
-                 f"decoder.layers.{j}.mlp.linear_fc1._extra_state", f"decoder.layers.{j}.mlp.linear_fc2._extra_state"]
+        keys += [
+            f"decoder.layers.{j}.self_attention.linear_proj._extra_state",
+            f"decoder.layers.{j}.self_attention.linear_qkv._extra_state",
+            f"decoder.layers.{j}.mlp.linear_fc1._extra_state",
+            f"decoder.layers.{j}.mlp.linear_fc2._extra_state",
+        ]
     if pp_rank == pp - 1:
         keys.append("output_layer._extra_state")
     return keys
 
 
 # Transformer Engine spec folds the norms into the following linear layer.
-_TE_NAMES = ((re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
-             (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"))
+_TE_NAMES = (
+    (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
+    (re.compile(r"mlp\.linear_fc1\.layer_norm_weight$"), "pre_mlp_layernorm.weight"),
+)
 
 
 def canonical_local_name(name: str) -> str:
@@ -151,7 +177,9 @@ def canonical_local_name(name: str) -> str:
 
 
 # ---- per-tensor layout ---------------------------------------------------------------------------------
-def shard_from_hf(pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch, tp: int, tp_rank: int) -> torch.Tensor:
+def shard_from_hf(
+    pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch, tp: int, tp_rank: int
+) -> torch.Tensor:
     """TP shard `tp_rank` of Megatron parameter `pm` from its full Hugging Face tensors (a new contiguous
     tensor)."""
     k = pm.kind
@@ -161,7 +189,7 @@ def shard_from_hf(pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch
         w = tensors[0]
         padded = arch.padded_vocab_size(tp)
         per = padded // tp
-        out = w.new_zeros((per,) + tuple(w.shape[1:]))   # padding rows are zeros
+        out = w.new_zeros((per,) + tuple(w.shape[1:]))  # padding rows are zeros
         lo, hi = tp_rank * per, min((tp_rank + 1) * per, w.shape[0])
         if hi > lo:
             out[: hi - lo].copy_(w[lo:hi])
@@ -172,18 +200,19 @@ def shard_from_hf(pm: ParamMap, tensors: Sequence[torch.Tensor], arch: ModelArch
         q, kk, v = tensors
         g, d, hpg, h = arch.num_kv_heads, arch.head_dim, arch.heads_per_group, q.shape[1]
         gl = arch.megatron_groups(tp) // tp
-        lo, hi = min(tp_rank * gl, g), min((tp_rank + 1) * gl, g)    # this rank's real groups
-        fused = q.new_zeros((gl, (hpg + 2) * d, h))                   # padding groups stay zero
-        fused[: hi - lo] = torch.cat([q.view(g, hpg * d, h)[lo:hi], kk.view(g, d, h)[lo:hi],
-                                      v.view(g, d, h)[lo:hi]], dim=1)
+        lo, hi = min(tp_rank * gl, g), min((tp_rank + 1) * gl, g)  # this rank's real groups
+        fused = q.new_zeros((gl, (hpg + 2) * d, h))  # padding groups stay zero
+        fused[: hi - lo] = torch.cat(
+            [q.view(g, hpg * d, h)[lo:hi], kk.view(g, d, h)[lo:hi], v.view(g, d, h)[lo:hi]], dim=1
+        )
         return fused.reshape(gl * (hpg + 2) * d, h)
     if k == "proj":
         w = tensors[0]
         g, cols = arch.num_kv_heads, arch.heads_per_group * arch.head_dim
         gl = arch.megatron_groups(tp) // tp
         lo, hi = min(tp_rank * gl, g), min((tp_rank + 1) * gl, g)
-        out = w.new_zeros((w.shape[0], gl * cols))                     # padding columns stay zero
-        out[:, : (hi - lo) * cols] = w[:, lo * cols: hi * cols]
+        out = w.new_zeros((w.shape[0], gl * cols))  # padding columns stay zero
+        out[:, : (hi - lo) * cols] = w[:, lo * cols : hi * cols]
         return out
     if k == "fc1":
         gate, up = tensors
@@ -207,8 +236,11 @@ def hf_from_shards(pm: ParamMap, shards: Sequence[torch.Tensor], arch: ModelArch
         fused = torch.cat([s.view(gm // tp, (hpg + 2) * d, h) for s in shards], dim=0)
         _check_zero_padding(pm, fused[g:], tp)
         q, kk, v = fused[:g].split([hpg * d, d, d], dim=1)
-        return [q.reshape(g * hpg * d, h).contiguous(), kk.reshape(g * d, h).contiguous(),
-                v.reshape(g * d, h).contiguous()]
+        return [
+            q.reshape(g * hpg * d, h).contiguous(),
+            kk.reshape(g * d, h).contiguous(),
+            v.reshape(g * d, h).contiguous(),
+        ]
     if k == "proj":
         cols = arch.num_attention_heads * arch.head_dim
         full = torch.cat(list(shards), dim=1)
@@ -220,12 +252,13 @@ def hf_from_shards(pm: ParamMap, shards: Sequence[torch.Tensor], arch: ModelArch
     raise ValueError(f"unknown mapping kind {k!r} for {pm.mname}")
 
 
-
 def _check_zero_padding(pm: ParamMap, pad: torch.Tensor, tp: int) -> None:
     """Padding groups must be exactly zero; anything else means the exactness invariant broke."""
     if pad.numel() and bool(pad.ne(0).any()):
-        raise ValueError(f"{pm.mname} (layer {pm.layer}): the zero-padding KV group(s) added at TP={tp} hold "
-                         f"non-zero values (max |x| = {pad.abs().max().item():.3g}): "
-                         f"the padding invariant broke (something wrote into the padded heads, e.g. an optimizer "
-                         f"with noise or a non-zero init); these values cannot be represented in the Hugging Face "
-                         f"model")
+        raise ValueError(
+            f"{pm.mname} (layer {pm.layer}): the zero-padding KV group(s) added at TP={tp} hold "
+            f"non-zero values (max |x| = {pad.abs().max().item():.3g}): "
+            f"the padding invariant broke (something wrote into the padded heads, e.g. an optimizer "
+            f"with noise or a non-zero init); these values cannot be represented in the Hugging Face "
+            f"model"
+        )

@@ -19,6 +19,7 @@ process, rank file by rank file, with at most one rank's shard in memory. Reshar
 is done here: each target parameter is rebuilt from the source TP shards (files memory-mapped, one
 parameter at a time) through the Hugging Face layout, then cut for the target rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,18 @@ from .reshard import load_from_source, model_params_by_canonical_name
 
 FORMAT = "megatron-lm-torch-per-rank"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def mp_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -62,16 +72,43 @@ def rank_file(ckpt_dir: str, tp_rank: int, pp_rank: int, pp: int) -> str:
 
 def megatron_lm_args(arch: ModelArch, tp: int, pp: int) -> List[str]:
     """The Megatron-LM pretrain_gpt.py arguments describing this model (recorded in the metadata)."""
-    a = ["--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
-         # Padded counts (zero KV groups appended when TP does not divide them; ModelArch.megatron_groups).
-         "--num-attention-heads", str(arch.megatron_heads(tp)), "--group-query-attention",
-         "--num-query-groups", str(arch.megatron_groups(tp)), "--kv-channels", str(arch.head_dim),
-         "--ffn-hidden-size", str(arch.ffn_hidden_size), "--normalization", "RMSNorm",
-         "--norm-epsilon", str(arch.rms_norm_eps), "--swiglu", "--disable-bias-linear",
-         "--position-embedding-type", "rope", "--rotary-base", str(int(arch.rope_theta)),
-         "--max-position-embeddings", str(arch.max_position_embeddings),
-         "--make-vocab-size-divisible-by", "128", "--tensor-model-parallel-size", str(tp),
-         "--pipeline-model-parallel-size", str(pp), "--ckpt-format", "torch", "--use-checkpoint-args"]
+    a = [
+        "--num-layers",
+        str(arch.num_layers),
+        "--hidden-size",
+        str(arch.hidden_size),
+        # Padded counts (zero KV groups appended when TP does not divide them; ModelArch.megatron_groups).
+        "--num-attention-heads",
+        str(arch.megatron_heads(tp)),
+        "--group-query-attention",
+        "--num-query-groups",
+        str(arch.megatron_groups(tp)),
+        "--kv-channels",
+        str(arch.head_dim),
+        "--ffn-hidden-size",
+        str(arch.ffn_hidden_size),
+        "--normalization",
+        "RMSNorm",
+        "--norm-epsilon",
+        str(arch.rms_norm_eps),
+        "--swiglu",
+        "--disable-bias-linear",
+        "--position-embedding-type",
+        "rope",
+        "--rotary-base",
+        str(int(arch.rope_theta)),
+        "--max-position-embeddings",
+        str(arch.max_position_embeddings),
+        "--make-vocab-size-divisible-by",
+        "128",
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--ckpt-format",
+        "torch",
+        "--use-checkpoint-args",
+    ]
     if arch.qk_norm:
         a.append("--qk-layernorm")
     if not arch.tie_word_embeddings:
@@ -79,14 +116,23 @@ def megatron_lm_args(arch: ModelArch, tp: int, pp: int) -> List[str]:
     return a
 
 
-def build_metadata(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype, extra: Optional[Dict[str, Any]] = None
-                   ) -> Dict[str, Any]:
-    meta = {"format": FORMAT, "tp": tp, "pp": pp, "arch": arch.to_dict(), "dtype": str(dtype).replace("torch.", ""),
-            "vocab_size": arch.vocab_size, "padded_vocab_size": arch.padded_vocab_size(tp),
-            # Attention as stored: groups num_kv_heads.. are zero padding (dropped when converting to HF).
-            "megatron_query_groups": arch.megatron_groups(tp), "megatron_attention_heads": arch.megatron_heads(tp),
-            "padded_kv_groups": arch.padded_groups(tp),
-            "megatron_lm_args": megatron_lm_args(arch, tp, pp)}
+def build_metadata(
+    arch: ModelArch, tp: int, pp: int, dtype: torch.dtype, extra: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    meta = {
+        "format": FORMAT,
+        "tp": tp,
+        "pp": pp,
+        "arch": arch.to_dict(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "vocab_size": arch.vocab_size,
+        "padded_vocab_size": arch.padded_vocab_size(tp),
+        # Attention as stored: groups num_kv_heads.. are zero padding (dropped when converting to HF).
+        "megatron_query_groups": arch.megatron_groups(tp),
+        "megatron_attention_heads": arch.megatron_heads(tp),
+        "padded_kv_groups": arch.padded_groups(tp),
+        "megatron_lm_args": megatron_lm_args(arch, tp, pp),
+    }
     meta.update(extra or {})
     return meta
 
@@ -154,15 +200,19 @@ class MegatronSource:
             raise InputError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
         if arch is not None and arch != self.arch:
             diff = {k: (v, getattr(arch, k)) for k, v in self.arch.to_dict().items() if getattr(arch, k) != v}
-            raise InputError(f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
-                             f"(checkpoint value, model value)")
+            raise InputError(
+                f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
+                f"(checkpoint value, model value)"
+            )
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         for pr in range(self.pp):
             for tr in range(self.tp):
                 f = rank_file(self.dir, tr, pr, self.pp)
                 if not os.path.isfile(f):
-                    raise MissingInputError(f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
-                                            f"(metadata says TP={self.tp}, PP={self.pp})")
+                    raise MissingInputError(
+                        f"{self.dir}: rank file {os.path.relpath(f, self.dir)} is missing "
+                        f"(metadata says TP={self.tp}, PP={self.pp})"
+                    )
         self._by_names = {pm.hf_names: pm for pm in emitters(self.arch)}
         self._maps: Dict[tuple, Dict[str, Any]] = {}
         self._read_bytes = 0
@@ -181,7 +231,7 @@ class MegatronSource:
         stage = stage_of(pm, self.arch, self.pp)
         local = pm.local_name(stage * layers_per_stage(self.arch, self.pp))
         if self._read_bytes > self.map_budget_bytes:
-            self._maps.clear()              # unmaps: touched file pages leave this process's RSS
+            self._maps.clear()  # unmaps: touched file pages leave this process's RSS
             self._read_bytes = 0
         out = []
         for tr in range(self.tp):
@@ -190,7 +240,7 @@ class MegatronSource:
             sd = self._maps[(tr, stage)]
             if local not in sd or sd[local] is None:
                 raise InputError(f"{rank_file(self.dir, tr, stage, self.pp)}: tensor {local} is missing")
-            out.append(sd[local].clone())   # a private copy: the map may be released any time
+            out.append(sd[local].clone())  # a private copy: the map may be released any time
             self._read_bytes += out[-1].numel() * out[-1].element_size()
         return out
 
@@ -204,17 +254,26 @@ class MegatronSource:
         return hf_from_shards(pm, self.shards(pm), self.arch)
 
 
-def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
-                          extra_meta: Optional[Dict[str, Any]] = None, tokenizer_src: Optional[str] = None) -> str:
+def save_model_checkpoint(
+    model: torch.nn.Module,
+    arch: ModelArch,
+    out_dir: str,
+    extra_meta: Optional[Dict[str, Any]] = None,
+    tokenizer_src: Optional[str] = None,
+) -> str:
     """Write this model-parallel group's weights to `out_dir` (collective over all ranks; DP rank 0 writes).
 
     Written into `<out_dir>.tmp-<rank0 pid>` and renamed when every rank succeeded; on any failure the
     temp folder is removed and nothing is left at `out_dir`.
     """
     from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
+
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    tpr, ppr, dpr = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                     ps.get_data_parallel_rank())
+    tpr, ppr, dpr = (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
     out_dir = os.path.abspath(out_dir.rstrip("/"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     box = [f"{out_dir}.tmp-{os.getpid()}"] if rank == 0 else [None]
@@ -246,7 +305,7 @@ def save_model_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str,
     if rank == 0:
         if ok.item() == 1:
             if os.path.isdir(out_dir):
-                os.rmdir(out_dir)   # empty (checked above)
+                os.rmdir(out_dir)  # empty (checked above)
             os.replace(tmp, out_dir)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -266,6 +325,7 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
     does). Other TP/PP: every parameter is rebuilt from the source shards and re-cut (see module docstring).
     """
     from megatron.core import parallel_state as ps  # seconds to import; the offline converter never needs it
+
     src = MegatronSource(ckpt_dir, arch)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -284,5 +344,14 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
         src.close()
 
 
-__all__ = ["save_model_checkpoint", "load_model_checkpoint", "read_checkpoint_metadata", "MegatronSource",
-           "rank_file", "rank_state_dict", "write_rank_file", "write_common", "build_metadata"]
+__all__ = [
+    "save_model_checkpoint",
+    "load_model_checkpoint",
+    "read_checkpoint_metadata",
+    "MegatronSource",
+    "rank_file",
+    "rank_state_dict",
+    "write_rank_file",
+    "write_common",
+    "build_metadata",
+]

@@ -3,6 +3,7 @@
 Its `format` field names the on-disk format; `formats.py` dispatches load/save on it. Each format adds
 its own keys (megatron_format: tp, pp, arch, dtype, padded vocabulary, ...).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ def read_metadata(ckpt_dir: str) -> Dict[str, Any]:
     """The metadata of a checkpoint folder (at least its `format`); errors name the file and what is wrong."""
     p = os.path.join(ckpt_dir, META_FILE)
     if not os.path.isfile(p):
-        raise MissingInputError(f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
-                                f"`egrsd convert hf-to-megatron`)")
+        raise MissingInputError(
+            f"{ckpt_dir}: no {META_FILE}; not a checkpoint written by egrsd (convert it with "
+            f"`egrsd convert hf-to-megatron`)"
+        )
     with open(p) as f:
         try:
             meta = json.load(f)

@@ -4,6 +4,7 @@ Both are numbered the same way, `Optimizer.state_dict()`'s global parameter inde
 the param groups), so `checkpoint.train_state` can write each data-parallel rank's shard and resume it
 with either optimizer kind and any data-parallel size.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Set

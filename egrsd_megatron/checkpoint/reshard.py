@@ -7,6 +7,7 @@
   Hugging Face-named tensors, identical on every rank (refit of generation engines; megatron-to-hf).
 The per-tensor layout (how one HF tensor splits into TP shards) lives in `layout.py`.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterator, List, Tuple
@@ -37,8 +38,9 @@ def model_params_by_canonical_name(model: torch.nn.Module) -> Dict[str, torch.nn
     return {canonical_local_name(n): p for n, p in model.named_parameters()}
 
 
-def load_from_source(model: torch.nn.Module, arch: ModelArch, source: TensorSource, tp: int, tp_rank: int, pp: int,
-                     pp_rank: int) -> int:
+def load_from_source(
+    model: torch.nn.Module, arch: ModelArch, source: TensorSource, tp: int, tp_rank: int, pp: int, pp_rank: int
+) -> int:
     """Copy this rank's shard of every parameter of its stage from `source.fetch(hf_names)`; returns the count.
 
     Errors name the Megatron parameter when the model and the mapping disagree (wrong arch for the model).
@@ -48,18 +50,24 @@ def load_from_source(model: torch.nn.Module, arch: ModelArch, source: TensorSour
     names = {ln for ln, _ in wanted}
     stray = sorted(set(params) - names)
     if stray:
-        raise ValueError(f"model parameter(s) {stray[:5]} have no Hugging Face source in the {arch.family} mapping: "
-                         f"the model was not built from this architecture")
+        raise ValueError(
+            f"model parameter(s) {stray[:5]} have no Hugging Face source in the {arch.family} mapping: "
+            f"the model was not built from this architecture"
+        )
     with torch.no_grad():
         for local, pm in wanted:
             if local not in params:
-                raise ValueError(f"the model on PP stage {pp_rank} has no parameter {local}: it was built for "
-                                 f"another architecture or TP/PP layout")
+                raise ValueError(
+                    f"the model on PP stage {pp_rank} has no parameter {local}: it was built for "
+                    f"another architecture or TP/PP layout"
+                )
             p = params[local]
             shard = shard_from_hf(pm, source.fetch(pm.hf_names), arch, tp, tp_rank)
             if tuple(shard.shape) != tuple(p.shape):
-                raise ValueError(f"{pm.hf_names}: TP shard {tp_rank}/{tp} for {local} has shape {list(shard.shape)}, "
-                                 f"the model parameter has {list(p.shape)}")
+                raise ValueError(
+                    f"{pm.hf_names}: TP shard {tp_rank}/{tp} for {local} has shape {list(shard.shape)}, "
+                    f"the model parameter has {list(p.shape)}"
+                )
             p.copy_(shard)
     return len(wanted)
 
@@ -69,8 +77,13 @@ def mp_layout() -> Tuple[int, int, int, int]:
     # Imported here: megatron.core takes seconds to import, and the offline converter and `egrsd eval`
     # (which import this package) never need it.
     from megatron.core import parallel_state as ps
-    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
-            ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+    )
 
 
 def load_hf_weights(model: torch.nn.Module, arch: ModelArch, hf_dir: str) -> None:
@@ -85,8 +98,9 @@ def load_hf_weights(model: torch.nn.Module, arch: ModelArch, hf_dir: str) -> Non
     load_from_source(model, arch, src, tp, tp_rank, pp, pp_rank)
 
 
-def gather_hf_state_dict(model: torch.nn.Module, arch: ModelArch, grads: bool = False
-                         ) -> Iterator[Tuple[str, torch.Tensor]]:
+def gather_hf_state_dict(
+    model: torch.nn.Module, arch: ModelArch, grads: bool = False
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (Hugging Face name, full tensor) for every HF tensor; COLLECTIVE over TP and PP groups.
 
     Every rank of the model-parallel group must iterate it to the end (same order everywhere). Tensors are
@@ -96,6 +110,7 @@ def gather_hf_state_dict(model: torch.nn.Module, arch: ModelArch, grads: bool = 
     and the last stage's output-layer gradient are summed, as Hugging Face's single tied tensor sees them.
     """
     from megatron.core import parallel_state as ps  # see mp_layout: seconds to import, not needed offline
+
     tp, tp_rank, pp, pp_rank = mp_layout()
     params = model_params_by_canonical_name(model)
     dtype = next(iter(params.values())).dtype
@@ -127,8 +142,11 @@ def gather_hf_state_dict(model: torch.nn.Module, arch: ModelArch, grads: bool = 
         return hf_from_shards(pm, shards, arch)
 
     def from_stage(pm: ParamMap, owner: int) -> List[torch.Tensor]:
-        full = local_full(pm) if pp_rank == owner else [torch.empty(shapes[n], dtype=dtype, device=device)
-                                                       for n in pm.hf_names]
+        full = (
+            local_full(pm)
+            if pp_rank == owner
+            else [torch.empty(shapes[n], dtype=dtype, device=device) for n in pm.hf_names]
+        )
         if pp > 1:
             for t in full:
                 dist.broadcast(t, src=pp_ranks[owner], group=pp_group)

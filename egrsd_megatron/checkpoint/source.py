@@ -4,6 +4,7 @@
 format (or a live model, or a test double) only has to implement `fetch`. Implementations:
 `hf_io.HFSource` (a safetensors folder) and `megatron_format.MegatronSource` (per-rank files, any TP/PP).
 """
+
 from __future__ import annotations
 
 from typing import List, Protocol, Sequence, runtime_checkable

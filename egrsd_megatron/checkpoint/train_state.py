@@ -22,6 +22,7 @@ Optimizer kinds: the full state and the ZeRO-1 shards use the same global parame
 checkpoint resumes with either `parallel.distributed_optimizer` setting and any data-parallel size (each
 rank reads the shard files one at a time and keeps the states of the parameters it owns).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,13 @@ def step_dir_name(step: int) -> str:
 def _rng_state() -> Dict[str, Any]:
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -61,6 +67,7 @@ def _rng_state() -> Dict[str, Any]:
 def _set_rng_state(state: Dict[str, Any]) -> None:
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -82,17 +89,29 @@ def find_latest(root: str) -> Optional[str]:
     name = open(tracker).read().strip()
     path = os.path.join(root, name)
     if not STEP_RE.match(name) or not os.path.isdir(path):
-        raise MissingInputError(f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
-                                f"point train.resume at a step_XXXXXXXX folder or remove the tracker")
+        raise MissingInputError(
+            f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
+            f"point train.resume at a step_XXXXXXXX folder or remove the tracker"
+        )
     return path
 
 
-def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimizer, scheduler,
-                     trainer_state: Dict[str, Any], keep_last: int,
-                     teacher: Optional[torch.nn.Module] = None, tokenizer=None) -> str:
+def save_train_state(
+    root: str,
+    step: int,
+    model: torch.nn.Module,
+    arch,
+    optimizer,
+    scheduler,
+    trainer_state: Dict[str, Any],
+    keep_last: int,
+    teacher: Optional[torch.nn.Module] = None,
+    tokenizer=None,
+) -> str:
     """Collective: every rank calls it. Returns the final step folder."""
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
+
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -107,13 +126,21 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
     sharded = is_sharded(optimizer)
     if sharded:  # ZeRO-1: every data-parallel rank writes its own shard of the Adam states
-        torch.save({"state": shard_state(optimizer), "dp_rank": ps.get_data_parallel_rank(),
-                    "dp_size": ps.get_data_parallel_world_size()},
-                   os.path.join(tmp, "optim", _shard_file(ps.get_data_parallel_rank())))
+        torch.save(
+            {
+                "state": shard_state(optimizer),
+                "dp_rank": ps.get_data_parallel_rank(),
+                "dp_size": ps.get_data_parallel_world_size(),
+            },
+            os.path.join(tmp, "optim", _shard_file(ps.get_data_parallel_rank())),
+        )
     if ps.get_data_parallel_rank() == 0:
-        payload = {"optimizer": param_groups_state(optimizer) if sharded else optimizer.state_dict(),
-                   "optimizer_shards": ps.get_data_parallel_world_size() if sharded else 0,
-                   "opt_param_scheduler": scheduler.state_dict(), "iteration": step}
+        payload = {
+            "optimizer": param_groups_state(optimizer) if sharded else optimizer.state_dict(),
+            "optimizer_shards": ps.get_data_parallel_world_size() if sharded else 0,
+            "opt_param_scheduler": scheduler.state_dict(),
+            "iteration": step,
+        }
         if teacher is not None:
             payload["teacher"] = teacher.state_dict()
         torch.save(payload, os.path.join(tmp, "optim", _optim_file()))
@@ -136,8 +163,15 @@ def save_train_state(root: str, step: int, model: torch.nn.Module, arch, optimiz
 def _optim_file() -> str:
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
-    return mp_rank_dir(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                       ps.get_pipeline_model_parallel_world_size()) + ".pt"
+
+    return (
+        mp_rank_dir(
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_world_size(),
+        )
+        + ".pt"
+    )
 
 
 def _shard_file(dp_rank: int) -> str:
@@ -161,15 +195,17 @@ def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str,
             raise MissingInputError(
                 f"{f} is missing: the checkpoint {path} was written with parallel.distributed_optimizer=true at "
                 f"data-parallel size {n} and needs all {n} optimizer shard files; the checkpoint is incomplete "
-                f"(resume from another step folder)")
+                f"(resume from another step folder)"
+            )
         shard = torch.load(f, map_location="cpu", weights_only=False)
         state.update({i: st for i, st in shard["state"].items() if keep is None or i in keep})
         del shard
     return {**sd, "state": state}
 
 
-def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, scheduler,
-                     teacher: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+def load_train_state(
+    path: str, model: torch.nn.Module, arch, optimizer, scheduler, teacher: Optional[torch.nn.Module] = None
+) -> Dict[str, Any]:
     """Restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
 
     The checkpoint must have been written at the same TP x PP (optimizer states are per model shard).
@@ -178,8 +214,10 @@ def load_train_state(path: str, model: torch.nn.Module, arch, optimizer, schedul
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
-        raise MissingInputError(f"{file} is missing: the checkpoint {path} was written with a different "
-                                f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)")
+        raise MissingInputError(
+            f"{file} is missing: the checkpoint {path} was written with a different "
+            f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)"
+        )
     payload = torch.load(file, map_location="cpu", weights_only=False)
     load_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))

@@ -1,4 +1,5 @@
 """Everything that differs between environments: megatron-core versions and the CPU backend."""
+
 from .cpu_backend import apply_cpu_backend
 from .megatron_version import MEGATRON_CORE_SUPPORTED, check_megatron_core_version
 

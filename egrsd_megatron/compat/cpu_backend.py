@@ -16,6 +16,7 @@ forward/backward match TP=1 and Hugging Face transformers (tests/distributed/tes
    that device to "cpu"; everything else passes through to torch untouched.
 5. `Tensor.cuda()` (tied-embedding init with PP, optimizer state loading) returns the tensor itself.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -59,11 +60,13 @@ class _CpuTorch(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         attr = getattr(torch, name)
         if callable(attr) and not isinstance(attr, type) and not isinstance(attr, types.ModuleType):
+
             def call(*args, _f=attr, **kwargs):
                 if _is_cuda(kwargs.get("device")):
                     kwargs["device"] = "cpu"
                     kwargs.pop("pin_memory", None)
                 return _f(*args, **kwargs)
+
             return call
         return attr
 
@@ -76,6 +79,7 @@ def apply_cpu_backend(force: bool = False) -> bool:
     if torch.cuda.is_available() and not force:
         return False
     from .megatron_version import check_megatron_core_version
+
     check_megatron_core_version()
 
     cpu = torch.device("cpu")
@@ -89,7 +93,8 @@ def apply_cpu_backend(force: bool = False) -> bool:
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore[assignment]
     rnd = importlib.import_module("megatron.core.tensor_parallel.random")
     rnd._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (  # type: ignore[attr-defined]
-        torch.get_rng_state().clone() if clone else torch.get_rng_state())
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
     rnd._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)  # type: ignore[attr-defined]
     # 3. stream synchronisation around p2p sends
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
@@ -103,6 +108,8 @@ def apply_cpu_backend(force: bool = False) -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
     _APPLIED = True
-    log.warning("egrsd: CUDA unavailable; Megatron-Core CPU backend active (5 redirects, see "
-                "egrsd_megatron/compat/cpu_backend.py)")
+    log.warning(
+        "egrsd: CUDA unavailable; Megatron-Core CPU backend active (5 redirects, see "
+        "egrsd_megatron/compat/cpu_backend.py)"
+    )
     return True

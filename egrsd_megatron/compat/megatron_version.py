@@ -3,6 +3,7 @@
 0.16.1 is the newest release installable on Python 3.11 (CPU development machines); GPU clusters run
 newer releases inside NVIDIA containers. Version differences are isolated here and in cpu_backend.py.
 """
+
 from __future__ import annotations
 
 from importlib import metadata
@@ -24,6 +25,8 @@ def check_megatron_core_version() -> Version:
     """Raise ImportError outside the supported range, naming the installed and the supported versions."""
     v = megatron_core_version()
     if not (_MIN <= v < _MAX):
-        raise ImportError(f"megatron-core {v} is installed; egrsd-megatron supports megatron-core "
-                          f"{' '.join(MEGATRON_CORE_SUPPORTED)} (tested with 0.16.1)")
+        raise ImportError(
+            f"megatron-core {v} is installed; egrsd-megatron supports megatron-core "
+            f"{' '.join(MEGATRON_CORE_SUPPORTED)} (tested with 0.16.1)"
+        )
     return v

@@ -1,4 +1,5 @@
 """`egrsd config show CONFIG [key=value ...]`: print the resolved, validated config."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,5 +16,6 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 def _show(args: argparse.Namespace) -> int:
     from .loader import load_config, to_yaml
+
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0

@@ -6,6 +6,7 @@ and type coercion (Literal fields included); we check keys ourselves first so an
 it came from and the closest valid key, or, for a key that now sits in a nested section (`loss.g_min`), its
 new place (OmegaConf's own error names none of these). A value outside a Literal type names the allowed ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +43,14 @@ def _unknown_key(key: str, cls: type, where: str, prefix: str) -> ConfigError:
     """The error for `key`, not a field of `cls`: where it lives when a nested section has it (an old flat
     key such as loss.g_min -> loss.gate.g_min), else the closest key (nested ones included)."""
     full = f"{prefix}{key}"
-    homes = [f"{name}.{key}" for name, sub in _sections(cls).items()
-             if key in {f.name for f in dataclasses.fields(sub)}]
+    homes = [
+        f"{name}.{key}" for name, sub in _sections(cls).items() if key in {f.name for f in dataclasses.fields(sub)}
+    ]
     if len(homes) == 1:
-        return ConfigError(f"{where}: unknown config key '{full}': it lives at '{prefix}{homes[0]}' now (the keys "
-                           f"of '{prefix.rstrip('.') or '<root>'}' are grouped by what they belong to)")
+        return ConfigError(
+            f"{where}: unknown config key '{full}': it lives at '{prefix}{homes[0]}' now (the keys "
+            f"of '{prefix.rstrip('.') or '<root>'}' are grouped by what they belong to)"
+        )
     candidates = [f.name for f in dataclasses.fields(cls)]
     candidates += [f"{name}.{f.name}" for name, sub in _sections(cls).items() for f in dataclasses.fields(sub)]
     by_leaf = {c.rsplit(".", 1)[-1]: c for c in reversed(candidates)}  # a direct key wins over a nested one
@@ -124,8 +128,10 @@ def _merge(base: Any, data: Dict[str, Any], where: str) -> Any:
         key = getattr(e, "full_key", None) or "?"
         choices = _literal_choices(key)
         if choices is not None:
-            raise ConfigError(f"{where}: config key '{key}': got {_lookup(data, key)!r}; expected one of "
-                              f"{', '.join(map(str, choices))}") from None
+            raise ConfigError(
+                f"{where}: config key '{key}': got {_lookup(data, key)!r}; expected one of "
+                f"{', '.join(map(str, choices))}"
+            ) from None
         msg = str(e).splitlines()[0]
         # OmegaConf says e.g. "Value 'abc' of type 'str' could not be converted to Integer".
         raise ConfigError(f"{where}: config key '{key}' has the wrong type: {msg}") from None

@@ -17,6 +17,7 @@ Ties are broken by index everywhere (sort key (-length, index)), so the plan is 
 lengths. A sequence longer than the budget is a ConfigError: it cannot share a pack, and giving it an
 oversized pack of its own would break the memory bound and PP's fixed shape the budget exists for.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -40,8 +41,10 @@ def check_budget(lengths: Sequence[int], max_tokens: int) -> None:
         raise ConfigError(f"config key '{BUDGET_KEY}': {max_tokens} must be >= 1")
     for i, n in enumerate(lengths):
         if n > max_tokens:
-            raise ConfigError(f"config key '{BUDGET_KEY}': sequence {i} has {n} tokens > the budget {max_tokens}; "
-                              f"set it to at least the longest prompt + rollout.max_new_tokens")
+            raise ConfigError(
+                f"config key '{BUDGET_KEY}': sequence {i} has {n} tokens > the budget {max_tokens}; "
+                f"set it to at least the longest prompt + rollout.max_new_tokens"
+            )
 
 
 def _decreasing(lengths: Sequence[int]) -> List[int]:
@@ -110,7 +113,7 @@ def plan_micro_batches(lengths: Sequence[int], dp_size: int, max_tokens: int) ->
     """
     if dp_size < 1:
         raise ValueError(f"plan_micro_batches: dp_size={dp_size} must be >= 1")
-    check_budget(lengths, max_tokens)   # here, so the error names the global index
+    check_budget(lengths, max_tokens)  # here, so the error names the global index
     plan = []
     for part in partition_balanced(lengths, dp_size):
         bins = pack_bins([lengths[i] for i in part], max_tokens)

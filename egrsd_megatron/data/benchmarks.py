@@ -7,6 +7,7 @@ An answer that is only inside a solution (MATH style) is taken from the solution
 GSM8K's answer is the number after "####" (its calculator annotations <<a*b=c>> are removed from the
 solution).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,32 +43,80 @@ class BenchmarkSpec:
     layouts: Tuple[str, ...] = field(default_factory=tuple)
 
 
-BENCHMARKS: Dict[str, BenchmarkSpec] = {s.name: s for s in [
-    BenchmarkSpec("aime24", "AIME 2024 (30 problems, integer answers 0-999)",
-                  ("problem", "Problem", "question"), ("answer", "Answer"), ("solution", "Solution"),
-                  layouts=("Problem/Solution/Answer (e.g. Maxwell-Jia/AIME_2024)",
-                           "problem/solution/answer/id (e.g. HuggingFaceH4/aime_2024)")),
-    BenchmarkSpec("aime25", "AIME 2025 (30 problems, integer answers 0-999)",
-                  ("problem", "Problem", "question"), ("answer", "Answer"), ("solution", "Solution"),
-                  layouts=("problem/answer (e.g. yentinglin/aime_2025, MathArena/aime_2025)",
-                           "question/answer (e.g. opencompass/AIME2025)")),
-    BenchmarkSpec("math500", "MATH-500 (500 competition problems, LaTeX answers)",
-                  ("problem",), ("answer",), ("solution",),
-                  layouts=("problem/solution/answer/subject/level/unique_id (HuggingFaceH4/MATH-500)",
-                           "problem/solution (answer taken from the solution's last \\boxed{})")),
-    BenchmarkSpec("gsm8k", "GSM8K test (1319 grade-school word problems, integer answers)",
-                  ("question", "problem"), ("answer",), (), split_answer=_gsm8k_answer,
-                  layouts=("question/answer where answer = rationale + '#### N' (openai/gsm8k, main)",)),
-    BenchmarkSpec("minerva", "Minerva Math / OCWCourses (272 STEM problems)",
-                  ("problem", "question"), ("answer", "final_answer"), ("solution",),
-                  layouts=("problem/solution (answer from the solution's last \\boxed{})",
-                           "question/answer (e.g. math-ai/minervamath)")),
-    BenchmarkSpec("hmmt25", "HMMT February 2025 (30 problems, LaTeX answers)",
-                  ("problem", "Problem", "question"), ("answer", "Answer"), ("solution",),
-                  layouts=("problem_idx/problem/answer (e.g. MathArena/hmmt_feb_2025)",)),
-    BenchmarkSpec("synth", "egrsd synthetic arithmetic problems (`egrsd data synth`)",
-                  ("problem",), ("answer",), ("solution",), layouts=("problem/solution/answer",)),
-]}
+BENCHMARKS: Dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in [
+        BenchmarkSpec(
+            "aime24",
+            "AIME 2024 (30 problems, integer answers 0-999)",
+            ("problem", "Problem", "question"),
+            ("answer", "Answer"),
+            ("solution", "Solution"),
+            layouts=(
+                "Problem/Solution/Answer (e.g. Maxwell-Jia/AIME_2024)",
+                "problem/solution/answer/id (e.g. HuggingFaceH4/aime_2024)",
+            ),
+        ),
+        BenchmarkSpec(
+            "aime25",
+            "AIME 2025 (30 problems, integer answers 0-999)",
+            ("problem", "Problem", "question"),
+            ("answer", "Answer"),
+            ("solution", "Solution"),
+            layouts=(
+                "problem/answer (e.g. yentinglin/aime_2025, MathArena/aime_2025)",
+                "question/answer (e.g. opencompass/AIME2025)",
+            ),
+        ),
+        BenchmarkSpec(
+            "math500",
+            "MATH-500 (500 competition problems, LaTeX answers)",
+            ("problem",),
+            ("answer",),
+            ("solution",),
+            layouts=(
+                "problem/solution/answer/subject/level/unique_id (HuggingFaceH4/MATH-500)",
+                "problem/solution (answer taken from the solution's last \\boxed{})",
+            ),
+        ),
+        BenchmarkSpec(
+            "gsm8k",
+            "GSM8K test (1319 grade-school word problems, integer answers)",
+            ("question", "problem"),
+            ("answer",),
+            (),
+            split_answer=_gsm8k_answer,
+            layouts=("question/answer where answer = rationale + '#### N' (openai/gsm8k, main)",),
+        ),
+        BenchmarkSpec(
+            "minerva",
+            "Minerva Math / OCWCourses (272 STEM problems)",
+            ("problem", "question"),
+            ("answer", "final_answer"),
+            ("solution",),
+            layouts=(
+                "problem/solution (answer from the solution's last \\boxed{})",
+                "question/answer (e.g. math-ai/minervamath)",
+            ),
+        ),
+        BenchmarkSpec(
+            "hmmt25",
+            "HMMT February 2025 (30 problems, LaTeX answers)",
+            ("problem", "Problem", "question"),
+            ("answer", "Answer"),
+            ("solution",),
+            layouts=("problem_idx/problem/answer (e.g. MathArena/hmmt_feb_2025)",),
+        ),
+        BenchmarkSpec(
+            "synth",
+            "egrsd synthetic arithmetic problems (`egrsd data synth`)",
+            ("problem",),
+            ("answer",),
+            ("solution",),
+            layouts=("problem/solution/answer",),
+        ),
+    ]
+}
 
 
 def _first(rec: Dict[str, Any], keys: Tuple[str, ...]) -> Tuple[Optional[str], Any]:
@@ -83,8 +132,9 @@ def convert_record(spec: BenchmarkSpec, rec: Dict[str, Any], where: str, row: in
         raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
     pk, problem = _first(rec, spec.problem_keys)
     if pk is None:
-        raise DataError(f"{where}: no problem field for {spec.name} (looked for {list(spec.problem_keys)}; "
-                        f"present: {sorted(rec)})")
+        raise DataError(
+            f"{where}: no problem field for {spec.name} (looked for {list(spec.problem_keys)}; present: {sorted(rec)})"
+        )
     _, solution = _first(rec, spec.solution_keys)
     ak, answer = _first(rec, spec.answer_keys)
     if ak is not None and spec.split_answer is not None:
@@ -94,8 +144,10 @@ def convert_record(spec: BenchmarkSpec, rec: Dict[str, Any], where: str, row: in
     if ak is None and solution is not None:
         answer = last_boxed(str(solution))
     if answer is None or not str(answer).strip():
-        raise DataError(f"{where}: no answer for {spec.name} (looked for {list(spec.answer_keys)} and a "
-                        f"\\boxed{{}} in {list(spec.solution_keys) or 'no solution field'}; present: {sorted(rec)})")
+        raise DataError(
+            f"{where}: no answer for {spec.name} (looked for {list(spec.answer_keys)} and a "
+            f"\\boxed{{}} in {list(spec.solution_keys) or 'no solution field'}; present: {sorted(rec)})"
+        )
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     out: Dict[str, Any] = {"problem": str(problem), "answer": str(answer).strip()}

@@ -4,6 +4,7 @@ Why: tests and the QUICK demo train random tiny Qwen3 models whose vocabulary mu
 151,936-token output layer would dominate their cost); real runs use the real Qwen3 tokenizer.
 Built with the `tokenizers` library (byte-level BPE with no merges), wrapped as a HF fast tokenizer.
 """
+
 from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

@@ -13,6 +13,7 @@ user text with special-token splitting OFF: a problem that happens to contain "<
 `QWEN3_JINJA_TEMPLATE` is the same format as a Jinja chat template, saved into the built Qwen3 tokenizer
 folder; a test checks that both renderings agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,14 +28,16 @@ THINK_CLOSE = "</think>"
 @dataclass(frozen=True)
 class Special:
     """A special token, emitted by id rather than by tokenizing its text."""
+
     token: str
 
 
 Segment = Union[str, Special]
 
 
-def qwen3_segments(messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True,
-                   thinking: bool = True) -> List[Segment]:
+def qwen3_segments(
+    messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True, thinking: bool = True
+) -> List[Segment]:
     segs: List[Segment] = []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")

@@ -1,4 +1,5 @@
 """`egrsd data synth` (synthetic problems) and `egrsd data prepare` (evaluation sets -> our jsonl)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     s.add_argument("--max-steps", type=int, default=2, help="most arithmetic steps per problem")
     s.set_defaults(func=_synth)
     from .benchmarks import BENCHMARKS  # light: no heavy imports
+
     q = dsub.add_parser("prepare", help="convert a public evaluation-set file to our jsonl fields (docs/data.md)")
     q.add_argument("name", choices=sorted(BENCHMARKS))
     q.add_argument("--src", required=True, help="source file: jsonl | json | parquet | datasets folder")
@@ -27,6 +29,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     from ..utils.atomic import atomic_write_text
     from .synth import generate_problems
+
     rows = generate_problems(args.n, args.seed, args.min_steps, args.max_steps)
     atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} problems to {args.out}")
@@ -35,6 +38,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from .benchmarks import prepare_benchmark
+
     n = prepare_benchmark(args.name, args.src, args.out)
     print(f"wrote {n} {args.name} problems to {args.out}")
     return 0

@@ -7,6 +7,7 @@ jsonl, 1-based row number otherwise) and the field. Prompts longer than `data.ma
 (student and teacher prompt, when a prompt builder is given) are skipped and counted, or fail, per
 `data.on_overlong`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Problem:
     problem: str
-    solution: Optional[str]     # privileged context; None when the file has none (evaluation sets)
-    answer: str                 # what the verifier compares against
-    index: int                  # 0-based row in the source file
-    source: str                 # the source file (or folder)
+    solution: Optional[str]  # privileged context; None when the file has none (evaluation sets)
+    answer: str  # what the verifier compares against
+    index: int  # 0-based row in the source file
+    source: str  # the source file (or folder)
 
 
 class ProblemSet(Sequence[Problem]):
@@ -40,7 +41,7 @@ class ProblemSet(Sequence[Problem]):
     def __init__(self, problems: List[Problem], path: str, skipped_rows: Optional[List[Tuple[int, int]]] = None):
         self.problems = problems
         self.path = path
-        self.skipped_rows = skipped_rows or []   # (1-based row, prompt tokens)
+        self.skipped_rows = skipped_rows or []  # (1-based row, prompt tokens)
 
     @property
     def skipped(self) -> int:
@@ -67,14 +68,17 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
     """Yield (row label, record) for jsonl | json | parquet | datasets folder."""
     if os.path.isdir(path):
         import datasets  # seconds to import; only a `datasets` folder (save_to_disk) needs it
+
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
             raise DataError(f"{path}: not a `datasets` folder saved with save_to_disk ({e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if len(ds) != 1:
-                raise DataError(f"{path}: a DatasetDict with splits {sorted(ds)}; point at one split's folder "
-                                f"(e.g. {os.path.join(path, sorted(ds)[0])})")
+                raise DataError(
+                    f"{path}: a DatasetDict with splits {sorted(ds)}; point at one split's folder "
+                    f"(e.g. {os.path.join(path, sorted(ds)[0])})"
+                )
             ds = next(iter(ds.values()))
         for i, rec in enumerate(ds):
             yield f"row {i + 1}", rec
@@ -91,7 +95,7 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
                 head = f.read(1)
                 while head and head.isspace():
                     head = f.read(1)
-            if head == "[":    # a JSON array of records
+            if head == "[":  # a JSON array of records
                 with open(path, encoding="utf-8") as f:
                     try:
                         recs = json.load(f)
@@ -116,13 +120,16 @@ def _iter_rows(path: str) -> Iterator[Tuple[str, Any]]:
         raise DataError(f"{path}: unknown dataset format; expected .jsonl, .json, .parquet or a `datasets` folder")
 
 
-def _text_field(rec: Dict[str, Any], key: str, cfg_key: str, where: str, allow_numbers: bool,
-                required: bool) -> Optional[str]:
+def _text_field(
+    rec: Dict[str, Any], key: str, cfg_key: str, where: str, allow_numbers: bool, required: bool
+) -> Optional[str]:
     if key not in rec or rec[key] is None:
         if not required:
             return None
-        raise DataError(f"{where}: missing field '{key}' (present: {sorted(rec)}); set data.{cfg_key} if the "
-                        f"file names it differently")
+        raise DataError(
+            f"{where}: missing field '{key}' (present: {sorted(rec)}); set data.{cfg_key} if the "
+            f"file names it differently"
+        )
     v = rec[key]
     if isinstance(v, bool) or not (isinstance(v, str) or (allow_numbers and isinstance(v, (int, float)))):
         kinds = "a string or a number" if allow_numbers else "a string"
@@ -139,8 +146,9 @@ def _text_field(rec: Dict[str, Any], key: str, cfg_key: str, where: str, allow_n
     return v
 
 
-def load_problems(path: str, cfg: DataConfig, tokenizer: Any = None, prompt_builder: Any = None,
-                  require_solution: bool = True) -> ProblemSet:
+def load_problems(
+    path: str, cfg: DataConfig, tokenizer: Any = None, prompt_builder: Any = None, require_solution: bool = True
+) -> ProblemSet:
     """Read and validate problems. require_solution=False for evaluation sets without solutions.
 
     Length check: with a prompt builder, max(len(student prompt), len(teacher prompt)) in tokens (the teacher
@@ -155,20 +163,25 @@ def load_problems(path: str, cfg: DataConfig, tokenizer: Any = None, prompt_buil
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object with fields, got {type(rec).__name__}")
         prob = _text_field(rec, cfg.problem_field, "problem_field", where, allow_numbers=False, required=True)
-        sol = _text_field(rec, cfg.solution_field, "solution_field", where, allow_numbers=False, required=require_solution)
+        sol = _text_field(
+            rec, cfg.solution_field, "solution_field", where, allow_numbers=False, required=require_solution
+        )
         ans = _text_field(rec, cfg.answer_field, "answer_field", where, allow_numbers=True, required=True)
         p = Problem(problem=prob, solution=sol, answer=ans.strip(), index=i, source=source)  # type: ignore[arg-type]
         n_tok = _prompt_tokens(p, tokenizer, prompt_builder)
         if n_tok is not None and n_tok > cfg.max_prompt_tokens:
             if cfg.on_overlong == "fail":
-                raise DataError(f"{where}: prompt is {n_tok} tokens, over data.max_prompt_tokens="
-                                f"{cfg.max_prompt_tokens}; raise the limit or set data.on_overlong=skip")
+                raise DataError(
+                    f"{where}: prompt is {n_tok} tokens, over data.max_prompt_tokens="
+                    f"{cfg.max_prompt_tokens}; raise the limit or set data.on_overlong=skip"
+                )
             skipped.append((i + 1, n_tok))
             continue
         problems.append(p)
     if skipped:
-        log.warning("%s: skipped %d overlong problem(s) (> %d prompt tokens)", source, len(skipped),
-                    cfg.max_prompt_tokens)
+        log.warning(
+            "%s: skipped %d overlong problem(s) (> %d prompt tokens)", source, len(skipped), cfg.max_prompt_tokens
+        )
     if not problems:
         raise DataError(f"{source}: no usable problems ({len(skipped)} skipped as overlong)")
     return ProblemSet(problems, source, skipped)

@@ -14,6 +14,7 @@ Padding (`pad_to`, e.g. the token budget, for pipeline parallelism's fixed buffe
 ONE extra segment of cu_seqlens, so they attend only to each other and nothing real reads them; no
 response position points into it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,14 +25,14 @@ import torch
 
 @dataclass
 class Pack:
-    input_ids: torch.Tensor      # [1, T] long
-    position_ids: torch.Tensor   # [1, T] long, 0.. per segment
-    cu_seqlens: torch.Tensor     # [S + 1] int32, S = num_sequences (+ 1 if padded)
-    max_seqlen: int              # longest segment (PackedSeqParams.max_seqlen_q/kv)
-    lengths: List[int]           # tokens of each real sequence, pack order
-    resp_pos: torch.Tensor       # [n, R] long: pack positions whose logits score each response token (0 if masked)
-    targets: torch.Tensor        # [n, R] long: response token ids (0 where masked)
-    mask: torch.Tensor           # [n, R] bool: valid response tokens
+    input_ids: torch.Tensor  # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long, 0.. per segment
+    cu_seqlens: torch.Tensor  # [S + 1] int32, S = num_sequences (+ 1 if padded)
+    max_seqlen: int  # longest segment (PackedSeqParams.max_seqlen_q/kv)
+    lengths: List[int]  # tokens of each real sequence, pack order
+    resp_pos: torch.Tensor  # [n, R] long: pack positions whose logits score each response token (0 if masked)
+    targets: torch.Tensor  # [n, R] long: response token ids (0 where masked)
+    mask: torch.Tensor  # [n, R] bool: valid response tokens
 
     @property
     def num_sequences(self) -> int:
@@ -56,8 +57,9 @@ class Pack:
         return self.segment_ids[self.mask]
 
 
-def pack_sequences(sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                   pad_to: Optional[int] = None, pad_id: int = 0) -> Pack:
+def pack_sequences(
+    sequences: Sequence[Sequence[int]], response_starts: Sequence[int], pad_to: Optional[int] = None, pad_id: int = 0
+) -> Pack:
     """One Pack of `sequences` in the given order; `response_starts[i]` = index of sequence i's first
     response token (its prompt length). `pad_to`: total length T of the pack (a padding segment fills it)."""
     if len(sequences) != len(response_starts):
@@ -68,8 +70,10 @@ def pack_sequences(sequences: Sequence[Sequence[int]], response_starts: Sequence
     for i, (n, p) in enumerate(zip(lengths, response_starts)):
         # p >= 1: the first response token is scored by the logits of the token before it.
         if n == 0 or not 1 <= p <= n:
-            raise ValueError(f"pack_sequences: sequence {i} has {n} tokens and response start {p}; need a "
-                             f"non-empty prompt (1 <= start <= length)")
+            raise ValueError(
+                f"pack_sequences: sequence {i} has {n} tokens and response start {p}; need a "
+                f"non-empty prompt (1 <= start <= length)"
+            )
     total = sum(lengths)
     pad = 0 if pad_to is None else pad_to - total
     if pad < 0:
@@ -85,13 +89,21 @@ def pack_sequences(sequences: Sequence[Sequence[int]], response_starts: Sequence
     mask = torch.zeros((len(sequences), r), dtype=torch.bool)
     for i, (seq, p) in enumerate(zip(sequences, response_starts)):
         o, n = int(cu[i]), lengths[i]
-        ids[0, o:o + n] = torch.as_tensor(list(seq), dtype=torch.long)
+        ids[0, o : o + n] = torch.as_tensor(list(seq), dtype=torch.long)
         m = n - p
         resp_pos[i, :m] = torch.arange(o + p - 1, o + n - 1)
         targets[i, :m] = torch.as_tensor(list(seq[p:]), dtype=torch.long)
         mask[i, :m] = True
-    return Pack(input_ids=ids, position_ids=pos, cu_seqlens=cu, max_seqlen=max(seg_lens), lengths=lengths,
-                resp_pos=resp_pos, targets=targets, mask=mask)
+    return Pack(
+        input_ids=ids,
+        position_ids=pos,
+        cu_seqlens=cu,
+        max_seqlen=max(seg_lens),
+        lengths=lengths,
+        resp_pos=resp_pos,
+        targets=targets,
+        mask=mask,
+    )
 
 
 def gather_response_logits(logits: torch.Tensor, pack: Pack) -> torch.Tensor:
@@ -101,9 +113,13 @@ def gather_response_logits(logits: torch.Tensor, pack: Pack) -> torch.Tensor:
     return logits[0][pack.resp_pos.to(logits.device)]
 
 
-def packs_for_bins(sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                   bins: Sequence[Sequence[int]], pad_to: Optional[int] = None, pad_id: int = 0) -> List[Pack]:
+def packs_for_bins(
+    sequences: Sequence[Sequence[int]],
+    response_starts: Sequence[int],
+    bins: Sequence[Sequence[int]],
+    pad_to: Optional[int] = None,
+    pad_id: int = 0,
+) -> List[Pack]:
     """One Pack per bin (data/balance.py's index lists), sequences in bin order: row r of pack k is
     sequence bins[k][r]. Build the student and the teacher packs from the SAME bins so their rows align."""
-    return [pack_sequences([sequences[i] for i in b], [response_starts[i] for i in b], pad_to, pad_id)
-            for b in bins]
+    return [pack_sequences([sequences[i] for i in b], [response_starts[i] for i in b], pad_to, pad_id) for b in bins]

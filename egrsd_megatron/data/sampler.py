@@ -4,6 +4,7 @@ Epoch e visits the problems in the order `permutation_e`, where permutation_e co
 generator seeded with (seed, e): any epoch's order can be rebuilt from (seed, epoch) alone, so the
 state is just (epoch, position). A batch that crosses the end of an epoch continues in the next one.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
@@ -41,22 +42,29 @@ class PromptSampler:
                 self.pos = 0
                 self._order = self._epoch_order(self.epoch)
             take = min(n - len(out), len(self._order) - self.pos)
-            out += [self.problems[int(i)] for i in self._order[self.pos:self.pos + take]]
+            out += [self.problems[int(i)] for i in self._order[self.pos : self.pos + take]]
             self.pos += take
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch, "pos": self.pos,
-                "num_problems": len(self.problems)}
+        return {
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "num_problems": len(self.problems),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for key in ("seed", "shuffle", "epoch", "pos", "num_problems"):
             if key not in state:
                 raise ValueError(f"PromptSampler.load_state_dict: state has no '{key}' (got keys {sorted(state)})")
         if int(state["num_problems"]) != len(self.problems):
-            raise InputError(f"PromptSampler.load_state_dict: the checkpoint saw {state['num_problems']} problems, "
-                             f"this dataset has {len(self.problems)}; resume with the same data.train_path and "
-                             f"data.max_prompt_tokens, or start a new run")
+            raise InputError(
+                f"PromptSampler.load_state_dict: the checkpoint saw {state['num_problems']} problems, "
+                f"this dataset has {len(self.problems)}; resume with the same data.train_path and "
+                f"data.max_prompt_tokens, or start a new run"
+            )
         if not 0 <= int(state["pos"]) <= int(state["num_problems"]):
             raise ValueError(f"PromptSampler.load_state_dict: position {state['pos']} out of range")
         self.seed = int(state["seed"])

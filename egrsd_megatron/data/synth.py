@@ -6,6 +6,7 @@ operation and ends with "So the answer is \\boxed{N}." and a last line "#### N",
 reward and the final-number reward can read it. Problem i depends only on (seed, i): the first k
 problems of a larger set equal a set of k.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,12 +14,30 @@ from typing import Dict, List, Tuple
 
 from ..utils.errors import InputError
 
-_NAMES = [("Tom", "he"), ("Ann", "she"), ("Lena", "she"), ("Omar", "he"), ("Mia", "she"), ("Ravi", "he"),
-          ("Sara", "she"), ("Ben", "he"), ("Yuki", "she"), ("Leo", "he")]
+_NAMES = [
+    ("Tom", "he"),
+    ("Ann", "she"),
+    ("Lena", "she"),
+    ("Omar", "he"),
+    ("Mia", "she"),
+    ("Ravi", "he"),
+    ("Sara", "she"),
+    ("Ben", "he"),
+    ("Yuki", "she"),
+    ("Leo", "he"),
+]
 _FRIENDS = ["a cousin", "a friend", "a neighbour", "the teacher", "a classmate"]
 # (item, container, edible)
-_ITEMS = [("apple", "bag", True), ("marble", "jar", False), ("cookie", "box", True), ("pencil", "pack", False),
-          ("sticker", "sheet", False), ("orange", "basket", True), ("egg", "carton", True), ("card", "deck", False)]
+_ITEMS = [
+    ("apple", "bag", True),
+    ("marble", "jar", False),
+    ("cookie", "box", True),
+    ("pencil", "pack", False),
+    ("sticker", "sheet", False),
+    ("orange", "basket", True),
+    ("egg", "carton", True),
+    ("card", "deck", False),
+]
 _THINGS = [("notebook", (2, 9)), ("pen", (1, 5)), ("sandwich", (3, 8)), ("ticket", (4, 12)), ("book", (6, 15))]
 
 
@@ -118,7 +137,7 @@ def generate_problems(n: int, seed: int, min_steps: int = 1, max_steps: int = 2)
         raise InputError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
     out: List[Dict[str, str]] = []
     for i in range(n):
-        rng = random.Random(f"egrsd-synth/{seed}/{i}")   # str seeds hash with sha512: stable across runs
+        rng = random.Random(f"egrsd-synth/{seed}/{i}")  # str seeds hash with sha512: stable across runs
         steps = rng.randint(min_steps, max_steps)
         problem, work, q = (_money if rng.random() < 0.35 else _items)(rng, steps)
         solution = "\n".join(work + [f"So the answer is \\boxed{{{q}}}.", f"#### {q}"])

@@ -8,6 +8,7 @@ of the conversation. The teacher scores exactly the student's sampled response i
 prefix: `teacher_sequence` concatenates ids and never re-tokenizes the response text (decode/encode
 does not round-trip in general, e.g. a sampled non-canonical BPE split).
 """
+
 from __future__ import annotations
 
 import string
@@ -23,8 +24,9 @@ def _template_fields(template: str, key: str) -> set:
     try:
         return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ConfigError(f"config key '{key}': not a valid format string ({e}); write literal braces as "
-                          f"{{{{ }}}}") from None
+        raise ConfigError(
+            f"config key '{key}': not a valid format string ({e}); write literal braces as {{{{ }}}}"
+        ) from None
 
 
 class PromptBuilder:
@@ -32,18 +34,23 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Any, prompt_cfg: PromptConfig) -> None:
         prompt_cfg.validate()
-        for key, template, allowed in (("prompt.student_template", prompt_cfg.student_template, {"problem"}),
-                                       ("prompt.teacher_template", prompt_cfg.teacher_template,
-                                        {"problem", "solution"})):
+        for key, template, allowed in (
+            ("prompt.student_template", prompt_cfg.student_template, {"problem"}),
+            ("prompt.teacher_template", prompt_cfg.teacher_template, {"problem", "solution"}),
+        ):
             extra = _template_fields(template, key) - allowed
             if extra:
-                raise ConfigError(f"config key '{key}': unknown placeholder(s) {sorted(extra)}; allowed: "
-                                  f"{sorted(allowed)} (write literal braces as {{{{ }}}})")
+                raise ConfigError(
+                    f"config key '{key}': unknown placeholder(s) {sorted(extra)}; allowed: "
+                    f"{sorted(allowed)} (write literal braces as {{{{ }}}})"
+                )
         self.tokenizer = tokenizer
         self.cfg = prompt_cfg
         if prompt_cfg.chat_format == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("config key 'prompt.chat_format': 'tokenizer' needs a tokenizer with a chat template; "
-                              "this one has none (use chat_format=qwen3)")
+            raise ConfigError(
+                "config key 'prompt.chat_format': 'tokenizer' needs a tokenizer with a chat template; "
+                "this one has none (use chat_format=qwen3)"
+            )
         self._special_ids: Dict[str, int] = {}
 
     # ---- text ----
@@ -56,8 +63,10 @@ class PromptBuilder:
 
     def teacher_text(self, problem: Problem) -> str:
         if not problem.solution:
-            raise InputError(f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
-                             f"solution (privileged context); this problem has none")
+            raise InputError(
+                f"{problem.source} row {problem.index + 1}: the teacher prompt needs a non-empty "
+                f"solution (privileged context); this problem has none"
+            )
         return self.cfg.teacher_template.format(problem=problem.problem, solution=problem.solution)
 
     # ---- ids ----
@@ -72,8 +81,10 @@ class PromptBuilder:
         if token not in self._special_ids:
             tid = self._token_id(token)
             if tid is None:
-                raise ConfigError(f"config key 'prompt.chat_format': the tokenizer has no {token} token, so the "
-                                  f"qwen3 chat format cannot be used with it (try chat_format=tokenizer)")
+                raise ConfigError(
+                    f"config key 'prompt.chat_format': the tokenizer has no {token} token, so the "
+                    f"qwen3 chat format cannot be used with it (try chat_format=tokenizer)"
+                )
             self._special_ids[token] = tid
         return self._special_ids[token]
 
@@ -84,8 +95,9 @@ class PromptBuilder:
     def chat_ids(self, user: str) -> List[int]:
         """Token ids of the chat prompt (with generation prompt) for one user message."""
         if self.cfg.chat_format == "tokenizer":
-            text = self.tokenizer.apply_chat_template(self._messages(user), tokenize=False,
-                                                      add_generation_prompt=True, enable_thinking=self.cfg.thinking)
+            text = self.tokenizer.apply_chat_template(
+                self._messages(user), tokenize=False, add_generation_prompt=True, enable_thinking=self.cfg.thinking
+            )
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         ids: List[int] = []
         for seg in qwen3_segments(self._messages(user), add_generation_prompt=True, thinking=self.cfg.thinking):
@@ -115,6 +127,8 @@ class PromptBuilder:
         if eos is not None and int(eos) not in out:
             out.append(int(eos))
         if not out:
-            raise ConfigError("config key 'tokenizer.path': the tokenizer has no eos token and no <|im_end|>; "
-                              "generation could never stop")
+            raise ConfigError(
+                "config key 'tokenizer.path': the tokenizer has no eos token and no <|im_end|>; "
+                "generation could never stop"
+            )
         return out

@@ -19,6 +19,7 @@ backward, its bf16 `.grad` is added into an fp32 `main_grad` and freed. Summed o
 each micro-batch's gradient is then rounded to fp32, not the running sum to bf16. Everything here (and
 the optimizer) reads a parameter's gradient through `grad_of`.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
@@ -78,8 +79,7 @@ def _all_reduce_coalesced(tensors: List[torch.Tensor], group) -> None:
 
 def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
     # 1. QK-layernorm partial grads across TP.
-    qk = _grads(p for m in model_chunks for n, p in m.named_parameters()
-                if "q_layernorm" in n or "k_layernorm" in n)
+    qk = _grads(p for m in model_chunks for n, p in m.named_parameters() if "q_layernorm" in n or "k_layernorm" in n)
     _all_reduce_coalesced(qk, ps.get_tensor_model_parallel_group())
 
     # 2. Tied word embeddings shared between the first and last pipeline stage.
@@ -92,8 +92,7 @@ def finalize_grads(model_chunks: List[torch.nn.Module]) -> None:
 
     # 3. Data parallel.
     if ps.get_data_parallel_world_size() > 1:
-        _all_reduce_coalesced(_grads(p for m in model_chunks for p in m.parameters()),
-                              ps.get_data_parallel_group())
+        _all_reduce_coalesced(_grads(p for m in model_chunks for p in m.parameters()), ps.get_data_parallel_group())
 
 
 def global_grad_norm(model_chunks: List[torch.nn.Module]) -> torch.Tensor:
@@ -106,8 +105,11 @@ def global_grad_norm(model_chunks: List[torch.nn.Module]) -> torch.Tensor:
             if g is None:
                 continue
             # Tied output weight on the last stage duplicates the first stage's embedding: count once.
-            if getattr(p, "shared", False) and ps.get_pipeline_model_parallel_world_size() > 1 \
-                    and not ps.is_pipeline_first_stage():
+            if (
+                getattr(p, "shared", False)
+                and ps.get_pipeline_model_parallel_world_size() > 1
+                and not ps.is_pipeline_first_stage()
+            ):
                 continue
             if param_is_not_tensor_parallel_duplicate(p) or ps.get_tensor_model_parallel_rank() == 0:
                 sq += g.detach().double().pow(2).sum().cpu()

@@ -11,6 +11,7 @@ A record is one sampled response: {"problem_index": int, "sample_index": int, "c
   (None when that set is empty).
 - truncation_rate = (#samples that hit max_new_tokens without a stop token) / #samples.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -76,12 +77,17 @@ def compute_metrics(records: Iterable[Mapping[str, Any]], ks: Optional[Sequence[
         if k > n_min:
             raise ValueError(f"pass@{k} needs at least {k} samples per problem; the smallest problem has {n_min}")
         out[f"pass@{k}"] = _mean([pass_at_k(n, c, k) for n, c in counts.values()])
-    out.update({
-        "mean_length": _mean(lengths), "median_length": _median(lengths),
-        "mean_length_correct": _mean(right), "median_length_correct": _median(right),
-        "mean_length_wrong": _mean(wrong), "median_length_wrong": _median(wrong),
-        "truncation_rate": _mean([float(bool(r["truncated"])) for r in recs]),
-    })
+    out.update(
+        {
+            "mean_length": _mean(lengths),
+            "median_length": _median(lengths),
+            "mean_length_correct": _mean(right),
+            "median_length_correct": _median(right),
+            "mean_length_wrong": _mean(wrong),
+            "median_length_wrong": _median(wrong),
+            "truncation_rate": _mean([float(bool(r["truncated"])) for r in recs]),
+        }
+    )
     return out
 
 
@@ -96,7 +102,7 @@ def average_summaries(summaries: Mapping[str, Mapping[str, Any]]) -> Dict[str, A
     keys = set.intersection(*(set(s) for s in summaries.values()))
     out: Dict[str, Any] = {}
     for k in sorted(keys):
-        if k in COUNT_KEYS:   # sizes are summed, not averaged
+        if k in COUNT_KEYS:  # sizes are summed, not averaged
             out[k] = int(sum(s[k] for s in summaries.values()))
             continue
         vals = [s[k] for s in summaries.values()]

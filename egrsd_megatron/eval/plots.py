@@ -4,6 +4,7 @@ frontier: one panel per benchmark plus "average"; each result folder (a method o
 (mean response length, accuracy); the Pareto frontier (no other point is both shorter and more accurate)
 is drawn as a dashed staircase. curves: accuracy and mean response length per step from metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ def _pyplot():
     # Imported on first plot: matplotlib.use("Agg") must run before pyplot is imported (headless: never needs a
     # display), and importing it at module level would select a backend for whoever imports eval.
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -62,27 +65,39 @@ def load_result(result_dir: str) -> Dict[str, Any]:
     return s
 
 
-def frontier_table(result_dirs: Sequence[str], labels: Optional[Sequence[str]] = None
-                   ) -> Tuple[List[str], Dict[str, List[Tuple[float, float]]]]:
+def frontier_table(
+    result_dirs: Sequence[str], labels: Optional[Sequence[str]] = None
+) -> Tuple[List[str], Dict[str, List[Tuple[float, float]]]]:
     """(labels, {panel: [(mean_length, accuracy) per result]}); panel "average" averages the benchmarks that
     EVERY result has, so all points of that panel average the same set."""
     if labels is not None and len(labels) != len(result_dirs):
         raise InputError(f"--labels: got {len(labels)} labels for {len(result_dirs)} result folders")
     results = [load_result(d) for d in result_dirs]
-    names = list(labels) if labels else [r.get("label") or os.path.basename(os.path.normpath(d))
-                                         for r, d in zip(results, result_dirs)]
+    names = (
+        list(labels)
+        if labels
+        else [r.get("label") or os.path.basename(os.path.normpath(d)) for r, d in zip(results, result_dirs)]
+    )
     benches: List[str] = []
     for r in results:
         benches += [b for b in r["benchmarks"] if b not in benches]
     panels: Dict[str, List[Tuple[float, float]]] = {}
     for b in benches:
-        panels[b] = [(r["benchmarks"][b]["mean_length"], r["benchmarks"][b]["accuracy"]) if b in r["benchmarks"]
-                     else (math.nan, math.nan) for r in results]
+        panels[b] = [
+            (r["benchmarks"][b]["mean_length"], r["benchmarks"][b]["accuracy"])
+            if b in r["benchmarks"]
+            else (math.nan, math.nan)
+            for r in results
+        ]
     common = [b for b in benches if all(b in r["benchmarks"] for r in results)]
     if len(benches) > 1 and common:
         panels[f"average ({len(common)} benchmarks)"] = [
-            (sum(r["benchmarks"][b]["mean_length"] for b in common) / len(common),
-             sum(r["benchmarks"][b]["accuracy"] for b in common) / len(common)) for r in results]
+            (
+                sum(r["benchmarks"][b]["mean_length"] for b in common) / len(common),
+                sum(r["benchmarks"][b]["accuracy"] for b in common) / len(common),
+            )
+            for r in results
+        ]
     return names, panels
 
 
@@ -101,12 +116,21 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
             ax.scatter([x], [100 * y], s=46, color=colors(i % 10), label=names[i], zorder=3)
             ax.annotate(names[i], (x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         front = [valid[j] for j in pareto_front([pts[i] for i in valid])]
-        ax.scatter([pts[i][0] for i in front], [100 * pts[i][1] for i in front], s=110, facecolors="none",
-                   edgecolors="0.2", linewidths=1.1, zorder=4, label="on the Pareto frontier")
+        ax.scatter(
+            [pts[i][0] for i in front],
+            [100 * pts[i][1] for i in front],
+            s=110,
+            facecolors="none",
+            edgecolors="0.2",
+            linewidths=1.1,
+            zorder=4,
+            label="on the Pareto frontier",
+        )
         if len(front) > 1:
             xs, ys = [pts[i][0] for i in front], [100 * pts[i][1] for i in front]
-            ax.step(xs, ys, where="post", linestyle="--", color="0.35", linewidth=1.2, zorder=2,
-                    label="Pareto frontier")
+            ax.step(
+                xs, ys, where="post", linestyle="--", color="0.35", linewidth=1.2, zorder=2, label="Pareto frontier"
+            )
         ax.set_title(panel, fontsize=11)
         ax.set_xlabel("mean response length (tokens)")
         ax.set_ylabel("accuracy (%)")
@@ -115,13 +139,13 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, lbls = [], []
-    for ax in axes.flat:   # one legend for the figure: every label once, from whichever panel has it
+    for ax in axes.flat:  # one legend for the figure: every label once, from whichever panel has it
         for h, lbl in zip(*ax.get_legend_handles_labels()):
             if lbl not in lbls:
                 handles.append(h)
                 lbls.append(lbl)
-    ncol = max(1, min(len(lbls), 2 * cols))          # ~2 entries per panel width fit without clipping
-    legend_in = 0.3 * math.ceil(len(lbls) / ncol) + 0.1   # legend height in inches, reserved at the bottom
+    ncol = max(1, min(len(lbls), 2 * cols))  # ~2 entries per panel width fit without clipping
+    legend_in = 0.3 * math.ceil(len(lbls) / ncol) + 0.1  # legend height in inches, reserved at the bottom
     fig.legend(handles, lbls, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Accuracy vs response length (up-left is better)", fontsize=12)
     fig.tight_layout(rect=(0, legend_in / (PANEL_H * rows), 1, 0.95))

@@ -8,6 +8,7 @@ Resume: rerunning the same command reads the samples already in <NAME>.samples.j
 the missing ones (a torn last line from a crash is dropped). The settings that determine the samples are
 stored in <out>/eval_settings.json; resuming with different ones is an error, not a silent mix.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,6 +44,7 @@ WEIGHT_FILES = (".safetensors", ".bin")
 @dataclass
 class EvalSettings:
     """Everything that determines the samples; stored with the results, checked on resume."""
+
     model: str
     label: str
     k: int = 1
@@ -59,7 +61,7 @@ class EvalSettings:
 
     def sample_defining(self) -> Dict[str, Any]:
         d = asdict(self)
-        for k in ("label", "engine"):   # presentation / engine choice do not change what a sample means
+        for k in ("label", "engine"):  # presentation / engine choice do not change what a sample means
             d.pop(k)
         return d
 
@@ -69,12 +71,16 @@ def benchmark_file(data_dir: str, name: str) -> str:
     """DATA_DIR/NAME.jsonl, with an error that says what to do when it is not there."""
     path = os.path.join(data_dir, f"{name}.jsonl")
     if os.path.isfile(path):
-        return path   # a known set, or a custom one someone put there
+        return path  # a known set, or a custom one someone put there
     if name in BENCHMARKS:
-        raise MissingInputError(f"benchmark '{name}': file {path} not found; create it with `egrsd data prepare "
-                                f"{name} --src <downloaded file> --out {path}` or pass the right --data-dir")
-    raise InputError(f"unknown benchmark '{name}': known are {', '.join(sorted(BENCHMARKS))}; a custom benchmark "
-                     f"needs a file {path} (jsonl with fields problem, answer)")
+        raise MissingInputError(
+            f"benchmark '{name}': file {path} not found; create it with `egrsd data prepare "
+            f"{name} --src <downloaded file> --out {path}` or pass the right --data-dir"
+        )
+    raise InputError(
+        f"unknown benchmark '{name}': known are {', '.join(sorted(BENCHMARKS))}; a custom benchmark "
+        f"needs a file {path} (jsonl with fields problem, answer)"
+    )
 
 
 def megatron_model_dir(path: str) -> Optional[str]:
@@ -107,11 +113,15 @@ def resolve_model_dir(model_dir: str, tmp_root: str) -> str:
         log.info("converting Megatron checkpoint %s to Hugging Face format", mdir)
         return megatron_to_hf(mdir, os.path.join(tmp_root, "hf_model"))
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise MissingInputError(f"--model {model_dir}: neither a Hugging Face model folder (config.json) nor a "
-                                f"Megatron checkpoint (egrsd_checkpoint.json, step_N/model/, or a run with `latest`)")
+        raise MissingInputError(
+            f"--model {model_dir}: neither a Hugging Face model folder (config.json) nor a "
+            f"Megatron checkpoint (egrsd_checkpoint.json, step_N/model/, or a run with `latest`)"
+        )
     if not has_hf_weights(model_dir):
-        raise MissingInputError(f"--model {model_dir}: config.json but no weights (*.safetensors or *.bin); "
-                                f"save the model with save_pretrained or convert a checkpoint into it")
+        raise MissingInputError(
+            f"--model {model_dir}: config.json but no weights (*.safetensors or *.bin); "
+            f"save the model with save_pretrained or convert a checkpoint into it"
+        )
     return model_dir
 
 
@@ -132,13 +142,14 @@ def read_samples(path: str) -> Dict[Tuple[int, int], Dict[str, Any]]:
                 rec = json.loads(line)
                 out[sample_key(rec)] = rec
             except (ValueError, KeyError, TypeError) as e:
-                if i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:]):
+                if i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1 :]):
                     log.warning("%s: dropping a torn last line (interrupted write)", path)
                     with open(path, "r+b") as f:
                         f.truncate(offset)
                     break
-                raise InputError(f"{path} line {i + 1}: not a sample record ({e}); delete the file to start "
-                                 f"this benchmark over") from e
+                raise InputError(
+                    f"{path} line {i + 1}: not a sample record ({e}); delete the file to start this benchmark over"
+                ) from e
         offset += len(line) + 1
     return out
 
@@ -166,19 +177,31 @@ def _check_settings(out_dir: str, settings: EvalSettings) -> None:
         new = json.loads(json.dumps(settings.sample_defining()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            raise InputError(f"{out_dir} holds an evaluation with different settings ({', '.join(diff)}): use "
-                             f"another --out folder, or delete it to start over")
+            raise InputError(
+                f"{out_dir} holds an evaluation with different settings ({', '.join(diff)}): use "
+                f"another --out folder, or delete it to start over"
+            )
     else:
         atomic_write_json(path, settings.sample_defining())
 
 
 # ------------------------------------------------------------------------------------------ outputs
-METRIC_COLUMNS = ("accuracy", "mean_length", "median_length", "mean_length_correct", "median_length_correct",
-                  "mean_length_wrong", "median_length_wrong", "truncation_rate", "num_problems", "num_samples")
+METRIC_COLUMNS = (
+    "accuracy",
+    "mean_length",
+    "median_length",
+    "mean_length_correct",
+    "median_length_correct",
+    "mean_length_wrong",
+    "median_length_wrong",
+    "truncation_rate",
+    "num_problems",
+    "num_samples",
+)
 
 
 def _csv(rows: List[Dict[str, Any]]) -> str:
-    cols: List[str] = ["label", "benchmark", *METRIC_COLUMNS]   # the columns people read first
+    cols: List[str] = ["label", "benchmark", *METRIC_COLUMNS]  # the columns people read first
     for r in rows:
         cols += [c for c in r if c not in cols]
     buf = io.StringIO()
@@ -195,10 +218,17 @@ def write_benchmark(out_dir: str, name: str, label: str, summary: Dict[str, Any]
     atomic_write_text(os.path.join(out_dir, f"{name}.csv"), _csv([row]))
 
 
-def write_summary(out_dir: str, label: str, per_bench: Dict[str, Dict[str, Any]], settings: EvalSettings) -> Dict[str, Any]:
+def write_summary(
+    out_dir: str, label: str, per_bench: Dict[str, Dict[str, Any]], settings: EvalSettings
+) -> Dict[str, Any]:
     avg = average_summaries(per_bench) if per_bench else {}
-    summary = {"label": label, "model": settings.model, "benchmarks": per_bench, "average": avg,
-               "settings": asdict(settings)}
+    summary = {
+        "label": label,
+        "model": settings.model,
+        "benchmarks": per_bench,
+        "average": avg,
+        "settings": asdict(settings),
+    }
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
     rows = [{"label": label, "benchmark": n, **s} for n, s in per_bench.items()]
     rows.append({"label": label, "benchmark": "average", **avg})
@@ -207,13 +237,22 @@ def write_summary(out_dir: str, label: str, per_bench: Dict[str, Dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------ run
-def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: str, settings: EvalSettings,
-             batch_size: int = 16, engine: Any = None, prompt_cfg: Any = None, progress: bool = True) -> Dict[str, Any]:
+def run_eval(
+    model_dir: str,
+    benchmarks: Sequence[str],
+    data_dir: str,
+    out_dir: str,
+    settings: EvalSettings,
+    batch_size: int = 16,
+    engine: Any = None,
+    prompt_cfg: Any = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """Evaluate and write all outputs; returns the summary. `engine` may be passed in (tests, the trainer);
     otherwise one is built from the model folder (vllm when a GPU and vllm are present, else hf)."""
     if not benchmarks:
         raise InputError("no benchmarks given: pass --benchmarks NAME [NAME ...]")
-    files = {name: benchmark_file(data_dir, name) for name in benchmarks}   # all checked before any work
+    files = {name: benchmark_file(data_dir, name) for name in benchmarks}  # all checked before any work
     tmp_root = tempfile.mkdtemp(prefix="egrsd_eval_")
     own_engine = engine is None
     try:
@@ -222,20 +261,30 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
             tokenizer = load_tokenizer(settings.tokenizer, fallback_dir=hf_dir)
             with open(os.path.join(hf_dir, "config.json")) as f:
                 hf_config = json.load(f)
-            engine = make_engine(RolloutConfig(engine=settings.engine, max_batch=batch_size), hf_config, tokenizer,
-                                 weights_dir=hf_dir)
+            engine = make_engine(
+                RolloutConfig(engine=settings.engine, max_batch=batch_size), hf_config, tokenizer, weights_dir=hf_dir
+            )
         else:
             tokenizer = load_tokenizer(settings.tokenizer, fallback_dir=model_dir)
         prompt_cfg = prompt_cfg or PromptConfig()
-        settings.chat = {"thinking": prompt_cfg.thinking, "chat_format": prompt_cfg.chat_format,
-                         "student_template": prompt_cfg.student_template, "system": prompt_cfg.system}
-        os.makedirs(out_dir, exist_ok=True)   # only once the model and data were found
+        settings.chat = {
+            "thinking": prompt_cfg.thinking,
+            "chat_format": prompt_cfg.chat_format,
+            "student_template": prompt_cfg.student_template,
+            "system": prompt_cfg.system,
+        }
+        os.makedirs(out_dir, exist_ok=True)  # only once the model and data were found
         _check_settings(out_dir, settings)
         builder = PromptBuilder(tokenizer, prompt_cfg)
-        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                max_new_tokens=settings.max_new_tokens, stop_token_ids=builder.eos_token_ids,
-                                seed=settings.seed)
-        data_cfg = DataConfig(max_prompt_tokens=10**9)   # evaluation never drops a problem for its length
+        params = SamplingParams(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            max_new_tokens=settings.max_new_tokens,
+            stop_token_ids=builder.eos_token_ids,
+            seed=settings.seed,
+        )
+        data_cfg = DataConfig(max_prompt_tokens=10**9)  # evaluation never drops a problem for its length
         per_bench: Dict[str, Dict[str, Any]] = {}
         for name, path in files.items():
             problems = list(load_problems(path, data_cfg, require_solution=False))
@@ -245,15 +294,30 @@ def run_eval(model_dir: str, benchmarks: Sequence[str], data_dir: str, out_dir: 
             done = read_samples(samples_path)
             appender = _Appender(samples_path)
             try:
-                summary, _ = evaluate_problems(engine, builder, problems, settings.reward, params, k=settings.k,
-                                               on_result=appender, benchmark=name, done=done,
-                                               batch_size=batch_size, progress=progress)
+                summary, _ = evaluate_problems(
+                    engine,
+                    builder,
+                    problems,
+                    settings.reward,
+                    params,
+                    k=settings.k,
+                    on_result=appender,
+                    benchmark=name,
+                    done=done,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
             finally:
                 appender.close()
             write_benchmark(out_dir, name, settings.label, summary, settings)
             per_bench[name] = summary
-            log.info("%s: accuracy %.4f, mean length %.1f tokens, truncated %.3f", name, summary["accuracy"],
-                     summary["mean_length"], summary["truncation_rate"])
+            log.info(
+                "%s: accuracy %.4f, mean length %.1f tokens, truncated %.3f",
+                name,
+                summary["accuracy"],
+                summary["mean_length"],
+                summary["truncation_rate"],
+            )
         return write_summary(out_dir, settings.label, per_bench, settings)
     finally:
         if own_engine and engine is not None:

@@ -7,6 +7,7 @@ Reproducibility: sample s of problem i is generated with seed stable_seed(benchm
 and every engine samples each row from its own stream, so a record does not depend on batching, on which
 samples were already done, or on how often the run was interrupted.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -26,11 +27,22 @@ def sample_key(record: Mapping[str, Any]) -> Tuple[int, int]:
     return int(record["problem_index"]), int(record["sample_index"])
 
 
-def evaluate_problems(engine: RolloutEngine, prompt_builder: Any, problems: Sequence[Any], reward_name: str,
-                      params: SamplingParams, k: int = 1, on_result: Optional[Callable[[Record], None]] = None,
-                      *, benchmark: str = "val", done: Optional[Mapping[Tuple[int, int], Record]] = None,
-                      batch_size: int = 16, reward_timeout_s: float = 5.0, reward_workers: int = 0,
-                      progress: bool = False) -> Tuple[Dict[str, Any], List[Record]]:
+def evaluate_problems(
+    engine: RolloutEngine,
+    prompt_builder: Any,
+    problems: Sequence[Any],
+    reward_name: str,
+    params: SamplingParams,
+    k: int = 1,
+    on_result: Optional[Callable[[Record], None]] = None,
+    *,
+    benchmark: str = "val",
+    done: Optional[Mapping[Tuple[int, int], Record]] = None,
+    batch_size: int = 16,
+    reward_timeout_s: float = 5.0,
+    reward_workers: int = 0,
+    progress: bool = False,
+) -> Tuple[Dict[str, Any], List[Record]]:
     """(summary metrics, per-sample records sorted by (problem_index, sample_index)).
 
     `problems`: items with .problem/.answer/.index (data.Problem). `done`: records already computed (keyed by
@@ -48,20 +60,39 @@ def evaluate_problems(engine: RolloutEngine, prompt_builder: Any, problems: Sequ
     records: Dict[Tuple[int, int], Record] = dict(done)
     bar = None
     if progress:
-        bar = tqdm(total=len(problems) * k, initial=len(problems) * k - len(todo), desc=benchmark,
-                   unit="sample", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(problems) * k,
+            initial=len(problems) * k - len(todo),
+            desc=benchmark,
+            unit="sample",
+            dynamic_ncols=True,
+        )
     try:
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             seeds = [stable_seed(benchmark, p.index, s, params.seed) for p, s in chunk]
             comps = engine.generate([prompts[p.index] for p, _ in chunk], params, seeds=seeds)
-            rewards, _ = score_batch([c.text for c in comps], [p.answer for p, _ in chunk], name=reward_name,
-                                     timeout_s=reward_timeout_s, num_workers=reward_workers)
+            rewards, _ = score_batch(
+                [c.text for c in comps],
+                [p.answer for p, _ in chunk],
+                name=reward_name,
+                timeout_s=reward_timeout_s,
+                num_workers=reward_workers,
+            )
             for (p, s), seed, c, r in zip(chunk, seeds, comps, rewards):
-                rec = {"benchmark": benchmark, "problem_index": p.index, "sample_index": s, "seed": seed,
-                       "prompt_tokens": len(c.prompt_ids), "num_tokens": len(c.response_ids),
-                       "truncated": bool(c.truncated), "reward": float(r), "correct": float(r) >= CORRECT_AT,
-                       "answer": p.answer, "response": c.text}
+                rec = {
+                    "benchmark": benchmark,
+                    "problem_index": p.index,
+                    "sample_index": s,
+                    "seed": seed,
+                    "prompt_tokens": len(c.prompt_ids),
+                    "num_tokens": len(c.response_ids),
+                    "truncated": bool(c.truncated),
+                    "reward": float(r),
+                    "correct": float(r) >= CORRECT_AT,
+                    "answer": p.answer,
+                    "response": c.text,
+                }
                 records[(p.index, s)] = rec
                 if on_result is not None:
                     on_result(rec)
@@ -76,6 +107,6 @@ def evaluate_problems(engine: RolloutEngine, prompt_builder: Any, problems: Sequ
 
 def validation_scalars(summary: Mapping[str, Any], prefix: str = "val") -> Dict[str, float]:
     """The numeric entries of a summary as TensorBoard scalar names, e.g. val/accuracy, val/mean_length."""
-    return {f"{prefix}/{k}": float(v) for k, v in summary.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
+    return {
+        f"{prefix}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

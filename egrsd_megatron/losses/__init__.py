@@ -5,6 +5,7 @@ entropy gate, all stop-gradient) -> `policy_loss` (clipped surrogate, global nor
 selects a `LossSpec` (`FAMILY` in registry.py): its advantage function and what it reads. Only torch is
 needed: no Megatron import here, and config (`LossConfig`) only for type hints.
 """
+
 from egrsd_megatron.losses.advantages import group_advantages
 from egrsd_megatron.losses.factors import TokenFactors, TokenInputs
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
@@ -13,5 +14,17 @@ from egrsd_megatron.losses.policy_loss import policy_loss
 from egrsd_megatron.losses.registry import FAMILY, LossSpec, divergence_kind, loss_spec
 from egrsd_megatron.losses.token_weights import token_advantages
 
-__all__ = ["group_advantages", "lookahead_entropy", "entropy_gate", "masked_quantile", "token_advantages",
-           "policy_loss", "FAMILY", "LossSpec", "loss_spec", "divergence_kind", "TokenInputs", "TokenFactors"]
+__all__ = [
+    "group_advantages",
+    "lookahead_entropy",
+    "entropy_gate",
+    "masked_quantile",
+    "token_advantages",
+    "policy_loss",
+    "FAMILY",
+    "LossSpec",
+    "loss_spec",
+    "divergence_kind",
+    "TokenInputs",
+    "TokenFactors",
+]

@@ -1,4 +1,5 @@
 """Input checks shared by the loss functions: a bad tensor fails with its name and what to do."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -15,8 +16,9 @@ def as_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def check_bt(t: Optional[torch.Tensor], name: str, shape: Tuple[int, int], required: bool = True,
-             why: str = "") -> None:
+def check_bt(
+    t: Optional[torch.Tensor], name: str, shape: Tuple[int, int], required: bool = True, why: str = ""
+) -> None:
     """Check that the per-token tensor `t` has the mask's [B, T] shape (or is absent when optional)."""
     if t is None:
         if required:

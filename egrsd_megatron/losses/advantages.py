@@ -8,6 +8,7 @@ Rollouts of one prompt are contiguous: rewards[g * G : (g + 1) * G] is group g.
 A group whose rewards are all equal gets A = 0 exactly (set explicitly: R - mean of equal floats is not
 always exactly 0 in floating point, and the property "no gradient from such a group" must hold exactly).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple, Union
@@ -15,9 +16,14 @@ from typing import Dict, Tuple, Union
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = True, *,
-                     eps: float = 1e-6, return_metrics: bool = False
-                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    normalize_std: bool = True,
+    *,
+    eps: float = 1e-6,
+    return_metrics: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
     """Per-sequence advantages [B] from rewards [B] in contiguous groups of `group_size`.
 
     With `return_metrics=True` also returns python floats: `zero_adv_group_frac` (groups with all-equal
@@ -30,12 +36,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     b = rewards.numel()
     if b % group_size != 0:
-        raise ValueError(f"rewards: {b} values do not split into groups of group_size={group_size}; "
-                         f"pass whole groups (B must be a multiple of the group size)")
+        raise ValueError(
+            f"rewards: {b} values do not split into groups of group_size={group_size}; "
+            f"pass whole groups (B must be a multiple of the group size)"
+        )
     if not bool(torch.isfinite(rewards).all()):
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten()[:5].tolist()
-        raise ValueError(f"rewards: non-finite values at rows {bad}; the reward function must return "
-                         f"finite numbers")
+        raise ValueError(f"rewards: non-finite values at rows {bad}; the reward function must return finite numbers")
     r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)
     centered = r - r.mean(dim=1, keepdim=True)
     constant = (r.max(dim=1).values == r.min(dim=1).values).unsqueeze(1)

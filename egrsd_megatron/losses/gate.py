@@ -6,6 +6,7 @@
 
 so g is in [g_min, 1]: high-entropy (unsure) teacher positions are down-weighted, never zeroed.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,22 +39,26 @@ def masked_quantile(values: torch.Tensor, mask: Optional[torch.Tensor], q: float
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def gate_reference(entropy: torch.Tensor, cfg: GateConfig, *, mask: Optional[torch.Tensor] = None,
-                   vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
+def gate_reference(
+    entropy: torch.Tensor, cfg: GateConfig, *, mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None
+) -> Optional[torch.Tensor]:
     """H_ref of the linear gate (None for kind=exp)."""
     if cfg.kind != "linear":
         return None
     if cfg.h_ref == "log_vocab":
         if vocab_size is None or vocab_size < 2:
-            raise ValueError("entropy_gate: loss.gate.kind=linear with loss.gate.h_ref=log_vocab needs "
-                             f"vocab_size=<|V|> (>= 2), got {vocab_size!r}")
+            raise ValueError(
+                "entropy_gate: loss.gate.kind=linear with loss.gate.h_ref=log_vocab needs "
+                f"vocab_size=<|V|> (>= 2), got {vocab_size!r}"
+            )
         return entropy.new_tensor(math.log(vocab_size))
     q = float(cfg.h_ref.split(":", 1)[1])
     return masked_quantile(entropy, as_mask(mask) if mask is not None else None, q)
 
 
-def entropy_gate(entropy: torch.Tensor, cfg: GateConfig, *, mask: Optional[torch.Tensor] = None,
-                 vocab_size: Optional[int] = None) -> torch.Tensor:
+def entropy_gate(
+    entropy: torch.Tensor, cfg: GateConfig, *, mask: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None
+) -> torch.Tensor:
     """g(H) in [g_min, 1], same shape as `entropy` ([B, T]); `cfg` is the `loss.gate` section.
 
     `mask` selects the tokens of the batch quantile (h_ref=quantile:<q>); `vocab_size` is |V| for

@@ -9,6 +9,7 @@ The window stops at the first masked position or segment change, so it never rea
 end, into padding, or into the next sequence of a packed row (nor across a masked hole inside one row:
 a conservative choice for multi-turn masks).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,8 +19,15 @@ import torch
 from egrsd_megatron.losses._checks import as_mask, check_bt
 
 
-def lookahead_entropy(entropy: torch.Tensor, mask: torch.Tensor, window: int = 8, stat: str = "mean", *,
-                      segment_ids: Optional[torch.Tensor] = None, return_future: bool = False) -> torch.Tensor:
+def lookahead_entropy(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 8,
+    stat: str = "mean",
+    *,
+    segment_ids: Optional[torch.Tensor] = None,
+    return_future: bool = False,
+) -> torch.Tensor:
     """H^CL = min(H, F) per token, [B, T]; 0 at masked positions. `return_future=True` returns F instead."""
     valid = as_mask(mask)
     check_bt(entropy, "entropy", valid.shape)
@@ -43,7 +51,7 @@ def lookahead_entropy(entropy: torch.Tensor, mask: torch.Tensor, window: int = 8
     peak = torch.full_like(h, float("-inf"))
     for j in range(1, min(int(window), t_len - 1) + 1):
         nxt = torch.zeros_like(valid)
-        nxt[:, : t_len - j] = cont[:, : t_len - j] & link[:, j - 1:]
+        nxt[:, : t_len - j] = cont[:, : t_len - j] & link[:, j - 1 :]
         cont = nxt
         hj = torch.zeros_like(h)
         hj[:, : t_len - j] = h[:, j:]

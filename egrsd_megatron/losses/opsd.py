@@ -7,6 +7,7 @@
 The divergences come from `ops.vocab_parallel.token_stats(kl=divergence(cfg))`, which then needs the
 teacher's full (vocab-sharded) logits rather than only its per-token statistics.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -18,6 +18,7 @@ Gradient w.r.t. lS_t (token_mean, kl_coef = 0, Ahat constant):
     dL/dlS_t = - m_t r_t Ahat_t / D   unless clipped [(Ahat > 0 and r > 1 + eps_hi) or (Ahat < 0 and
     r < 1 - eps_lo)], where it is 0; k3 adds kl_coef * m_t (1 - exp(lref_t - lS_t)) / D.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
@@ -37,10 +38,17 @@ def _masked(t: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.where(valid, t, torch.zeros_like(t))
 
 
-def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tensor], token_adv: torch.Tensor,
-                mask: torch.Tensor, cfg: LossConfig, *, denominator: Union[float, torch.Tensor, None] = None,
-                kl: Optional[torch.Tensor] = None, ref_logprob: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Dict[str, float]]:
+def policy_loss(
+    student_logprob: torch.Tensor,
+    old_logprob: Optional[torch.Tensor],
+    token_adv: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    denominator: Union[float, torch.Tensor, None] = None,
+    kl: Optional[torch.Tensor] = None,
+    ref_logprob: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Scalar loss (with gradient through student_logprob, and `kl` for opsd KL signals) and metrics.
 
     old_logprob: behaviour-policy log-probs [B, T]; None means on-policy (r = 1, old = sg(lS)).
@@ -60,10 +68,20 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     check_bt(token_adv, "token_adv", shape)
     kind = spec.divergence(cfg)
     divergence = kind is not None
-    check_bt(kl, "kl", shape, required=divergence,
-             why=f"for loss.name={cfg.name}, whose loss is the per-token divergence {kind!r} (from token_stats)")
-    check_bt(ref_logprob, "ref_logprob", shape, required=cfg.kl_coef > 0,
-             why=f"when loss.kl_coef={cfg.kl_coef} > 0 (reference-policy log-probs)")
+    check_bt(
+        kl,
+        "kl",
+        shape,
+        required=divergence,
+        why=f"for loss.name={cfg.name}, whose loss is the per-token divergence {kind!r} (from token_stats)",
+    )
+    check_bt(
+        ref_logprob,
+        "ref_logprob",
+        shape,
+        required=cfg.kl_coef > 0,
+        why=f"when loss.kl_coef={cfg.kl_coef} > 0 (reference-policy log-probs)",
+    )
     dtype = compute_dtype(student_logprob, old_logprob, token_adv, kl, ref_logprob)
     f = valid.to(dtype)
 
@@ -83,8 +101,9 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
         surrogate_clipped = torch.clamp(ratio, 1 - cfg.clip.eps_lo, 1 + cfg.clip.eps_hi) * adv
         obj = -torch.minimum(surrogate, surrogate_clipped)
         with torch.no_grad():
-            clipped = valid & (((adv > 0) & (ratio > 1 + cfg.clip.eps_hi))
-                               | ((adv < 0) & (ratio < 1 - cfg.clip.eps_lo)))
+            clipped = valid & (
+                ((adv > 0) & (ratio > 1 + cfg.clip.eps_hi)) | ((adv < 0) & (ratio < 1 - cfg.clip.eps_lo))
+            )
     if cfg.kl_coef > 0:
         log_ratio_ref = _masked(ref_logprob, valid, dtype).detach() - ls
         k3 = torch.exp(log_ratio_ref) - log_ratio_ref - 1
@@ -105,16 +124,22 @@ def policy_loss(student_logprob: torch.Tensor, old_logprob: Optional[torch.Tenso
     else:
         d = torch.as_tensor(denominator, dtype=dtype, device=ls.device)
         if d.numel() != 1 or not bool(d > 0):
-            raise ValueError(f"denominator must be one positive number (the global token or sequence count), "
-                             f"got {denominator!r}")
+            raise ValueError(
+                f"denominator must be one positive number (the global token or sequence count), got {denominator!r}"
+            )
     loss = total / d
 
     with torch.no_grad():
         n = f.sum().clamp_min(1)
         live = valid & (token_adv.detach() != 0)
         names = ["loss", "ratio_mean", "ppo_clip_frac", "tokens", "signal_tokens"] + metric_names
-        vals = [loss.detach(), (ratio.detach() * f).sum() / n,
-                clipped.to(dtype).sum() / live.to(dtype).sum().clamp_min(1), f.sum(), live.to(dtype).sum()]
+        vals = [
+            loss.detach(),
+            (ratio.detach() * f).sum() / n,
+            clipped.to(dtype).sum() / live.to(dtype).sum().clamp_min(1),
+            f.sum(),
+            live.to(dtype).sum(),
+        ]
         vals += [v() for v in metric_vals]
         metrics = dict(zip(names, torch.stack([v.to(dtype) for v in vals]).tolist()))
     return loss, metrics

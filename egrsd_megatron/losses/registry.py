@@ -14,6 +14,7 @@ entry below, and its section in docs/method.md (docs/architecture.md, "Add a los
 Layering: config imports this module (to validate `loss.name`), so the losses modules import config
 only under TYPE_CHECKING, and ConfigError comes from the bottom-level utils/errors.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,14 +52,15 @@ class LossSpec:
     (magnitude) and `gate` (+ `lookahead`); the inputs follow from them and from the loss's own section
     of `loss.*` (e.g. opsd's `loss.opsd.signal`), which is why those two are functions of the config.
     """
+
     name: str
     description: str
-    advantage: AdvantageFn          # (spec, TokenInputs, cfg) -> TokenFactors: Ahat, in the loss's own file
-    uses_reward: bool               # direction from the group-relative advantage A_i: needs rewards, G >= 2
-    ratio: bool = False             # teacher/student likelihood-ratio magnitude rho~ (loss.ratio)
-    gate: bool = False              # teacher-entropy confidence gate g (loss.gate); needs teacher entropy
-    lookahead: bool = False         # the gate reads H^CL = min(H, F) instead of H (loss.lookahead)
-    teacher_logprob: ConfigFlag = never      # needs lS and lT of the sampled tokens
+    advantage: AdvantageFn  # (spec, TokenInputs, cfg) -> TokenFactors: Ahat, in the loss's own file
+    uses_reward: bool  # direction from the group-relative advantage A_i: needs rewards, G >= 2
+    ratio: bool = False  # teacher/student likelihood-ratio magnitude rho~ (loss.ratio)
+    gate: bool = False  # teacher-entropy confidence gate g (loss.gate); needs teacher entropy
+    lookahead: bool = False  # the gate reads H^CL = min(H, F) instead of H (loss.lookahead)
+    teacher_logprob: ConfigFlag = never  # needs lS and lT of the sampled tokens
     divergence: DivergenceFn = no_divergence  # needs the teacher's full distribution: token_stats(kl=...)
 
     @property
@@ -67,20 +69,49 @@ class LossSpec:
         return self.gate
 
 
-FAMILY: Dict[str, LossSpec] = {s.name: s for s in (
-    LossSpec("grpo", "GRPO baseline: sequence advantage on every token", reward_weighted_advantages,
-             uses_reward=True),
-    LossSpec("rlsd", "RLSD baseline (arXiv 2604.03128): A x ratio weight", reward_weighted_advantages,
-             uses_reward=True, ratio=True, teacher_logprob=always),
-    LossSpec("egrsd", "EGRSD: A x ratio weight x entropy gate", reward_weighted_advantages,
-             uses_reward=True, ratio=True, gate=True, teacher_logprob=always),
-    LossSpec("cl_egrsd", "CL-EGRSD: EGRSD with the gate on the causal-lookahead entropy min(H, F)",
-             reward_weighted_advantages, uses_reward=True, ratio=True, gate=True, lookahead=True,
-             teacher_logprob=always),
-    LossSpec("opsd", "OPSD: reward-free self-distillation (sampled-token, reverse KL or JSD_beta)",
-             opsd.opsd_advantages, uses_reward=False, teacher_logprob=opsd.uses_logprobs,
-             divergence=opsd.divergence),
-)}
+FAMILY: Dict[str, LossSpec] = {
+    s.name: s
+    for s in (
+        LossSpec(
+            "grpo", "GRPO baseline: sequence advantage on every token", reward_weighted_advantages, uses_reward=True
+        ),
+        LossSpec(
+            "rlsd",
+            "RLSD baseline (arXiv 2604.03128): A x ratio weight",
+            reward_weighted_advantages,
+            uses_reward=True,
+            ratio=True,
+            teacher_logprob=always,
+        ),
+        LossSpec(
+            "egrsd",
+            "EGRSD: A x ratio weight x entropy gate",
+            reward_weighted_advantages,
+            uses_reward=True,
+            ratio=True,
+            gate=True,
+            teacher_logprob=always,
+        ),
+        LossSpec(
+            "cl_egrsd",
+            "CL-EGRSD: EGRSD with the gate on the causal-lookahead entropy min(H, F)",
+            reward_weighted_advantages,
+            uses_reward=True,
+            ratio=True,
+            gate=True,
+            lookahead=True,
+            teacher_logprob=always,
+        ),
+        LossSpec(
+            "opsd",
+            "OPSD: reward-free self-distillation (sampled-token, reverse KL or JSD_beta)",
+            opsd.opsd_advantages,
+            uses_reward=False,
+            teacher_logprob=opsd.uses_logprobs,
+            divergence=opsd.divergence,
+        ),
+    )
+}
 
 
 def loss_spec(name: str) -> LossSpec:

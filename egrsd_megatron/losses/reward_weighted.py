@@ -8,6 +8,7 @@
 rho~ and g are > 0, so sign(Ahat) = sign(A_i), and |rho~ g| lies in [g_min (1 - eps_w), 1 + eps_w].
 Which factors a loss uses is data on its `LossSpec` (registry.py), not a branch on its name.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Tuple
@@ -23,8 +24,9 @@ if TYPE_CHECKING:  # type hints only (config imports the registry, which imports
     from egrsd_megatron.losses.registry import LossSpec
 
 
-def ratio_weight(a: torch.Tensor, student_logprob: torch.Tensor, teacher_logprob: torch.Tensor,
-                 cfg: RatioConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def ratio_weight(
+    a: torch.Tensor, student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, cfg: RatioConfig
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rho_raw, rho~) per token: the reward-oriented teacher/student ratio, and its clipped mix with 1."""
     rho_raw = torch.exp(torch.sign(a) * (teacher_logprob - student_logprob))
     return rho_raw, (1 - cfg.lam) + cfg.lam * rho_raw.clamp(1 - cfg.eps_w, 1 + cfg.eps_w)

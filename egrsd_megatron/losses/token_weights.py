@@ -9,6 +9,7 @@ This module checks the caller's tensors against what the spec reads (advantages 
 log-probs per `spec.teacher_logprob(cfg)`, the entropy when it gates), masks them, and computes the
 logging metrics; the formula of each loss lives in that loss's own file.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
@@ -37,11 +38,18 @@ def _zeros_masked(t: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> t
     return torch.where(valid, t, torch.zeros_like(t))
 
 
-def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Optional[torch.Tensor],
-                     teacher_logprob: Optional[torch.Tensor], teacher_entropy: Optional[torch.Tensor],
-                     mask: torch.Tensor, cfg: LossConfig, *, vocab_size: Optional[int] = None,
-                     segment_ids: Optional[torch.Tensor] = None, return_metrics: bool = False
-                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
+def token_advantages(
+    advantages: Optional[torch.Tensor],
+    student_logprob: Optional[torch.Tensor],
+    teacher_logprob: Optional[torch.Tensor],
+    teacher_entropy: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    vocab_size: Optional[int] = None,
+    segment_ids: Optional[torch.Tensor] = None,
+    return_metrics: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
     """Ahat [B, T] (detached, 0 at masked positions) for `cfg.name`; see the module docstring.
 
     Needs (from the spec): advantages [B] when it uses the reward; student/teacher log-probs when
@@ -77,9 +85,18 @@ def token_advantages(advantages: Optional[torch.Tensor], student_logprob: Option
     return adv_t, metrics
 
 
-def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rho_raw: torch.Tensor,
-             rho: torch.Tensor, gate: torch.Tensor, h: Optional[torch.Tensor], vocab_size: Optional[int],
-             segment_ids: Optional[torch.Tensor], spec: LossSpec) -> Dict[str, float]:
+def _metrics(
+    cfg: LossConfig,
+    valid: torch.Tensor,
+    a: Optional[torch.Tensor],
+    rho_raw: torch.Tensor,
+    rho: torch.Tensor,
+    gate: torch.Tensor,
+    h: Optional[torch.Tensor],
+    vocab_size: Optional[int],
+    segment_ids: Optional[torch.Tensor],
+    spec: LossSpec,
+) -> Dict[str, float]:
     """Logging metrics over valid tokens, as python floats (one host sync).
 
     gate_mean, gate_floor_frac (phi <= FLOOR_PHI); ratio_weight_mean and ratio_clip_frac over the
@@ -100,8 +117,11 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
         eps_w = cfg.ratio.eps_w
         clipped = (rho_raw < 1 - eps_w) | (rho_raw > 1 + eps_w) if spec.ratio else torch.zeros_like(live)
         names += ["ratio_weight_mean", "ratio_clip_frac", "live_tokens"]
-        vals += [torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
-                 (clipped & live).to(f.dtype).sum() / nl.clamp_min(1), nl]
+        vals += [
+            torch.where(nl > 0, (rho * live).sum() / nl.clamp_min(1), torch.ones_like(nl)),
+            (clipped & live).to(f.dtype).sum() / nl.clamp_min(1),
+            nl,
+        ]
     # spike_count needs the gate; a linear log_vocab gate without vocab_size (possible for grpo/rlsd,
     # which do not gate) cannot be evaluated, so the count is left out rather than guessed.
     gate_ok = not (cfg.gate.kind == "linear" and cfg.gate.h_ref == "log_vocab" and vocab_size is None)
@@ -110,11 +130,19 @@ def _metrics(cfg: LossConfig, valid: torch.Tensor, a: Optional[torch.Tensor], rh
         vals += [(h * f).sum() / n, masked_quantile(h, valid, 0.9)]
     if h is not None and gate_ok:
         # reuse the gate the loss already computed: it is one of the two (lifted for cl_egrsd, plain for egrsd)
-        lifted = gate if spec.lookahead else entropy_gate(
-            lookahead_entropy(h, valid, cfg.lookahead.window, cfg.lookahead.stat, segment_ids=segment_ids),
-            cfg.gate, mask=valid, vocab_size=vocab_size)
-        plain = gate if (spec.gate and not spec.lookahead) else entropy_gate(h, cfg.gate, mask=valid,
-                                                                             vocab_size=vocab_size)
+        lifted = (
+            gate
+            if spec.lookahead
+            else entropy_gate(
+                lookahead_entropy(h, valid, cfg.lookahead.window, cfg.lookahead.stat, segment_ids=segment_ids),
+                cfg.gate,
+                mask=valid,
+                vocab_size=vocab_size,
+            )
+        )
+        plain = (
+            gate if (spec.gate and not spec.lookahead) else entropy_gate(h, cfg.gate, mask=valid, vocab_size=vocab_size)
+        )
         spikes = ((lifted - plain) >= SPIKE_LIFT * (1 - cfg.gate.g_min)) & valid
         names.append("spike_count")
         vals.append(spikes.to(f.dtype).sum())

@@ -3,6 +3,7 @@
 One dataclass is the single source of truth that the Megatron TransformerConfig, the Hugging Face
 config.json and the HF <-> Megatron weight mapping are all derived from. Llama = Qwen3 without QK-norm.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,18 +35,26 @@ class ModelArch:
     qk_norm: bool = True
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
-    family: str = "qwen3"               # qwen3 | llama
+    family: str = "qwen3"  # qwen3 | llama
 
     def __post_init__(self) -> None:
         if self.family not in ("qwen3", "llama"):
             raise ConfigError(f"model family {self.family!r} is not supported; expected qwen3 or llama")
-        for k in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
-                  "ffn_hidden_size", "vocab_size"):
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "ffn_hidden_size",
+            "vocab_size",
+        ):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"model architecture field {k} must be >= 1, got {getattr(self, k)}")
         if self.num_attention_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -89,12 +98,16 @@ class ModelArch:
         if tp < 1 or pp < 1:
             raise ConfigError(f"{keys[0]}={tp} and {keys[1]}={pp} must be >= 1")
         if self.ffn_hidden_size % tp:
-            raise ConfigError(f"{keys[0]}={tp} must divide the model's FFN size: {tp} does not divide "
-                              f"ffn_hidden_size={self.ffn_hidden_size}; choose a TP that divides "
-                              f"{self.ffn_hidden_size}")
+            raise ConfigError(
+                f"{keys[0]}={tp} must divide the model's FFN size: {tp} does not divide "
+                f"ffn_hidden_size={self.ffn_hidden_size}; choose a TP that divides "
+                f"{self.ffn_hidden_size}"
+            )
         if self.num_layers % pp:
-            raise ConfigError(f"{keys[1]}={pp} must divide the model's {self.num_layers} layers: {pp} does not divide "
-                              f"num_layers={self.num_layers}; choose a PP that divides {self.num_layers}")
+            raise ConfigError(
+                f"{keys[1]}={pp} must divide the model's {self.num_layers} layers: {pp} does not divide "
+                f"num_layers={self.num_layers}; choose a PP that divides {self.num_layers}"
+            )
 
     def num_params(self) -> int:
         h, L = self.hidden_size, self.num_layers
@@ -137,9 +150,11 @@ class ModelArch:
         archs = cfg.get("architectures") or []
         fam = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None) or _FAMILIES.get(cfg.get("model_type", ""))
         if fam is None:
-            raise ConfigError(f"{src}: unknown architecture (architectures={archs}, model_type="
-                              f"{cfg.get('model_type')!r}); supported: Qwen3ForCausalLM (qwen3), "
-                              f"LlamaForCausalLM (llama)")
+            raise ConfigError(
+                f"{src}: unknown architecture (architectures={archs}, model_type="
+                f"{cfg.get('model_type')!r}); supported: Qwen3ForCausalLM (qwen3), "
+                f"LlamaForCausalLM (llama)"
+            )
 
         def need(key: str) -> Any:
             if key not in cfg:
@@ -157,31 +172,49 @@ class ModelArch:
         scaling = cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         if rope_type not in (None, "default"):
-            raise ConfigError(f"{src}: rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; "
-                              f"only default RoPE maps to Megatron's rotary embedding here")
+            raise ConfigError(
+                f"{src}: rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; "
+                f"only default RoPE maps to Megatron's rotary embedding here"
+            )
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         return cls(
-            num_layers=int(need("num_hidden_layers")), hidden_size=hidden, num_attention_heads=heads,
+            num_layers=int(need("num_hidden_layers")),
+            hidden_size=hidden,
+            num_attention_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
-            ffn_hidden_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
-            rope_theta=float(theta), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            qk_norm=fam == "qwen3", tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)), family=fam)
+            ffn_hidden_size=int(need("intermediate_size")),
+            vocab_size=int(need("vocab_size")),
+            rope_theta=float(theta),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            qk_norm=fam == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            family=fam,
+        )
 
     def to_hf_config(self, dtype: str = "float32") -> Dict[str, Any]:
         """A transformers config.json dict (Qwen3ForCausalLM or LlamaForCausalLM), built by transformers itself."""
         # lazy: transformers takes seconds to import; `egrsd plan` and config checks use ModelArch without it.
         from transformers import LlamaConfig, Qwen3Config
-        common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                      intermediate_size=self.ffn_hidden_size, num_hidden_layers=self.num_layers,
-                      num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_kv_heads,
-                      head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, hidden_act="silu",
-                      max_position_embeddings=self.max_position_embeddings,
-                      tie_word_embeddings=self.tie_word_embeddings, attention_bias=False,
-                      rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"})
+
+        common = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=False,
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+        )
         if self.family == "qwen3":
             cfg = Qwen3Config(**common, use_sliding_window=False)
             arch_name = "Qwen3ForCausalLM"

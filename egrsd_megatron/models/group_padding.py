@@ -5,6 +5,7 @@ Megatron's linear_qkv rows are laid out per local query group: [q heads of the g
 head_dim. Padding groups have the global indices num_kv_heads .. megatron_groups(tp) - 1, so on TP rank r
 the local groups with index >= num_kv_heads - r x groups_per_rank are padding.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Tuple

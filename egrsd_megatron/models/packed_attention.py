@@ -21,6 +21,7 @@ view, the same code and shapes as that sequence run alone, so a segment's attent
 padded path computes for it with b = 1.
 Without `packed_seq_params` the parent class runs unchanged (the padded path).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,8 +39,10 @@ def segment_bounds(params: PackedSeqParams, total: int) -> list[int]:
         raise ValueError(f"packed attention: qkv_format {params.qkv_format!r}, only 'thd' is supported")
     if params.cu_seqlens_q_padded is not None or params.cu_seqlens_kv_padded is not None:
         # Padded cu_seqlens exist for context parallelism (TE); CP is not supported by the local spec.
-        raise ValueError("packed attention: cu_seqlens_*_padded are not supported by the local spec; pad by "
-                         "making the padding its own segment of cu_seqlens (data.packing.pack_sequences)")
+        raise ValueError(
+            "packed attention: cu_seqlens_*_padded are not supported by the local spec; pad by "
+            "making the padding its own segment of cu_seqlens (data.packing.pack_sequences)"
+        )
     cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
     if cu_kv is not None and not torch.equal(cu_q.cpu(), cu_kv.cpu()):
         raise ValueError("packed attention: self-attention needs cu_seqlens_q == cu_seqlens_kv")
@@ -52,13 +55,20 @@ def segment_bounds(params: PackedSeqParams, total: int) -> list[int]:
 class PackedDotProductAttention(DotProductAttention):
     """Megatron's DotProductAttention plus the packed (THD) path: block-diagonal causal attention."""
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type=None,
-                attention_bias: Optional[torch.Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias)
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias
+            )
         if attention_bias is not None:
             raise ValueError("packed attention: attention_bias is not supported")
         if query.dim() != 3:
@@ -66,9 +76,16 @@ class PackedDotProductAttention(DotProductAttention):
         bounds = segment_bounds(packed_seq_params, query.shape[0])
         outs = []
         for a, b in zip(bounds, bounds[1:]):
-            if b == a:   # an empty segment contributes no tokens
+            if b == a:  # an empty segment contributes no tokens
                 continue
             # attention_mask of the whole pack is ignored: each segment gets its own causal mask.
-            outs.append(super().forward(query[a:b, None], key[a:b, None], value[a:b, None],
-                                        causal_mask(b - a, query.device), attn_mask_type=attn_mask_type))
-        return torch.cat(outs, dim=0).squeeze(1)   # [T, 1, np*hn] -> [T, np*hn]
+            outs.append(
+                super().forward(
+                    query[a:b, None],
+                    key[a:b, None],
+                    value[a:b, None],
+                    causal_mask(b - a, query.device),
+                    attn_mask_type=attn_mask_type,
+                )
+            )
+        return torch.cat(outs, dim=0).squeeze(1)  # [T, 1, np*hn] -> [T, np*hn]

@@ -6,6 +6,7 @@ pipeline_dtype; TransformerConfig.fp8 ("e4m3" | "hybrid") and fp8_recipe ("delay
 >= 9.0): asking for it anywhere else is an error before any model is built, never a silent fallback.
 FP8 compute keeps bf16 params and bf16 for everything TE does not run in FP8 (norms, softmax, embeddings).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,14 +52,23 @@ def precision_fields(model_cfg: ModelConfig) -> Dict[str, Any]:
         return {"bf16": True, "params_dtype": dt, "pipeline_dtype": dt}
     if p == "fp8":
         if not te_available():
-            raise ConfigError("config key 'model.precision': fp8 needs Transformer Engine, which is not installed "
-                              "here (CPU machines cannot have it); use precision=bf16 or fp32, or run on a GPU node "
-                              "with transformer-engine")
+            raise ConfigError(
+                "config key 'model.precision': fp8 needs Transformer Engine, which is not installed "
+                "here (CPU machines cannot have it); use precision=bf16 or fp32, or run on a GPU node "
+                "with transformer-engine"
+            )
         cap = cuda_capability()
         if cap is None or cap < (9, 0):
-            raise ConfigError(f"config key 'model.precision': fp8 needs a Hopper-or-newer GPU (compute capability "
-                              f">= 9.0); found {'no CUDA device' if cap is None else f'capability {cap[0]}.{cap[1]}'}"
-                              f"; use precision=bf16")
-        return {"bf16": True, "params_dtype": torch.bfloat16, "pipeline_dtype": torch.bfloat16,
-                "fp8": model_cfg.fp8_format, "fp8_recipe": model_cfg.fp8_recipe}
+            raise ConfigError(
+                f"config key 'model.precision': fp8 needs a Hopper-or-newer GPU (compute capability "
+                f">= 9.0); found {'no CUDA device' if cap is None else f'capability {cap[0]}.{cap[1]}'}"
+                f"; use precision=bf16"
+            )
+        return {
+            "bf16": True,
+            "params_dtype": torch.bfloat16,
+            "pipeline_dtype": torch.bfloat16,
+            "fp8": model_cfg.fp8_format,
+            "fp8_recipe": model_cfg.fp8_recipe,
+        }
     raise ConfigError(f"config key 'model.precision': got {p!r}; expected fp32, bf16 or fp8")

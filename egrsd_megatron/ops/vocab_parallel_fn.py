@@ -38,6 +38,7 @@ GPU: only plain torch ops and torch.distributed.all_reduce, so CUDA/NCCL should 
 has only been run on CPU/gloo: CUDA correctness, speed and the CUDA block size are unverified. On GPU,
 check_finite costs one host sync per chunk (the only sync; the backward has none).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,15 +60,15 @@ class NonFiniteLogitsError(ValueError):
 @dataclass(frozen=True)
 class FnSpec:
     group: Optional[dist.ProcessGroup]  # None: one process holds the whole vocabulary
-    vocab_start: int                    # global id of local column 0
-    valid: int                          # local columns that hold real ids (the rest is padding)
-    chunk: int                          # tokens per collective round
-    block_rows: int                     # rows per fp32 work block (<= chunk)
+    vocab_start: int  # global id of local column 0
+    valid: int  # local columns that hold real ids (the rest is padding)
+    chunk: int  # tokens per collective round
+    block_rows: int  # rows per fp32 work block (<= chunk)
     student_entropy: bool
-    kl: Optional[str]                   # None | "reverse" | "forward" | "jsd"
-    beta: float                         # JSD weight of the teacher
+    kl: Optional[str]  # None | "reverse" | "forward" | "jsd"
+    beta: float  # JSD weight of the teacher
     check_finite: bool
-    inv_t: float = 1.0                  # 1 / T: every statistic is of softmax(z / T)
+    inv_t: float = 1.0  # 1 / T: every statistic is of softmax(z / T)
     # 1 / T_H for the teacher entropy output; None: T_H = T (same sums, no extra work).
     entropy_inv_t: Optional[float] = None
 
@@ -111,10 +112,12 @@ def _check_max(mx: torch.Tensor, offset: int) -> None:
     if mx[which, col] > 0:
         raise NonFiniteLogitsError(
             f"{name} holds a NaN or +inf logit at token index {token} (flattened over the leading dims; "
-            f"first bad token): fix the model output (overflow? bad mask value?) or pass check_finite=False")
+            f"first bad token): fix the model output (overflow? bad mask value?) or pass check_finite=False"
+        )
     raise NonFiniteLogitsError(
         f"{name}: every logit of token index {token} (flattened) is -inf or a padded column, so its "
-        f"distribution is undefined: mask such tokens out before token_stats or pass check_finite=False")
+        f"distribution is undefined: mask such tokens out before token_stats or pass check_finite=False"
+    )
 
 
 class _Buffers:
@@ -126,8 +129,9 @@ class _Buffers:
         self.t = mk() if need_teacher else None
 
 
-def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: int, spec: FnSpec,
-                   buf: _Buffers) -> dict:
+def _forward_chunk(
+    zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: int, spec: FnSpec, buf: _Buffers
+) -> dict:
     """Statistics of one chunk of tokens. zs, zt: [n, valid] views of the inputs (any float dtype)."""
     n, valid, group = zs.shape[0], spec.valid, spec.group
     dev = zs.device
@@ -151,8 +155,12 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     scaled = inv_t != 1.0  # T = 1 runs exactly the T-free operations (bitwise the pre-temperature kernel)
     sep_h = spec.entropy_inv_t is not None
     inv_h = spec.entropy_inv_t if sep_h else inv_t
-    names = ["zs", "zt", "at", "ys", "yt"] + (["as"] if need_as else []) + (["d"] if need_d else []) \
+    names = (
+        ["zs", "zt", "at", "ys", "yt"]
+        + (["as"] if need_as else [])
+        + (["d"] if need_d else [])
         + (["zh", "ah"] if sep_h else [])
+    )
     row = {k: i for i, k in enumerate(names)}
     sums = torch.zeros(len(names), n, dtype=torch.float32, device=dev)
     local, owned = _target_index(y, spec)
@@ -208,8 +216,11 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     out = {
         "ls": g["ys"] - log_zs,
         "lt": g["yt"] - log_zt,
-        "ht": log_zt - g["at"] / g["zt"],   # at T: the JSD below needs this one
-        "m_s": m_s, "logz_s": log_zs, "m_t": m_t, "logz_t": log_zt,
+        "ht": log_zt - g["at"] / g["zt"],  # at T: the JSD below needs this one
+        "m_s": m_s,
+        "logz_s": log_zs,
+        "m_t": m_t,
+        "logz_t": log_zt,
     }
     out["ht_out"] = g["zh"].log() - g["ah"] / g["zh"] if sep_h else out["ht"]
     if need_as:
@@ -223,8 +234,9 @@ def _forward_chunk(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, offset: 
     return out
 
 
-def _log_probs(out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor,
-               inv_t: float = 1.0) -> torch.Tensor:
+def _log_probs(
+    out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor, inv_t: float = 1.0
+) -> torch.Tensor:
     """out = (z - m) / T - log Z in fp32: z - m is exact near the max, and log Z is small."""
     out.copy_(z).sub_(m[:, None])
     if inv_t != 1.0:
@@ -275,10 +287,15 @@ class TokenStatsFunction(torch.autograd.Function):
     """Inputs are 2-D [N, V_local]; outputs five fp32 [N] tensors (unrequested ones are empty [0])."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                spec: FnSpec) -> Tuple[torch.Tensor, ...]:
+    def forward(
+        ctx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        targets: torch.Tensor,  # type: ignore[override]
+        spec: FnSpec,
+    ) -> Tuple[torch.Tensor, ...]:
         n_tok, dev = student.shape[0], student.device
-        zs_all, zt_all = student[:, :spec.valid], teacher[:, :spec.valid]
+        zs_all, zt_all = student[:, : spec.valid], teacher[:, : spec.valid]
         buf = _Buffers(min(spec.block_rows, max(n_tok, 1)), spec.valid, dev)
         pieces: List[dict] = []
         for c0, c1 in _spans(n_tok, spec.chunk):
@@ -309,7 +326,7 @@ class TokenStatsFunction(torch.autograd.Function):
         n_tok, v_local = student.shape
         grad = torch.empty_like(student)
         if spec.valid < v_local:
-            grad[:, spec.valid:].zero_()  # padded columns carry no probability, hence no gradient
+            grad[:, spec.valid :].zero_()  # padded columns carry no probability, hence no gradient
         if spec.valid == 0:
             return (grad,) + none
         dev = student.device
@@ -339,8 +356,8 @@ class TokenStatsFunction(torch.autograd.Function):
         full = spec.student_entropy or spec.kl in ("reverse", "jsd")
         c_over_z = c * torch.exp(-logz_s)
         local, owned = _target_index(targets, spec)
-        zs_all = student[:, :spec.valid]
-        zt_all = teacher[:, :spec.valid] if teacher is not None else None
+        zs_all = student[:, : spec.valid]
+        zt_all = teacher[:, : spec.valid] if teacher is not None else None
         # Blocks only bound the fp32 work memory here: nothing is communicated in backward.
         for r0, r1 in _spans(n_tok, spec.block_rows):
             r = r1 - r0
@@ -355,7 +372,7 @@ class TokenStatsFunction(torch.autograd.Function):
                     x = _log_probs(buf.t[:r], zt_all[r0:r1], m_t[r0:r1], logz_t[r0:r1], inv_t).exp_()
                     p.addcmul_(x, g_kl[r0:r1, None], value=-1.0)
                 _add_onehot(p, owned[r0:r1], local[r0:r1], g_ls[r0:r1])
-                grad[r0:r1, :spec.valid].copy_(p)
+                grad[r0:r1, : spec.valid].copy_(p)
                 continue
             lp = _log_probs(buf.s[:r], zs_all[r0:r1], m_s[r0:r1], logz_s[r0:r1], inv_t)
             p = torch.exp(lp, out=buf.e[:r])
@@ -378,5 +395,5 @@ class TokenStatsFunction(torch.autograd.Function):
             if spec.kl == "forward":
                 p.addcmul_(x, g_kl[r0:r1, None], value=-1.0)
             _add_onehot(p, owned[r0:r1], local[r0:r1], g_ls[r0:r1])
-            grad[r0:r1, :spec.valid].copy_(p)
+            grad[r0:r1, : spec.valid].copy_(p)
         return (grad,) + none

@@ -3,6 +3,7 @@
 The divisibility rules are the trainer's own (models/layout.py: check_parallel_layout), checked here
 before a job is queued; the planner adds the one rule only a cluster has: TP stays inside a node.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ class Layout:
     pp: int
     dp: int
     micro_batch_size: int
-    rollouts_per_dp_rank: int       # train.prompts_per_step / DP x rollout.group_size
-    num_microbatches: int           # rollouts_per_dp_rank / micro_batch_size
+    rollouts_per_dp_rank: int  # train.prompts_per_step / DP x rollout.group_size
+    num_microbatches: int  # rollouts_per_dp_rank / micro_batch_size
 
     @property
     def world_size(self) -> int:
@@ -35,10 +36,19 @@ def make_layout(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_nod
     tp = cfg.parallel.tp
     if tp > gpus_per_node:
         # TP all-reduces every layer: across nodes it would run over the network, not NVLink.
-        raise ConfigError(f"parallel.tp={tp} is larger than --gpus-per-node={gpus_per_node}: tensor parallelism "
-                          f"must stay inside one node (NVLink)")
+        raise ConfigError(
+            f"parallel.tp={tp} is larger than --gpus-per-node={gpus_per_node}: tensor parallelism "
+            f"must stay inside one node (NVLink)"
+        )
     world = nodes * gpus_per_node
     lay = check_parallel_layout(cfg, arch, world, world_desc=f"{nodes} nodes x {gpus_per_node} GPUs = {world}")
-    return Layout(nodes=nodes, gpus_per_node=gpus_per_node, tp=lay.tp, pp=lay.pp, dp=lay.dp,
-                  micro_batch_size=lay.micro_batch_size, rollouts_per_dp_rank=lay.rollouts_per_dp_rank,
-                  num_microbatches=lay.num_microbatches)
+    return Layout(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tp=lay.tp,
+        pp=lay.pp,
+        dp=lay.dp,
+        micro_batch_size=lay.micro_batch_size,
+        rollouts_per_dp_rank=lay.rollouts_per_dp_rank,
+        num_microbatches=lay.num_microbatches,
+    )

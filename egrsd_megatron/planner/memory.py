@@ -42,6 +42,7 @@ rollout transient (during generation; never at the same time as the student pass
                  (TP x PP)); vllm: inside its fraction.
 peak = static + max(training transient, rollout transient).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,11 +60,11 @@ GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
 
 @dataclass(frozen=True)
 class PlanSettings:
-    gpu_mem_gb: float = 80.0            # per-GPU budget (H100 / H800 SXM: 80 GB)
-    seq_len: Optional[int] = None       # prompt + response; None: data.max_prompt_tokens + rollout.max_new_tokens
-    stats_chunk: int = 1024             # token_stats chunk (tokens per fp32 upcast)
-    flash_attention: bool = True        # TE / flash attention on GPUs: no S x S score matrix
-    rollout_gpu_fraction: float = 0.3   # vllm engine: its pre-allocated share of GPU memory
+    gpu_mem_gb: float = 80.0  # per-GPU budget (H100 / H800 SXM: 80 GB)
+    seq_len: Optional[int] = None  # prompt + response; None: data.max_prompt_tokens + rollout.max_new_tokens
+    stats_chunk: int = 1024  # token_stats chunk (tokens per fp32 upcast)
+    flash_attention: bool = True  # TE / flash attention on GPUs: no S x S score matrix
+    rollout_gpu_fraction: float = 0.3  # vllm engine: its pre-allocated share of GPU memory
     overhead_gb: float = 4.0
 
 
@@ -73,19 +74,18 @@ class Plan:
     arch: ModelArch
     seq_len: int
     response_len: int
-    stage: str                          # which pipeline stage is the worst (its terms are reported)
+    stage: str  # which pipeline stage is the worst (its terms are reported)
     params_per_gpu: int
     static: Dict[str, float] = field(default_factory=dict)
     train_transient: Dict[str, float] = field(default_factory=dict)
     rollout_transient: Dict[str, float] = field(default_factory=dict)
     budget: float = 80e9
-    tokens_per_step: int = 0            # sequences x padded length, over all DP ranks
+    tokens_per_step: int = 0  # sequences x padded length, over all DP ranks
     response_tokens_per_step: int = 0
 
     @property
     def total(self) -> float:
-        return sum(self.static.values()) + max(sum(self.train_transient.values()),
-                                               sum(self.rollout_transient.values()))
+        return sum(self.static.values()) + max(sum(self.train_transient.values()), sum(self.rollout_transient.values()))
 
     @property
     def fits(self) -> bool:
@@ -116,8 +116,9 @@ def stage_params(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def activation_bytes_per_token_layer(arch: ModelArch, tp: int, seq_len: int, recompute: str,
-                                     flash_attention: bool) -> float:
+def activation_bytes_per_token_layer(
+    arch: ModelArch, tp: int, seq_len: int, recompute: str, flash_attention: bool
+) -> float:
     """Bytes of saved activations per token per layer (see the module docstring)."""
     h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     full_layer = 2 * (4 * h + 3 * (q + kv + arch.ffn_hidden_size) / tp)
@@ -135,8 +136,9 @@ def _bytes_per(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 
 
-def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
-         settings: PlanSettings = PlanSettings()) -> Plan:
+def plan(
+    cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int, settings: PlanSettings = PlanSettings()
+) -> Plan:
     """The layout and per-GPU memory of `cfg` on nodes x gpus_per_node; ConfigError when a size does not divide."""
     lay = make_layout(cfg, arch, nodes, gpus_per_node)
     R = cfg.rollout.max_new_tokens
@@ -144,8 +146,10 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
     if S <= R:
         raise ConfigError(f"--seq-len={S} must exceed rollout.max_new_tokens={R} (it is prompt + response)")
     if S > arch.max_position_embeddings:
-        raise ConfigError(f"sequence length {S} exceeds the model's max_position_embeddings="
-                          f"{arch.max_position_embeddings}: lower data.max_prompt_tokens / rollout.max_new_tokens")
+        raise ConfigError(
+            f"sequence length {S} exceeds the model's max_position_embeddings="
+            f"{arch.max_position_embeddings}: lower data.max_prompt_tokens / rollout.max_new_tokens"
+        )
     tp, pp, dp, b = lay.tp, lay.pp, lay.dp, lay.micro_batch_size
     V = arch.padded_vocab_size(tp)
     # FP8 runs force bf16 params (models/precision.py); otherwise model.params_dtype decides.
@@ -153,7 +157,7 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
     compute_bytes = 4 if cfg.model.precision == "fp32" else 2
     act_tok_layer = activation_bytes_per_token_layer(arch, tp, S, cfg.model.recompute, settings.flash_attention)
     L_s = arch.num_layers // pp
-    engine_bytes = engine_weight_dtype(cfg.rollout, device="cuda").itemsize   # hf: fp32 (rollout/footprint.py)
+    engine_bytes = engine_weight_dtype(cfg.rollout, device="cuda").itemsize  # hf: fp32 (rollout/footprint.py)
 
     best: Optional[Plan] = None
     for stage in sorted({0, pp - 1}):
@@ -165,8 +169,11 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
             "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
             "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,
-            "rollout engine": (arch.num_params() * HF_WEIGHT_COPIES * float(engine_bytes)
-                               if cfg.rollout.engine == "hf" else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB),
+            "rollout engine": (
+                arch.num_params() * HF_WEIGHT_COPIES * float(engine_bytes)
+                if cfg.rollout.engine == "hf"
+                else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB
+            ),
             "overhead": settings.overhead_gb * GB,
         }
         inflight = min(pp - stage, lay.num_microbatches)  # 1F1B warm-up depth of this stage
@@ -182,21 +189,32 @@ def plan(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_node: int,
             if pp == 1 and cfg.train.ppo_epochs == 1:
                 train["teacher logits (one micro-batch)"] = float(b * R * V / tp * compute_bytes)
             elif divergence_kind(cfg.loss):
-                train["teacher logits (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * V / tp
-                                                                    * compute_bytes)
+                train["teacher logits (all micro-batches)"] = float(
+                    lay.rollouts_per_dp_rank * R * V / tp * compute_bytes
+                )
             else:
                 train["teacher token stats (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * 2 * 4)
             train["token_stats chunk"] = 4.0 * settings.stats_chunk * V / tp * 4
         rollout: Dict[str, float] = {}
         if cfg.rollout.engine == "hf":
             rows = min(cfg.rollout.max_batch, math.ceil(lay.rollouts_per_dp_rank / (tp * pp)))
-            rollout["KV cache"] = float(rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim
-                                        * engine_bytes)
-        p = Plan(layout=lay, arch=arch, seq_len=S, response_len=R, stage=f"{stage} of {pp}", params_per_gpu=P,
-                 static=static, train_transient=train, rollout_transient=rollout,
-                 budget=settings.gpu_mem_gb * GB,
-                 tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * S,
-                 response_tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * R)
+            rollout["KV cache"] = float(
+                rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine_bytes
+            )
+        p = Plan(
+            layout=lay,
+            arch=arch,
+            seq_len=S,
+            response_len=R,
+            stage=f"{stage} of {pp}",
+            params_per_gpu=P,
+            static=static,
+            train_transient=train,
+            rollout_transient=rollout,
+            budget=settings.gpu_mem_gb * GB,
+            tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * S,
+            response_tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * R,
+        )
         if best is None or p.total > best.total:
             best = p
     assert best is not None
@@ -217,8 +235,11 @@ def format_plan(p: Plan) -> str:
         "",
         f"{'per-GPU memory':<40}{'GB':>10}",
     ]
-    for title, terms in (("static", p.static), ("training transient", p.train_transient),
-                         ("rollout transient", p.rollout_transient)):
+    for title, terms in (
+        ("static", p.static),
+        ("training transient", p.train_transient),
+        ("rollout transient", p.rollout_transient),
+    ):
         lines.append(f"  {title}")
         for k, v in terms.items():
             if v:
@@ -233,10 +254,18 @@ def check_fits(p: Plan) -> None:
     """Raise ConfigError naming the largest terms when the plan exceeds the GPU budget."""
     if p.fits:
         return
-    terms = {**p.static, **(p.train_transient if sum(p.train_transient.values()) >= sum(p.rollout_transient.values())
-                            else p.rollout_transient)}
+    terms = {
+        **p.static,
+        **(
+            p.train_transient
+            if sum(p.train_transient.values()) >= sum(p.rollout_transient.values())
+            else p.rollout_transient
+        ),
+    }
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
-    raise ConfigError(f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
-                      + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
-                      + ". Raise parallel.tp / parallel.pp, use parallel.distributed_optimizer, model.recompute=full, "
-                        "a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes")
+    raise ConfigError(
+        f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
+        + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
+        + ". Raise parallel.tp / parallel.pp, use parallel.distributed_optimizer, model.recompute=full, "
+        "a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
+    )

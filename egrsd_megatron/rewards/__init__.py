@@ -1,4 +1,5 @@
 """Verifiable rewards, bounded in time from any thread or process (see bounded.py)."""
+
 from __future__ import annotations
 
 from .bounded import reward_counters, shutdown_pools
@@ -17,5 +18,15 @@ def final_number_reward(response: str, answer: str, timeout_s: float = 5.0) -> f
     return get_reward("final_number")(response, answer, timeout_s=timeout_s)
 
 
-__all__ = ["math_reward", "final_number_reward", "get_reward", "raw_reward", "register_reward", "reward_names",
-           "score_batch", "reward_counters", "shutdown_pools", "RewardRejected"]
+__all__ = [
+    "math_reward",
+    "final_number_reward",
+    "get_reward",
+    "raw_reward",
+    "register_reward",
+    "reward_names",
+    "score_batch",
+    "reward_counters",
+    "shutdown_pools",
+    "RewardRejected",
+]

@@ -22,6 +22,7 @@ is no way out: sympy's big-integer arithmetic holds the GIL, so the caller would
 process lifts its own daemon flag before starting the pool (that flag only guards child creation; its
 parent still terminates it as before), and the workers exit when their pool's pipe closes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -47,23 +48,24 @@ log = logging.getLogger(__name__)
 RawReward = Callable[[str, str], float]
 
 _lock = threading.Lock()
-_pools: Dict[Tuple[int, int, str], object] = {}   # (pid, workers, preloaded module) -> pebble.ProcessPool
-_exit_hooked: set = set()   # pids that registered shutdown_pools as an exit finalizer
+_pools: Dict[Tuple[int, int, str], object] = {}  # (pid, workers, preloaded module) -> pebble.ProcessPool
+_exit_hooked: set = set()  # pids that registered shutdown_pools as an exit finalizer
 _counters = {"calls": 0, "timeouts": 0, "errors": 0, "rejected": 0}
 
 
 def _init_worker(preload: str = "") -> None:
-    for sig in (signal.SIGUSR1, signal.SIGINT):   # the trainer's signals, not ours (see module docstring)
+    for sig in (signal.SIGUSR1, signal.SIGINT):  # the trainer's signals, not ours (see module docstring)
         signal.signal(sig, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Pay math-verify's import and grammar build here, not inside the first task's time budget.
     try:
         from math_verify import parse, verify
+
         verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
-    except ImportError:   # rewards that do not need math-verify still work
+    except ImportError:  # rewards that do not need math-verify still work
         pass
-    if preload:           # a reward defined elsewhere: import its module before the first timed task
+    if preload:  # a reward defined elsewhere: import its module before the first timed task
         importlib.import_module(preload)
 
 
@@ -72,16 +74,17 @@ def _num_workers(n: int) -> int:
 
 
 def _pool(workers: int, preload: str = ""):
-    key = (os.getpid(), workers, preload)   # a forked child must not reuse its parent's pool
+    key = (os.getpid(), workers, preload)  # a forked child must not reuse its parent's pool
     with _lock:
         pool = _pools.get(key)
         if pool is None or not pool.active:
-            if pool is not None:          # broken (a worker died while none was busy): free what is left
+            if pool is not None:  # broken (a worker died while none was busy): free what is left
                 pool.stop()
             method = os.environ.get("EGRSD_REWARD_START_METHOD", "spawn")
             _start_resource_tracker_deaf()
-            pool = ProcessPool(max_workers=workers, initializer=_init_worker, initargs=(preload,),
-                               context=mp.get_context(method))
+            pool = ProcessPool(
+                max_workers=workers, initializer=_init_worker, initargs=(preload,), context=mp.get_context(method)
+            )
             _pools[key] = pool
             if os.getpid() not in _exit_hooked:
                 # A multiprocessing child leaves through os._exit (no atexit): its exit code terminates
@@ -136,9 +139,9 @@ def _outcome(fut) -> Tuple[float, str]:
         return 0.0, "timeouts"
     except RewardRejected:
         return 0.0, "rejected"
-    except BrokenProcessPool:   # pebble gave the pool up (a worker died while none was busy): retried
+    except BrokenProcessPool:  # pebble gave the pool up (a worker died while none was busy): retried
         return 0.0, "broken"
-    except ProcessExpired as e:   # the worker died in this task (out of memory, a signal): retried once
+    except ProcessExpired as e:  # the worker died in this task (out of memory, a signal): retried once
         log.warning("reward worker died: %s", e)
         return 0.0, "expired"
     except Exception as e:  # noqa: BLE001 - a reward bug scores 0 and is counted, never kills training
@@ -146,8 +149,9 @@ def _outcome(fut) -> Tuple[float, str]:
         return 0.0, "errors"
 
 
-def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str], timeout_s: float,
-                num_workers: int = 0) -> Tuple[List[float], Dict[str, float]]:
+def run_bounded(
+    fn: RawReward, responses: Sequence[str], answers: Sequence[str], timeout_s: float, num_workers: int = 0
+) -> Tuple[List[float], Dict[str, float]]:
     """Score pairs with `fn` (a module-level function, pickled by name), each call bounded by timeout_s."""
     if len(responses) != len(answers):
         raise ValueError(f"score_batch: {len(responses)} responses but {len(answers)} answers")
@@ -155,12 +159,13 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
         raise ValueError(f"reward.timeout_s must be > 0, got {timeout_s}")
     for i, (r, a) in enumerate(zip(responses, answers)):
         if not isinstance(r, str) or not isinstance(a, str):
-            raise ValueError(f"score_batch: item {i}: response and answer must be strings, got "
-                             f"{type(r).__name__} and {type(a).__name__}")
+            raise ValueError(
+                f"score_batch: item {i}: response and answer must be strings, got "
+                f"{type(r).__name__} and {type(a).__name__}"
+            )
     t0 = time.perf_counter()
-    if not responses:     # nothing to score: no pool to start
-        return [], {"n": 0, "timeouts": 0, "errors": 0, "rejected": 0, "mean": 0.0, "num_correct": 0,
-                    "seconds": 0.0}
+    if not responses:  # nothing to score: no pool to start
+        return [], {"n": 0, "timeouts": 0, "errors": 0, "rejected": 0, "mean": 0.0, "num_correct": 0, "seconds": 0.0}
     _allow_children()
     # Rewards of this package share one pool; a reward from another module (a test's, a user's) gets a pool
     # whose workers import that module at start, so the import never eats into a task's time budget.
@@ -175,22 +180,29 @@ def run_bounded(fn: RawReward, responses: Sequence[str], answers: Sequence[str],
     # twice (2 x timeout_s) and scores 0.
     again = [i for i, (_, kind) in enumerate(outs) if kind in ("timeouts", "expired", "broken")]
     if again:
-        pool = _pool(workers, preload)    # a new pool if pebble declared this one broken
+        pool = _pool(workers, preload)  # a new pool if pebble declared this one broken
         retry = {i: pool.submit(fn, timeout_s, responses[i], answers[i]) for i in again}
         for i, f in retry.items():
             outs[i] = _outcome(f)
     if any(kind == "broken" for _, kind in outs):
         # Twice broken: workers cannot even start (e.g. the main script re-runs unguarded). Scoring
         # everything 0 would silently poison training, so stop here.
-        raise RuntimeError("reward worker processes could not start; if this is a script, put its top-level "
-                           "code under `if __name__ == \"__main__\":` (workers are spawned and re-import "
-                           "the main module), or set EGRSD_REWARD_START_METHOD=fork")
+        raise RuntimeError(
+            "reward worker processes could not start; if this is a script, put its top-level "
+            'code under `if __name__ == "__main__":` (workers are spawned and re-import '
+            "the main module), or set EGRSD_REWARD_START_METHOD=fork"
+        )
     outs = [(s, "errors" if kind == "expired" else kind) for s, kind in outs]
     scores = [s for s, _ in outs]
-    stats: Dict[str, float] = {"n": len(scores), "timeouts": 0, "errors": 0, "rejected": 0,
-                               "mean": (sum(scores) / len(scores)) if scores else 0.0,
-                               "num_correct": sum(1 for s in scores if s >= 1.0),
-                               "seconds": time.perf_counter() - t0}
+    stats: Dict[str, float] = {
+        "n": len(scores),
+        "timeouts": 0,
+        "errors": 0,
+        "rejected": 0,
+        "mean": (sum(scores) / len(scores)) if scores else 0.0,
+        "num_correct": sum(1 for s in scores if s >= 1.0),
+        "seconds": time.perf_counter() - t0,
+    }
     for _, kind in outs:
         if kind != "ok":
             stats[kind] += 1

@@ -3,6 +3,7 @@
 Hand-written because a brace-balanced scan is needed (regexes cannot match nested braces) and
 math-verify's own extraction would also accept answers written inside the thinking block.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def _braced(text: str, start: int) -> Optional[tuple]:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[start + 1:i], i + 1
+                return text[start + 1 : i], i + 1
         i += 1
     return None
 
@@ -59,7 +60,7 @@ def all_boxed(text: str) -> List[str]:
             if got is None:
                 continue
             content = got[0]
-        elif j > m.end():   # "\boxed 5": one token up to whitespace or '$'
+        elif j > m.end():  # "\boxed 5": one token up to whitespace or '$'
             content = re.match(r"[^\s$]*", text[j:]).group(0)  # type: ignore[union-attr]
         else:
             continue

@@ -4,6 +4,7 @@ The prediction is, in order of preference, in the final section (after `</think>
 \\boxed{N}; the last "#### N"; the last "answer is N"; else the last number in the text. It scores 1.0
 when that number equals the numeric gold answer (relative tolerance 1e-6).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def predicted_number(response: str) -> Optional[float]:
 def final_number_reward_raw(response: str, answer: str) -> float:
     gold = to_number(answer)
     if gold is None:
-        raise RewardRejected(f"gold answer {answer[:80]!r} is not a number: final_number needs numeric answers "
-                             f"(use reward.name=math)")
+        raise RewardRejected(
+            f"gold answer {answer[:80]!r} is not a number: final_number needs numeric answers (use reward.name=math)"
+        )
     pred = predicted_number(response)
     if pred is None:
         return 0.0
@@ -42,6 +44,7 @@ def final_number_reward_raw(response: str, answer: str) -> float:
 def math_or_final_number_raw(response: str, answer: str) -> float:
     """math-verify on the boxed answer; if that fails and the gold is a number, the final-number rule."""
     from .math_verify_reward import math_reward_raw
+
     try:
         if math_reward_raw(response, answer) == 1.0:
             return 1.0

@@ -4,6 +4,7 @@ This is the raw (unbounded) function: it runs inside the reward worker processes
 signal-based timeouts are disabled (they only work in a main thread) and time is bounded by killing
 the worker (see bounded.py). Call `egrsd_megatron.rewards.math_reward` instead, which is bounded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ def math_reward_raw(response: str, answer: str) -> float:
     if pred_text is None:
         return 0.0
     if len(pred_text) > MAX_ANSWER_CHARS or len(answer) > MAX_ANSWER_CHARS:
-        raise RewardRejected(f"final answer of {len(pred_text)} chars / gold of {len(answer)} chars is over "
-                             f"{MAX_ANSWER_CHARS}")
+        raise RewardRejected(
+            f"final answer of {len(pred_text)} chars / gold of {len(answer)} chars is over {MAX_ANSWER_CHARS}"
+        )
     _quiet_math_verify()
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 

@@ -1,5 +1,6 @@
 """Rewards by name. Each entry is a raw `(response, answer) -> float` module-level function (it runs in a
 worker process, so it must be importable by name); `get_reward` returns the bounded version."""
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,10 @@ _RAW: Dict[str, RawReward] = {
 def register_reward(name: str, fn: RawReward) -> None:
     """Add a reward. `fn` must be a module-level function (workers import it by name)."""
     if not callable(fn) or "<locals>" in getattr(fn, "__qualname__", "<locals>") or fn.__name__ == "<lambda>":
-        raise ValueError(f"register_reward({name!r}): needs a module-level function (it is pickled by name into "
-                         f"worker processes), got {fn!r}")
+        raise ValueError(
+            f"register_reward({name!r}): needs a module-level function (it is pickled by name into "
+            f"worker processes), got {fn!r}"
+        )
     _RAW[name] = fn
 
 
@@ -48,8 +51,9 @@ def get_reward(name: str) -> Callable[..., float]:
     return functools.partial(_bounded_one, name)
 
 
-def score_batch(responses: Sequence[str], answers: Sequence[str], name: str = "math", timeout_s: float = 5.0,
-                num_workers: int = 0) -> Tuple[List[float], Dict[str, float]]:
+def score_batch(
+    responses: Sequence[str], answers: Sequence[str], name: str = "math", timeout_s: float = 5.0, num_workers: int = 0
+) -> Tuple[List[float], Dict[str, float]]:
     """Score all pairs on `num_workers` processes (0: all cores), each bounded by timeout_s.
 
     Returns (scores, stats) with stats n, mean, num_correct, timeouts, errors, rejected, seconds.

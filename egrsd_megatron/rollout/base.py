@@ -19,6 +19,7 @@ the trainer and the evaluator never care which one runs:
   policy learns to emit it. Matching is on token ids: a stop string that the model spells with another
   tokenization (a merge across its boundary) does not stop the row.
 """
+
 from __future__ import annotations
 
 import abc
@@ -32,13 +33,14 @@ import torch
 @dataclass
 class SamplingParams:
     """How to sample. temperature 0 means greedy (argmax); top_k 0 and top_p 1 mean no filtering."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
     stop_token_ids: List[int] = field(default_factory=list)
     seed: Optional[int] = None
-    stop_sequences: List[List[int]] = field(default_factory=list)   # token-id sequences (see module docstring)
+    stop_sequences: List[List[int]] = field(default_factory=list)  # token-id sequences (see module docstring)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -63,26 +65,34 @@ class SamplingParams:
         """True when `ids` (a row's generated ids so far) end with a stop token or a stop sequence."""
         if ids and ids[-1] in self.stop_token_ids:
             return True
-        return any(len(ids) >= len(seq) and list(ids[-len(seq):]) == seq for seq in self.stop_sequences)
+        return any(len(ids) >= len(seq) and list(ids[-len(seq) :]) == seq for seq in self.stop_sequences)
 
     @classmethod
-    def from_config(cls, rollout_cfg: Any, stop_token_ids: Sequence[int], seed: Optional[int] = None,
-                    tokenizer: Any = None) -> "SamplingParams":
+    def from_config(
+        cls, rollout_cfg: Any, stop_token_ids: Sequence[int], seed: Optional[int] = None, tokenizer: Any = None
+    ) -> "SamplingParams":
         """From a `RolloutConfig` (or `EvalConfig`: same field names). `stop_token_ids` come from the
         tokenizer/prompt builder (e.g. PromptBuilder.eos_token_ids); the strings of `rollout.stop` (when the
         config has that field) become token sequences through `tokenizer` (required then)."""
         strings = list(getattr(rollout_cfg, "stop", None) or [])
-        return cls(temperature=float(rollout_cfg.temperature), top_p=float(rollout_cfg.top_p),
-                   top_k=int(rollout_cfg.top_k), max_new_tokens=int(rollout_cfg.max_new_tokens),
-                   stop_token_ids=list(stop_token_ids), seed=seed,
-                   stop_sequences=stop_sequences_from_strings(strings, tokenizer) if strings else [])
+        return cls(
+            temperature=float(rollout_cfg.temperature),
+            top_p=float(rollout_cfg.top_p),
+            top_k=int(rollout_cfg.top_k),
+            max_new_tokens=int(rollout_cfg.max_new_tokens),
+            stop_token_ids=list(stop_token_ids),
+            seed=seed,
+            stop_sequences=stop_sequences_from_strings(strings, tokenizer) if strings else [],
+        )
 
 
 def stop_sequences_from_strings(strings: Sequence[str], tokenizer: Any) -> List[List[int]]:
     """Each `rollout.stop` string as the token ids the tokenizer gives it alone (no special tokens)."""
     if tokenizer is None or not hasattr(tokenizer, "encode"):
-        raise ValueError("rollout.stop: mapping stop strings to token sequences needs the tokenizer; pass "
-                         "tokenizer= to SamplingParams.from_config (or empty rollout.stop)")
+        raise ValueError(
+            "rollout.stop: mapping stop strings to token sequences needs the tokenizer; pass "
+            "tokenizer= to SamplingParams.from_config (or empty rollout.stop)"
+        )
     out = []
     for i, s in enumerate(strings):
         if not isinstance(s, str) or not s:
@@ -97,9 +107,9 @@ def stop_sequences_from_strings(strings: Sequence[str], tokenizer: Any) -> List[
 @dataclass
 class Completion:
     prompt_ids: List[int]
-    response_ids: List[int]     # no padding; ends with the stop token / sequence when one was generated
-    text: str                   # decoded response, special tokens skipped
-    truncated: bool             # hit max_new_tokens without a stop token / sequence
+    response_ids: List[int]  # no padding; ends with the stop token / sequence when one was generated
+    text: str  # decoded response, special tokens skipped
+    truncated: bool  # hit max_new_tokens without a stop token / sequence
     # log-prob of each response id under the sampling distribution (module docstring); aligned with
     # response_ids. Engines always fill it; empty only in a Completion built by hand (test fakes).
     logprobs: List[float] = field(default_factory=list)
@@ -130,15 +140,16 @@ class RolloutEngine(abc.ABC):
     """A text generator that can be refitted with new weights."""
 
     @abc.abstractmethod
-    def generate(self, prompts: List[List[int]], params: SamplingParams,
-                 seeds: Optional[Sequence[int]] = None) -> List[Completion]:
+    def generate(
+        self, prompts: List[List[int]], params: SamplingParams, seeds: Optional[Sequence[int]] = None
+    ) -> List[Completion]:
         """One Completion per prompt (token ids), in order; row i uses seed `seeds[i]` when given."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Copy full Hugging Face-named tensors into the engine's model (every weight must be given)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: engines without resources need not override it
         """Release the model and any worker processes."""
 
     def __enter__(self) -> "RolloutEngine":

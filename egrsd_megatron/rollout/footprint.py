@@ -6,6 +6,7 @@ a time (checkpoint gather_hf_state_dict is a generator), so it adds no second co
 vllm engine: its pre-allocated share of GPU memory (rollout.gpu_memory_utilization); its weights are
 `rollout.vllm_dtype`, default bfloat16 on a GPU and float32 on CPU (exact agreement with the hf engine).
 """
+
 from __future__ import annotations
 
 from typing import Any

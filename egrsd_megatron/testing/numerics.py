@@ -11,6 +11,7 @@ both explicitly rather than inheriting them from the machine:
 * `EGRSD_DETERMINISTIC=1`: `torch.use_deterministic_algorithms(True)` (ops without a deterministic
   implementation then raise instead of silently varying).
 """
+
 from __future__ import annotations
 
 import os

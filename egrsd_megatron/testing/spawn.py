@@ -10,6 +10,7 @@ crossing the queue (torch tensors sent through a queue by an exiting child can a
 Each rank's thread count and deterministic mode follow OMP_NUM_THREADS and EGRSD_DETERMINISTIC
 (`numerics.apply_numerics`; unset: cpu_count // world_size threads).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,16 @@ def _to_portable(obj: Any) -> Any:
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, q) -> None:
     try:
         os.environ.update(env)
-        os.environ.update({
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-        })
+        os.environ.update(
+            {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size),
+            }
+        )
         apply_numerics(world_size)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
@@ -72,8 +78,9 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0,
-                    env: dict | None = None) -> List[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
+) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return results ordered by rank.
 
     Raises DistributedChildError with the failing child's traceback, or TimeoutError naming the ranks
@@ -83,8 +90,10 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, env or {}, q), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world_size, port, fn, args, env or {}, q), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict = {}
@@ -95,18 +104,24 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(results) - set(errors))
-                raise TimeoutError(f"run_distributed: ranks {missing} of {world_size} did not finish within "
-                                   f"{timeout:.0f} s (hung collective?); killed them")
+                raise TimeoutError(
+                    f"run_distributed: ranks {missing} of {world_size} did not finish within "
+                    f"{timeout:.0f} s (hung collective?); killed them"
+                )
             try:
                 rank, status, payload = q.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if not p.is_alive() and p.exitcode not in (0, None) and r not in results and r not in errors]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if not p.is_alive() and p.exitcode not in (0, None) and r not in results and r not in errors
+                ]
                 if dead:
                     # A child died without reporting (segfault, os._exit, OOM kill).
                     r = dead[0]
-                    raise DistributedChildError(f"rank {r} of {world_size} died with exit code "
-                                                f"{procs[r].exitcode}") from None
+                    raise DistributedChildError(
+                        f"rank {r} of {world_size} died with exit code {procs[r].exitcode}"
+                    ) from None
                 continue
             if status == "ok":
                 results[rank] = payload

@@ -5,6 +5,7 @@ too, since all-ones norms would hide a q/k-norm or norm mix-up in a mapping test
 `save_tiny_hf_model`: the tiny Qwen3 with the byte-level tokenizer, written once and reused: a common
 starting point for TP=1/2/PP=2 training runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,13 @@ from ..models import resolve_arch
 from ..utils import atomic_dir
 
 
-def save_random_hf_model(arch: Any, out_dir: str, seed: int = 0, randomize_norms: bool = False,
-                         tokenizer: Optional[Any] = None) -> str:
+def save_random_hf_model(
+    arch: Any, out_dir: str, seed: int = 0, randomize_norms: bool = False, tokenizer: Optional[Any] = None
+) -> str:
     """Write a randomly initialised transformers model of `arch` (a ModelArch) to `out_dir`; return it."""
     # lazy: transformers takes seconds to import; tests that only need the package's other helpers skip it.
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg_dict = arch.to_hf_config()
     cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     torch.manual_seed(seed)

@@ -31,14 +31,15 @@ Blocked or pairwise summation (BLAS, torch.sum) has smaller errors than recursiv
 estimate is an upper one there: by up to sqrt(n / log2 n), which is why `sum_tol` and not `sum_bound`
 is the default (the worst case would be absurdly loose for large n).
 """
+
 from __future__ import annotations
 
 import math
 
-FP32_U = 2.0 ** -24     # unit roundoff of float32 (round to nearest): half its machine epsilon
-FP32_EPS = 2.0 ** -23   # machine epsilon of float32, 1.19e-7
-BF16_U = 2.0 ** -8      # unit roundoff of bfloat16 (8 significant bits)
-BF16_EPS = 2.0 ** -7    # machine epsilon of bfloat16, 7.8e-3
+FP32_U = 2.0**-24  # unit roundoff of float32 (round to nearest): half its machine epsilon
+FP32_EPS = 2.0**-23  # machine epsilon of float32, 1.19e-7
+BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+BF16_EPS = 2.0**-7  # machine epsilon of bfloat16, 7.8e-3
 
 
 def sum_tol(n_terms: int, magnitude: float, sigmas: float = 4.0, unit_roundoff: float = FP32_U) -> float:
@@ -49,8 +50,9 @@ def sum_tol(n_terms: int, magnitude: float, sigmas: float = 4.0, unit_roundoff: 
     (4: a 6e-5 two-sided Gaussian tail per comparison).
     """
     if n_terms < 1 or magnitude < 0 or sigmas <= 0:
-        raise ValueError(f"sum_tol: need n_terms >= 1, magnitude >= 0, sigmas > 0; got "
-                         f"{n_terms}, {magnitude}, {sigmas}")
+        raise ValueError(
+            f"sum_tol: need n_terms >= 1, magnitude >= 0, sigmas > 0; got {n_terms}, {magnitude}, {sigmas}"
+        )
     return sigmas * unit_roundoff * math.sqrt(2.0 * n_terms / 3.0) * magnitude
 
 
@@ -85,8 +87,18 @@ def transformer_terms(arch, seq_len: int, tokens: int = 1, backward: bool = Fals
     networks of this project do not amplify them beyond O(1), as the tests' measurements confirm).
     """
     h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
-    per_layer = (h + 2 * h + (d if arch.qk_norm else 0) + 2 * d + 3 * seq_len
-                 + 2 * arch.num_attention_heads * d + h + 2 * h + 2 * f + 20)
+    per_layer = (
+        h
+        + 2 * h
+        + (d if arch.qk_norm else 0)
+        + 2 * d
+        + 3 * seq_len
+        + 2 * arch.num_attention_heads * d
+        + h
+        + 2 * h
+        + 2 * f
+        + 20
+    )
     forward = arch.num_layers * per_layer + h + 2 * h
     return 2 * forward + 2 * tokens if backward else forward
 

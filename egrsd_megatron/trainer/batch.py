@@ -6,6 +6,7 @@ is scored by student logits at len(student_prompt_i) - 1 + j and teacher logits 
 len(teacher_prompt_i) - 1 + j. Sequences are right-padded (a causal model never lets a pad influence an
 earlier position), and the response positions are gathered into aligned [B, R_max, V_local] logits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,20 +23,20 @@ class Sample:
     advantage: float
     reward: float
     truncated: bool
-    group: int                      # prompt index within the step (for logging)
+    group: int  # prompt index within the step (for logging)
     engine_logprobs: List[float] = field(default_factory=list)  # the rollout engine's, one per response token
 
 
 @dataclass
 class MicroBatch:
     index: int
-    student_ids: torch.Tensor       # [b, Ls] long
-    teacher_ids: torch.Tensor       # [b, Lt] long
+    student_ids: torch.Tensor  # [b, Ls] long
+    teacher_ids: torch.Tensor  # [b, Lt] long
     student_resp_pos: torch.Tensor  # [b, R] long: positions of the logits that score each response token
     teacher_resp_pos: torch.Tensor  # [b, R] long
-    targets: torch.Tensor           # [b, R] long: response token ids (0 where masked)
-    mask: torch.Tensor              # [b, R] bool: valid response tokens
-    advantages: torch.Tensor        # [b] float32
+    targets: torch.Tensor  # [b, R] long: response token ids (0 where masked)
+    mask: torch.Tensor  # [b, R] bool: valid response tokens
+    advantages: torch.Tensor  # [b] float32
     engine_logprobs: Optional[torch.Tensor] = None  # [b, R] float32 (0 where masked); None: the engine gave none
 
     @property
@@ -62,7 +63,7 @@ def make_micro_batches(samples: List[Sample], micro_batch_size: int, pad_id: int
     r = max(len(s.response) for s in samples)
     out = []
     for k in range(0, len(samples), micro_batch_size):
-        chunk = samples[k:k + micro_batch_size]
+        chunk = samples[k : k + micro_batch_size]
         sp = torch.zeros((len(chunk), r), dtype=torch.long)
         tp = torch.zeros((len(chunk), r), dtype=torch.long)
         mask = torch.zeros((len(chunk), r), dtype=torch.bool)
@@ -71,16 +72,19 @@ def make_micro_batches(samples: List[Sample], micro_batch_size: int, pad_id: int
             sp[i, :n] = torch.arange(len(s.student_prompt) - 1, len(s.student_prompt) - 1 + n)
             tp[i, :n] = torch.arange(len(s.teacher_prompt) - 1, len(s.teacher_prompt) - 1 + n)
             mask[i, :n] = True
-        out.append(MicroBatch(
-            index=k // micro_batch_size,
-            student_ids=_pad([s.student_prompt + s.response for s in chunk], ls, pad_id),
-            teacher_ids=_pad([s.teacher_prompt + s.response for s in chunk], lt, pad_id),
-            student_resp_pos=sp, teacher_resp_pos=tp,
-            targets=_pad([s.response for s in chunk], r, 0),
-            mask=mask,
-            advantages=torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
-            engine_logprobs=_engine_logprobs(chunk, r),
-        ))
+        out.append(
+            MicroBatch(
+                index=k // micro_batch_size,
+                student_ids=_pad([s.student_prompt + s.response for s in chunk], ls, pad_id),
+                teacher_ids=_pad([s.teacher_prompt + s.response for s in chunk], lt, pad_id),
+                student_resp_pos=sp,
+                teacher_resp_pos=tp,
+                targets=_pad([s.response for s in chunk], r, 0),
+                mask=mask,
+                advantages=torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
+                engine_logprobs=_engine_logprobs(chunk, r),
+            )
+        )
     return out
 
 

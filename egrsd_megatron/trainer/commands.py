@@ -1,4 +1,5 @@
 """`egrsd train CONFIG [key=value ...]` (run under torchrun or srun for more than one process)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,4 +14,5 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .loop import train_main
+
     return train_main(args.config, args.overrides)

@@ -6,6 +6,7 @@ Console: on a terminal the lines scroll above a tqdm progress bar; when stdout o
 (CI, a Slurm log, `> file`) there is no bar, only the step lines, one per logged step (a bar redrawn with
 carriage returns would interleave fragments with them in the file).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,10 @@ class StepLogger:
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
         if cfg.logging.wandb_project:
             import wandb  # optional extra: pip install egrsd_megatron[wandb]
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run,
-                                    config=to_dict(cfg), resume="allow")
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, name=cfg.logging.wandb_run, config=to_dict(cfg), resume="allow"
+            )
         if interactive():
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -82,7 +85,7 @@ class StepLogger:
         if self.bar is not None:
             self.bar.update(1)
         if (step + 1) % self.every and step + 1 != self.total:
-            return   # console, TensorBoard and W&B every train.log_every steps (and the last one)
+            return  # console, TensorBoard and W&B every train.log_every steps (and the last one)
         if self.tb is not None:
             for k, v in m.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -90,14 +93,16 @@ class StepLogger:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(m, step=step + 1)
-        line = (f"step {step + 1}/{self.total} | acc {m.get('accuracy', float('nan')):.3f} "
-                f"| len {m.get('response_length', float('nan')):.1f} | loss {m.get('loss', float('nan')):+.4f} "
-                f"| gate {m.get('gate_mean', float('nan')):.3f} floor {m.get('gate_floor_frac', float('nan')):.3f} "
-                f"| gen {m.get('time/generate', 0):.1f}s teach {m.get('time/teacher', 0):.1f}s "
-                + (f"ref {m['time/reference']:.1f}s " if "time/reference" in m else "")
-                + f"train {m.get('time/student', 0):.1f}s opt {m.get('time/optimizer', 0):.1f}s "
-                + (f"| kl_ref {m['kl_ref_mean']:.2e} " if "kl_ref_mean" in m else "")
-                + f"| {m.get('tokens_per_s', 0):.0f} tok/s | ETA {eta:.0f}s")
+        line = (
+            f"step {step + 1}/{self.total} | acc {m.get('accuracy', float('nan')):.3f} "
+            f"| len {m.get('response_length', float('nan')):.1f} | loss {m.get('loss', float('nan')):+.4f} "
+            f"| gate {m.get('gate_mean', float('nan')):.3f} floor {m.get('gate_floor_frac', float('nan')):.3f} "
+            f"| gen {m.get('time/generate', 0):.1f}s teach {m.get('time/teacher', 0):.1f}s "
+            + (f"ref {m['time/reference']:.1f}s " if "time/reference" in m else "")
+            + f"train {m.get('time/student', 0):.1f}s opt {m.get('time/optimizer', 0):.1f}s "
+            + (f"| kl_ref {m['kl_ref_mean']:.2e} " if "kl_ref_mean" in m else "")
+            + f"| {m.get('tokens_per_s', 0):.0f} tok/s | ETA {eta:.0f}s"
+        )
         self._print(line)
 
     def log_eval(self, step: int, m: Dict[str, float]) -> None:
@@ -110,8 +115,10 @@ class StepLogger:
                 self.tb.add_scalar(name, v, step + 1)
         if self.wandb is not None:
             self.wandb.log({f"val/{k}": v for k, v in m.items()}, step=step + 1)
-        self._print(f"step {step + 1} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()
-                                                                    if isinstance(v, (int, float))))
+        self._print(
+            f"step {step + 1} validation: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+        )
 
     def log_samples(self, step: int, records: List[Dict[str, Any]]) -> None:
         if not self.enabled:

@@ -17,6 +17,7 @@ engine sampled from, and each step logs the engine-vs-trainer mismatch of the sa
 (logprob_diff_mean/_max, prob_ratio_error). Above rollout.max_logprob_diff a step warns; the first step a
 process runs aborts instead (exit 4), since a mismatch there is a setup error, not drift.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,24 +48,24 @@ from .batch import Sample, make_micro_batches
 from .logger import StepLogger
 from .metrics import Record, reduce_metrics, rollout_record
 from .optim import build_optimizer, build_scheduler
+from .passes import scoring_for
 from .rollouts import Rollouts, collect_rollouts, refit, to_samples
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from .teacher import Teacher, frozen_copy
-from .passes import scoring_for
 from .update import UpdateResult, local_denominator, run_update
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
-OFF_POLICY_EXIT_CODE = 4   # the first step's engine/trainer log-prob mismatch is above rollout.max_logprob_diff
+OFF_POLICY_EXIT_CODE = 4  # the first step's engine/trainer log-prob mismatch is above rollout.max_logprob_diff
 
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.arch = resolve_arch(cfg.model)
-        self.world_size = world_size()   # the one read of the world size in the trainer (the metrics all-gather)
+        self.world_size = world_size()  # the one read of the world size in the trainer (the metrics all-gather)
         self.dp = check_config(cfg, self.world_size, self.arch)
-        check_training_sampling(cfg.rollout)   # T = 0 or a truncated distribution: refused, naming the key
+        check_training_sampling(cfg.rollout)  # T = 0 or a truncated distribution: refused, naming the key
         self.tokenizer = self._load_tokenizer()
 
         self.info = init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
@@ -73,26 +74,34 @@ class Trainer:
         self.scoring = scoring_for(cfg, self.arch.vocab_size, ps.get_tensor_model_parallel_group())
 
         self.builder = PromptBuilder(self.tokenizer, cfg.prompt)
-        self.problems = load_problems(cfg.data.train_path, cfg.data, tokenizer=self.tokenizer,
-                                      prompt_builder=self.builder)
+        self.problems = load_problems(
+            cfg.data.train_path, cfg.data, tokenizer=self.tokenizer, prompt_builder=self.builder
+        )
         self.sampler = PromptSampler(self.problems, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.eval_problems = None
         if cfg.train.eval_every and cfg.data.eval_path:
-            self.eval_problems = list(load_problems(cfg.data.eval_path, cfg.data, tokenizer=self.tokenizer,
-                                                    prompt_builder=self.builder))[: cfg.train.eval_samples]
+            self.eval_problems = list(
+                load_problems(cfg.data.eval_path, cfg.data, tokenizer=self.tokenizer, prompt_builder=self.builder)
+            )[: cfg.train.eval_samples]
 
         self.model = self._init_model(build_model(self.arch, cfg.model))
-        attach_fp32_grad_accumulators([self.model])   # bf16 params: gradients summed in fp32 (main_grad)
+        attach_fp32_grad_accumulators([self.model])  # bf16 params: gradients summed in fp32 (main_grad)
         self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model))
         # The k3 KL's reference policy: the initial weights (built before _resume loads the student's).
         self.reference: Optional[torch.nn.Module] = None
         if cfg.loss.kl_coef > 0:
-            self.reference = self.teacher.copy if cfg.teacher.mode == "frozen" else \
-                frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
+            self.reference = (
+                self.teacher.copy
+                if cfg.teacher.mode == "frozen"
+                else frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
+            )
 
         # parallel.distributed_optimizer: ZeRO-1, the AdamW states sharded over the data-parallel group.
-        self.optimizer = build_optimizer([self.model], cfg.optim, dp_group=ps.get_data_parallel_group()
-                                         if cfg.parallel.distributed_optimizer else None)
+        self.optimizer = build_optimizer(
+            [self.model],
+            cfg.optim,
+            dp_group=ps.get_data_parallel_group() if cfg.parallel.distributed_optimizer else None,
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
 
         self.engine = make_engine(cfg.rollout, self.arch.to_hf_config(), self.tokenizer)
@@ -101,8 +110,7 @@ class Trainer:
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.step = 0
-        self.counters = {"nonfinite_skipped": 0, "nonfinite_in_row": 0, "truncated_total": 0,
-                         "reward_timeouts": 0}
+        self.counters = {"nonfinite_skipped": 0, "nonfinite_in_row": 0, "truncated_total": 0, "reward_timeouts": 0}
         self._resume()
         self.logger = StepLogger(cfg, self.out_dir, cfg.train.steps, self.step, enabled=self.info.rank == 0)
         self.preempt = PreemptionFlag().install()
@@ -111,15 +119,19 @@ class Trainer:
     def _load_tokenizer(self):
         path = self.cfg.tokenizer.path or self.cfg.model.hf_path
         if not path:
-            raise ConfigError("tokenizer.path is not set and model.hf_path has no tokenizer: set tokenizer.path "
-                              "to a Hugging Face tokenizer folder, 'qwen3' or 'byte'")
+            raise ConfigError(
+                "tokenizer.path is not set and model.hf_path has no tokenizer: set tokenizer.path "
+                "to a Hugging Face tokenizer folder, 'qwen3' or 'byte'"
+            )
         try:
             tok = load_tokenizer(path)
         except FileNotFoundError as e:  # names the key already; a config problem, found before any work
             raise ConfigError(str(e)) from None
         if len(tok) > self.arch.vocab_size:
-            raise ConfigError(f"tokenizer.path={path} has {len(tok)} tokens but the model's vocabulary holds "
-                              f"{self.arch.vocab_size}: pick a matching tokenizer or model")
+            raise ConfigError(
+                f"tokenizer.path={path} has {len(tok)} tokens but the model's vocabulary holds "
+                f"{self.arch.vocab_size}: pick a matching tokenizer or model"
+            )
         return tok
 
     def _init_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -141,8 +153,14 @@ class Trainer:
                 raise ConfigError(f"train.resume={r}: no such checkpoint folder")
         if path is None:
             return
-        state = load_train_state(path, self.model, self.arch, self.optimizer, self.scheduler,
-                                 teacher=self.teacher.copy if self.teacher.needs_checkpoint else None)
+        state = load_train_state(
+            path,
+            self.model,
+            self.arch,
+            self.optimizer,
+            self.scheduler,
+            teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
+        )
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.counters.update(state.get("counters", {}))
@@ -150,12 +168,25 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> str:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "counters": self.counters,
-                 "config": to_dict(self.cfg), "arch": self.arch.to_hf_config()}
-        return save_train_state(self.ckpt_root, self.step, self.model, self.arch, self.optimizer, self.scheduler,
-                                state, keep_last=self.cfg.train.keep_last,
-                                teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
-                                tokenizer=self.tokenizer)
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "counters": self.counters,
+            "config": to_dict(self.cfg),
+            "arch": self.arch.to_hf_config(),
+        }
+        return save_train_state(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.arch,
+            self.optimizer,
+            self.scheduler,
+            state,
+            keep_last=self.cfg.train.keep_last,
+            teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
+            tokenizer=self.tokenizer,
+        )
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> Dict[str, float]:
@@ -166,9 +197,17 @@ class Trainer:
         student_prompts = [self.builder.student_prompt_ids(p) for p in problems]  # tokenized once per step
         teacher_prompts = [self.builder.teacher_prompt_ids(p) for p in problems]
         refit(self.engine, self.model, self.arch)
-        rollouts = collect_rollouts(cfg, self.engine, self.sampling, problems, student_prompts, step=self.step,
-                                    dp_rank=self.info.dp_rank, mp_group=self.mp_group)
-        if self.mp_rank == 0:   # the same count on every rank of the group: counted once
+        rollouts = collect_rollouts(
+            cfg,
+            self.engine,
+            self.sampling,
+            problems,
+            student_prompts,
+            step=self.step,
+            dp_rank=self.info.dp_rank,
+            mp_group=self.mp_group,
+        )
+        if self.mp_rank == 0:  # the same count on every rank of the group: counted once
             self.counters["reward_timeouts"] += rollouts.reward_timeouts
         t_generate = time.monotonic() - t0
 
@@ -176,14 +215,24 @@ class Trainer:
         samples = to_samples(rollouts, student_prompts, teacher_prompts, adv.tolist())
         mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
         # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
-        denominator = self._all_reduce([local_denominator(samples, cfg.loss.aggregation)],
-                                       ps.get_data_parallel_group())[0]
+        denominator = self._all_reduce(
+            [local_denominator(samples, cfg.loss.aggregation)], ps.get_data_parallel_group()
+        )[0]
         loss_cfg = self._loss_at_step()
-        update = run_update(cfg, self.model, self.teacher.model, self.reference, self.optimizer, self.scheduler,
-                            mbs, denominator=denominator, scoring=self.scoring,
-                            pp_size=ps.get_pipeline_model_parallel_world_size(),
-                            all_reduce_max=lambda v: self._all_reduce([v], op=dist.ReduceOp.MAX)[0],
-                            loss_cfg=loss_cfg)
+        update = run_update(
+            cfg,
+            self.model,
+            self.teacher.model,
+            self.reference,
+            self.optimizer,
+            self.scheduler,
+            mbs,
+            denominator=denominator,
+            scoring=self.scoring,
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            all_reduce_max=lambda v: self._all_reduce([v], op=dist.ReduceOp.MAX)[0],
+            loss_cfg=loss_cfg,
+        )
         self._count_nonfinite(update.skipped)
         self.teacher.after_step(self.step)
 
@@ -210,24 +259,27 @@ class Trainer:
         diff, limit = metrics.get("logprob_diff_mean"), self.cfg.rollout.max_logprob_diff
         if diff is None or diff <= limit:
             return None
-        return (f"the rollout engine's log-probs of the sampled tokens differ from the trainer's by "
-                f"{diff:.3g} on average (max {metrics.get('logprob_diff_max', float('nan')):.3g}; "
-                f"rollout.max_logprob_diff={limit}): the update is off-policy. Likely causes: the engine was not "
-                f"refitted with the current weights, it samples at another temperature than "
-                f"rollout.temperature={self.cfg.rollout.temperature}, or its precision (rollout.vllm_dtype, "
-                f"bf16) is too low for this threshold")
+        return (
+            f"the rollout engine's log-probs of the sampled tokens differ from the trainer's by "
+            f"{diff:.3g} on average (max {metrics.get('logprob_diff_max', float('nan')):.3g}; "
+            f"rollout.max_logprob_diff={limit}): the update is off-policy. Likely causes: the engine was not "
+            f"refitted with the current weights, it samples at another temperature than "
+            f"rollout.temperature={self.cfg.rollout.temperature}, or its precision (rollout.vllm_dtype, "
+            f"bf16) is too low for this threshold"
+        )
 
     def _draw_problems(self) -> list:
         """Every rank draws the same global batch (same sampler state) and keeps its data-parallel share."""
         batch = self.sampler.next_batch(self.cfg.train.prompts_per_step)
         per = self.cfg.train.prompts_per_step // self.dp
-        return batch[self.info.dp_rank * per:(self.info.dp_rank + 1) * per]
+        return batch[self.info.dp_rank * per : (self.info.dp_rank + 1) * per]
 
     def _advantages(self, rewards: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """(A_i per rollout, the fraction of groups whose rewards are all equal, i.e. A = 0 exactly);
         A = 0 for a reward-free loss."""
-        adv, stats = group_advantages(rewards, self.cfg.rollout.group_size, normalize_std=self.cfg.loss.normalize_std,
-                                      return_metrics=True)
+        adv, stats = group_advantages(
+            rewards, self.cfg.rollout.group_size, normalize_std=self.cfg.loss.normalize_std, return_metrics=True
+        )
         return (adv if self.cfg.loss.spec.uses_reward else torch.zeros_like(rewards)), stats["zero_adv_group_frac"]
 
     def _all_reduce(self, values: List[float], group=None, op=dist.ReduceOp.SUM) -> List[float]:
@@ -251,15 +303,30 @@ class Trainer:
 
     def _step_scalars(self, update: UpdateResult, samples: List[Sample], step_time: float) -> Dict[str, float]:
         all_tokens = sum(len(s.student_prompt) + len(s.teacher_prompt) + 2 * len(s.response) for s in samples)
-        return {"grad_norm": update.grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(update.skipped),
-                "tokens_per_s": all_tokens * self.dp / step_time, "time/step": step_time,
-                "nonfinite_skipped_total": float(self.counters["nonfinite_skipped"])}
+        return {
+            "grad_norm": update.grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped": float(update.skipped),
+            "tokens_per_s": all_tokens * self.dp / step_time,
+            "time/step": step_time,
+            "nonfinite_skipped_total": float(self.counters["nonfinite_skipped"]),
+        }
 
     def _log_samples(self, problems: list, rollouts: Rollouts, samples: List[Sample]) -> None:
-        self.logger.log_samples(self.step, [
-            {"prompt": problems[r.problem].problem, "response": r.text, "reward": r.reward,
-             "advantage": s.advantage, "truncated": r.truncated, "answer": problems[r.problem].answer}
-            for r, s in zip(rollouts.items, samples)])
+        self.logger.log_samples(
+            self.step,
+            [
+                {
+                    "prompt": problems[r.problem].problem,
+                    "response": r.text,
+                    "reward": r.reward,
+                    "advantage": s.advantage,
+                    "truncated": r.truncated,
+                    "answer": problems[r.problem].answer,
+                }
+                for r, s in zip(rollouts.items, samples)
+            ],
+        )
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> Optional[Dict[str, float]]:
@@ -267,9 +334,14 @@ class Trainer:
             return None
         result = None
         if self.info.rank == 0:
-            params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0,
-                                    max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                    stop_token_ids=self.builder.eos_token_ids, seed=self.cfg.train.seed)
+            params = SamplingParams(
+                temperature=0.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                stop_token_ids=self.builder.eos_token_ids,
+                seed=self.cfg.train.seed,
+            )
             result, _ = evaluate_problems(self.engine, self.builder, self.eval_problems, self.cfg.reward.name, params)
         dist.barrier()
         return result
@@ -285,7 +357,7 @@ class Trainer:
                 self.logger.log_step(self.step, metrics)
                 first_step = self.step == start
                 self.step += 1
-                off_policy = self.off_policy_message(metrics)   # the same metrics on every rank
+                off_policy = self.off_policy_message(metrics)  # the same metrics on every rank
                 if off_policy and first_step:
                     self.logger.message(f"aborting at the first step: {off_policy}")
                     return OFF_POLICY_EXIT_CODE
@@ -296,7 +368,8 @@ class Trainer:
                     self.logger.message(
                         f"aborting: {self.counters['nonfinite_in_row']} steps in a row had a non-finite loss or "
                         f"gradient (train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); the last good "
-                        f"weights are saved in {self.ckpt_root}. Lower optim.lr or check the data.")
+                        f"weights are saved in {self.ckpt_root}. Lower optim.lr or check the data."
+                    )
                     return NONFINITE_EXIT_CODE
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     # The engine holds the weights it generated with this step; refit to the updated ones.
@@ -311,8 +384,9 @@ class Trainer:
                 if self._all_reduce([flag], op=dist.ReduceOp.MAX)[0] > 0:
                     if last_saved != self.step:
                         self.save()
-                    self.logger.message(f"preempted at step {self.step}: checkpoint saved, exiting "
-                                        f"{REQUEUE_EXIT_CODE} to be requeued")
+                    self.logger.message(
+                        f"preempted at step {self.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE} to be requeued"
+                    )
                     return REQUEUE_EXIT_CODE
             if last_saved != self.step:
                 self.save()

@@ -16,6 +16,7 @@ records of all micro-batches and all data-parallel ranks into the logged values:
 so `spike_count`, `tokens` and `teacher_entropy_p90` do not depend on parallel.micro_batch_size or on the
 data-parallel split. A key without a kind is an error: a new metric must say how it reduces.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,9 +31,9 @@ from .rollouts import Rollouts
 @dataclass(frozen=True)
 class Kind:
     how: Literal["mean", "sum", "max", "quantile"]
-    weight: str = ""   # mean: the scalar of the same record that weights it
-    of: str = ""       # quantile: the per-token values it is taken over
-    q: float = 0.0     # quantile: which one
+    weight: str = ""  # mean: the scalar of the same record that weights it
+    of: str = ""  # quantile: the per-token values it is taken over
+    q: float = 0.0  # quantile: which one
 
 
 SUM, MAX = Kind("sum"), Kind("max")
@@ -52,23 +53,37 @@ TOKEN_MEAN, SEQ_MEAN = mean("tokens"), mean("sequences")
 # rollout record (rollout_record below).
 KINDS: Dict[str, Kind] = {
     # counts
-    "tokens": SUM, "live_tokens": SUM, "signal_tokens": SUM, "sequences": SUM, "groups": SUM,
+    "tokens": SUM,
+    "live_tokens": SUM,
+    "signal_tokens": SUM,
+    "sequences": SUM,
+    "groups": SUM,
     "spike_count": SUM,
     # each micro-batch's loss is divided by the global denominator already: the step's loss is their sum
     "loss": SUM,
     # token means over all valid tokens
-    "gate_mean": TOKEN_MEAN, "gate_floor_frac": TOKEN_MEAN, "teacher_entropy_mean": TOKEN_MEAN,
-    "ratio_mean": TOKEN_MEAN, "opsd_div_mean": TOKEN_MEAN, "kl_ref_mean": TOKEN_MEAN,
+    "gate_mean": TOKEN_MEAN,
+    "gate_floor_frac": TOKEN_MEAN,
+    "teacher_entropy_mean": TOKEN_MEAN,
+    "ratio_mean": TOKEN_MEAN,
+    "opsd_div_mean": TOKEN_MEAN,
+    "kl_ref_mean": TOKEN_MEAN,
     # token means over the tokens of rollouts with A != 0 (token_weights) / with Ahat != 0 (policy_loss)
-    "ratio_weight_mean": mean("live_tokens"), "ratio_clip_frac": mean("live_tokens"),
+    "ratio_weight_mean": mean("live_tokens"),
+    "ratio_clip_frac": mean("live_tokens"),
     "ppo_clip_frac": mean("signal_tokens"),
     # over the global token set
     "teacher_entropy_p90": quantile("teacher_entropy", 0.9),
     # per rollout / per group
-    "accuracy": SEQ_MEAN, "response_length": SEQ_MEAN, "truncated_frac": SEQ_MEAN,
-    "response_length_max": MAX, "zero_adv_group_frac": mean("groups"),
+    "accuracy": SEQ_MEAN,
+    "response_length": SEQ_MEAN,
+    "truncated_frac": SEQ_MEAN,
+    "response_length_max": MAX,
+    "zero_adv_group_frac": mean("groups"),
     # the rollout engine's vs the trainer's sampled-token log-probs (passes.engine_mismatch)
-    "logprob_diff_mean": TOKEN_MEAN, "prob_ratio_error": TOKEN_MEAN, "logprob_diff_max": MAX,
+    "logprob_diff_mean": TOKEN_MEAN,
+    "prob_ratio_error": TOKEN_MEAN,
+    "logprob_diff_max": MAX,
     # micro-batches whose logits held a NaN/+inf (their loss is NaN: the step is skipped)
     "nonfinite_logits": SUM,
 }
@@ -77,6 +92,7 @@ KINDS: Dict[str, Kind] = {
 @dataclass
 class Record:
     """One micro-batch's (or one rank's rollouts') metrics: scalars, and per-token values [n] (CPU)."""
+
     values: Dict[str, float]
     tokens: Dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -86,11 +102,17 @@ def rollout_record(rollouts: Rollouts, zero_adv_group_frac: float) -> Record:
     and the fraction of groups whose advantages are all zero (losses.group_advantages's definition)."""
     lengths = [len(r.response) for r in rollouts.items]
     n = len(lengths)
-    return Record({"accuracy": float(rollouts.rewards().mean()), "response_length": sum(lengths) / n,
-                   "response_length_max": float(max(lengths)),
-                   "truncated_frac": sum(r.truncated for r in rollouts.items) / n, "sequences": float(n),
-                   "zero_adv_group_frac": zero_adv_group_frac,
-                   "groups": float(len({r.problem for r in rollouts.items}))})
+    return Record(
+        {
+            "accuracy": float(rollouts.rewards().mean()),
+            "response_length": sum(lengths) / n,
+            "response_length_max": float(max(lengths)),
+            "truncated_frac": sum(r.truncated for r in rollouts.items) / n,
+            "sequences": float(n),
+            "zero_adv_group_frac": zero_adv_group_frac,
+            "groups": float(len({r.problem for r in rollouts.items})),
+        }
+    )
 
 
 def _kind(name: str, kinds: Dict[str, Kind]) -> Kind:
@@ -111,8 +133,10 @@ def reduce_metrics(ranks: Sequence[Sequence[Record]], kinds: Dict[str, Kind] = K
     Per-record values of a quantile metric are not used: a mean of quantiles is not the quantile.
     """
     records = [r for rank in ranks for r in rank]
-    names = sorted({k for r in records for k in r.values} | {k for k, kd in kinds.items() if kd.how == "quantile"
-                                                            and any(kd.of in r.tokens for r in records)})
+    names = sorted(
+        {k for r in records for k in r.values}
+        | {k for k, kd in kinds.items() if kd.how == "quantile" and any(kd.of in r.tokens for r in records)}
+    )
     out: Dict[str, float] = {}
     for name in names:
         kind = _kind(name, kinds)
@@ -128,8 +152,10 @@ def reduce_metrics(ranks: Sequence[Sequence[Record]], kinds: Dict[str, Kind] = K
         elif kind.how == "mean":
             lacking = [r for rank in have for r in rank if kind.weight not in r.values]
             if lacking:
-                raise KeyError(f"metric {name!r} is weighted by {kind.weight!r}, which its record lacks: "
-                               f"{sorted(lacking[0].values)}")
+                raise KeyError(
+                    f"metric {name!r} is weighted by {kind.weight!r}, which its record lacks: "
+                    f"{sorted(lacking[0].values)}"
+                )
             num = sum(sum(r.values[name] * r.values[kind.weight] for r in rank) for rank in have)
             den = sum(sum(r.values[kind.weight] for r in rank) for rank in have)
             flat = [r.values[name] for rank in have for r in rank]
@@ -137,4 +163,3 @@ def reduce_metrics(ranks: Sequence[Sequence[Record]], kinds: Dict[str, Kind] = K
         else:
             raise ValueError(f"metric {name!r}: unknown reduction {kind.how!r}")
     return out
-

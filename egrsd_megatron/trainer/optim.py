@@ -24,6 +24,7 @@ weights and moments in the optimizer state, so small updates are not rounded awa
 Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`checkpoint.optimizer_state`) with
 global parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,14 +32,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.optim.adam import adam   # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
+from torch.optim.adam import adam  # torch's functional Adam(W): the arithmetic torch.optim.AdamW runs
 
 from ..config import ConfigError, OptimConfig
 from ..distributed.grads import grad_of
 
 
-def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
-                    dp_group: Optional[Any] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model_chunks: List[torch.nn.Module], cfg: OptimConfig, dp_group: Optional[Any] = None
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; with `dp_group` (the data-parallel process group) ZeRO-1:
     a ZeroRedundancyOptimizer over that group, each rank keeping the AdamW state of its share."""
     decay, no_decay = [], []
@@ -62,12 +64,14 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig,
             f"parallel.distributed_optimizer=true needs every trainable parameter in one dtype (torch's "
             f"ZeroRedundancyOptimizer refuses a mix), but this model has {kinds} ones, e.g. "
             f"{', '.join(odd[:3])} (Megatron's torch norms keep fp32 weights without Transformer Engine / Apex). "
-            f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32")
+            f"Set parallel.distributed_optimizer=false, or model.params_dtype=fp32"
+        )
     # parameters_as_bucket_view=False: parameters keep their own storage (Megatron's tensors, the
     # checkpoint loaders and the rollout refit hold references to them); one broadcast per parameter.
     # With MasterWeightAdamW the fp32 masters live in the optimizer state, so ZeRO shards them too.
-    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=dp_group,
-                                   parameters_as_bucket_view=False, **kwargs)
+    return ZeroRedundancyOptimizer(
+        groups, optimizer_class=cls, process_group=dp_group, parameters_as_bucket_view=False, **kwargs
+    )
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -104,16 +108,33 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     continue
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)   # on the host, like torch's default
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)  # on the host, like torch's default
                     st["master"] = p.detach().to(torch.float32, copy=True)
                     st["exp_avg"] = torch.zeros_like(st["master"])
                     st["exp_avg_sq"] = torch.zeros_like(st["master"])
                 adam(
-                    [st["master"]], [grad.to(torch.float32)], [st["exp_avg"]], [st["exp_avg_sq"]], [],
-                    [st["step"]], foreach=False, capturable=False, differentiable=False, fused=None,
-                    grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
-                    amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=group["maximize"])
+                    [st["master"]],
+                    [grad.to(torch.float32)],
+                    [st["exp_avg"]],
+                    [st["exp_avg_sq"]],
+                    [],
+                    [st["step"]],
+                    foreach=False,
+                    capturable=False,
+                    differentiable=False,
+                    fused=None,
+                    grad_scale=None,
+                    found_inf=None,
+                    has_complex=False,
+                    decoupled_weight_decay=True,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=group["maximize"],
+                )
                 p.copy_(st["master"])
         return None
 

@@ -23,6 +23,7 @@ already normalised globally (data-parallel ranks x micro-batches sum to the glob
 student pass's metrics are one `metrics.Record` per micro-batch (scalars with their counts, and the
 teacher entropy per valid token for the global quantile); trainer/metrics.py reduces them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,14 @@ from .batch import MicroBatch, gather_positions
 from .metrics import Record
 
 
-def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_len: int, ids_attr: str,
-                  loss_func: Callable, forward_only: bool) -> list:
+def _run_schedule(
+    model: torch.nn.Module,
+    micro_batches: List[MicroBatch],
+    seq_len: int,
+    ids_attr: str,
+    loss_func: Callable,
+    forward_only: bool,
+) -> list:
     device = next(model.parameters()).device
     mask = causal_mask(seq_len, device)
     pos = torch.arange(seq_len, device=device)[None]
@@ -55,9 +62,14 @@ def _run_schedule(model: torch.nn.Module, micro_batches: List[MicroBatch], seq_l
 
     model.config.calculate_per_token_loss = True
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=seq_len,
-        micro_batch_size=micro_batches[0].student_ids.shape[0], forward_only=forward_only)
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=micro_batches[0].student_ids.shape[0],
+        forward_only=forward_only,
+    )
 
 
 log = logging.getLogger(__name__)
@@ -67,17 +79,27 @@ log = logging.getLogger(__name__)
 class Scoring:
     """How the step's per-token statistics are computed: over the true vocabulary of the tensor-parallel
     shards, of softmax(z / temperature), the teacher entropy at `entropy_temperature` (None: at temperature)."""
+
     vocab_size: int
     tp_group: Any = None
     temperature: float = 1.0
     entropy_temperature: Optional[float] = None
 
-    def stats(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-              kl: Any = None) -> Optional[TokenStats]:
+    def stats(
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kl: Any = None
+    ) -> Optional[TokenStats]:
         """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike)."""
         try:
-            return token_stats(student, teacher, targets, group=self.tp_group, vocab_size=self.vocab_size, kl=kl,
-                               temperature=self.temperature, entropy_temperature=self.entropy_temperature)
+            return token_stats(
+                student,
+                teacher,
+                targets,
+                group=self.tp_group,
+                vocab_size=self.vocab_size,
+                kl=kl,
+                temperature=self.temperature,
+                entropy_temperature=self.entropy_temperature,
+            )
         except NonFiniteLogitsError as e:
             log.warning("skipping this step: %s", e)
             return None
@@ -90,8 +112,9 @@ def scoring_for(cfg: Any, vocab_size: int, tp_group: Any) -> Scoring:
 
 
 @torch.no_grad()
-def _forward_scores(model: torch.nn.Module, micro_batches: List[MicroBatch], ids_attr: str, pos_attr: str,
-                    reduce: Optional[Scoring]) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
+def _forward_scores(
+    model: torch.nn.Module, micro_batches: List[MicroBatch], ids_attr: str, pos_attr: str, reduce: Optional[Scoring]
+) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
     """Forward-only pass; per micro-batch (last stage) the logits at the response positions [b, R, V_local],
     or with `reduce` only their per-token statistics (TokenStats of the logits against themselves: the
     log-prob of each response token and the entropy, [b, R] each, no logits kept; None for non-finite logits)."""
@@ -108,15 +131,17 @@ def _forward_scores(model: torch.nn.Module, micro_batches: List[MicroBatch], ids
     was_training = model.training
     model.eval()
     try:
-        _run_schedule(model, micro_batches, getattr(micro_batches[0], ids_attr).shape[1], ids_attr, keep,
-                      forward_only=True)
+        _run_schedule(
+            model, micro_batches, getattr(micro_batches[0], ids_attr).shape[1], ids_attr, keep, forward_only=True
+        )
     finally:
         model.train(was_training)
     return kept
 
 
-def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch],
-                 reduce: Optional[Scoring] = None) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
+def teacher_pass(
+    teacher: torch.nn.Module, micro_batches: List[MicroBatch], reduce: Optional[Scoring] = None
+) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
     """{micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage).
 
     reduce=Scoring: keep only the teacher's per-token log-prob and entropy instead, for when
@@ -128,8 +153,9 @@ def teacher_pass(teacher: torch.nn.Module, micro_batches: List[MicroBatch],
     return _forward_scores(teacher, micro_batches, "teacher_ids", "teacher_resp_pos", reduce)
 
 
-def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch],
-                   scoring: Scoring) -> Dict[int, Optional[torch.Tensor]]:
+def reference_pass(
+    reference: torch.nn.Module, micro_batches: List[MicroBatch], scoring: Scoring
+) -> Dict[int, Optional[torch.Tensor]]:
     """Return {micro-batch index: log pi_ref(y_t | x, y_<t) [b, R] fp32} (last stage; empty elsewhere).
 
     The student's own context (no privileged information): the k3 term of method.md compares the policy
@@ -139,9 +165,16 @@ def reference_pass(reference: torch.nn.Module, micro_batches: List[MicroBatch],
     return {k: (v.student_logprob if v is not None else None) for k, v in stats.items()}  # type: ignore[union-attr]
 
 
-def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *, denominator: float,
-                     vocab_size: int, old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
-                     ref_logprobs: Optional[Dict[int, torch.Tensor]] = None) -> Tuple[torch.Tensor, Record]:
+def micro_batch_loss(
+    stats: TokenStats,
+    mb: MicroBatch,
+    loss_cfg: LossConfig,
+    *,
+    denominator: float,
+    vocab_size: int,
+    old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+    ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, Record]:
     """One micro-batch's loss (a share of the global mean) and its metric record, from its token statistics.
 
     No model and no collective: the student pass's per-micro-batch math, testable on its own.
@@ -154,15 +187,22 @@ def micro_batch_loss(stats: TokenStats, mb: MicroBatch, loss_cfg: LossConfig, *,
     # rho reads the behaviour (old) student log-prob: with PPO epochs > 1 the token weights stay those of
     # the policy that sampled, fixed inside the trust region (with one epoch old is the current lS).
     adv, weight_metrics = token_advantages(
-        mb.advantages.to(device), old, stats.teacher_logprob,
-        stats.teacher_entropy, mask, loss_cfg, vocab_size=vocab_size, return_metrics=True)
+        mb.advantages.to(device),
+        old,
+        stats.teacher_logprob,
+        stats.teacher_entropy,
+        mask,
+        loss_cfg,
+        vocab_size=vocab_size,
+        return_metrics=True,
+    )
     extra = {"kl": stats.kl} if stats.kl is not None else {}
     if loss_cfg.kl_coef > 0:
-        ref = (ref_logprobs or {}).get(mb.index)   # missing: policy_loss names what is needed
+        ref = (ref_logprobs or {}).get(mb.index)  # missing: policy_loss names what is needed
         extra["ref_logprob"] = ref.to(device) if ref is not None else None
     loss, metrics = policy_loss(stats.student_logprob, old, adv, mask, loss_cfg, denominator=denominator, **extra)
     tokens = {}
-    if stats.teacher_entropy is not None:   # for the global teacher_entropy_p90
+    if stats.teacher_entropy is not None:  # for the global teacher_entropy_p90
         tokens["teacher_entropy"] = stats.teacher_entropy.detach()[mask].float().cpu()
     return loss, Record({**weight_metrics, **metrics, **engine_mismatch(mb, old)}, tokens)
 
@@ -176,8 +216,11 @@ def engine_mismatch(mb: MicroBatch, behaviour_logprob: torch.Tensor) -> Dict[str
         return {}
     mask = mb.mask.to(behaviour_logprob.device)
     delta = (mb.engine_logprobs.to(behaviour_logprob.device) - behaviour_logprob.float()).abs()[mask].double()
-    return {"logprob_diff_mean": float(delta.mean()), "logprob_diff_max": float(delta.max()),
-            "prob_ratio_error": float(torch.expm1(delta).mean())}
+    return {
+        "logprob_diff_mean": float(delta.mean()),
+        "logprob_diff_max": float(delta.max()),
+        "prob_ratio_error": float(torch.expm1(delta).mean()),
+    }
 
 
 def nonfinite_loss(logits: torch.Tensor, mb: MicroBatch) -> Tuple[torch.Tensor, Record]:
@@ -186,12 +229,18 @@ def nonfinite_loss(logits: torch.Tensor, mb: MicroBatch) -> Tuple[torch.Tensor, 
     return logits.sum() * float("nan"), Record({"loss": float("nan"), "nonfinite_logits": 1.0})
 
 
-def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
-                 teacher_logits: Dict[int, Union[torch.Tensor, TokenStats, None]],
-                 loss_cfg: LossConfig, *, denominator: float, scoring: Scoring,
-                 old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
-                 ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
-                 forward_only: bool = False) -> List[Record]:
+def student_pass(
+    model: torch.nn.Module,
+    micro_batches: List[MicroBatch],
+    teacher_logits: Dict[int, Union[torch.Tensor, TokenStats, None]],
+    loss_cfg: LossConfig,
+    *,
+    denominator: float,
+    scoring: Scoring,
+    old_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+    ref_logprobs: Optional[Dict[int, torch.Tensor]] = None,
+    forward_only: bool = False,
+) -> List[Record]:
     """Forward + backward over all micro-batches; returns one metric Record per micro-batch (last stage).
 
     `old_logprobs` (PPO epochs > 1): the behaviour policy's log-probs per micro-batch; None means
@@ -207,20 +256,27 @@ def student_pass(model: torch.nn.Module, micro_batches: List[MicroBatch],
         targets = mb.targets.to(logits.device)
         teacher = teacher_logits[mb.index]
         stats: Optional[TokenStats] = None
-        if isinstance(teacher, TokenStats):   # reduced by teacher_pass: the student half only
+        if isinstance(teacher, TokenStats):  # reduced by teacher_pass: the student half only
             own = scoring.stats(resp, resp.detach(), targets)
             if own is not None:
                 stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
         elif teacher is not None:
             stats = scoring.stats(resp, teacher, targets, kl=kl_mode)
         ref_missing = ref_logprobs is not None and ref_logprobs.get(mb.index, 0) is None
-        if stats is None or ref_missing:   # a non-finite logit in this or an earlier pass
+        if stats is None or ref_missing:  # a non-finite logit in this or an earlier pass
             loss, record = nonfinite_loss(resp, mb)
         else:
-            loss, record = micro_batch_loss(stats, mb, loss_cfg, denominator=denominator,
-                                            vocab_size=scoring.vocab_size, old_logprobs=old_logprobs,
-                                            ref_logprobs=ref_logprobs)
+            loss, record = micro_batch_loss(
+                stats,
+                mb,
+                loss_cfg,
+                denominator=denominator,
+                vocab_size=scoring.vocab_size,
+                old_logprobs=old_logprobs,
+                ref_logprobs=ref_logprobs,
+            )
         return loss, torch.tensor(mb.num_tokens), record
 
-    return _run_schedule(model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids",
-                         loss_func, forward_only=forward_only)
+    return _run_schedule(
+        model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids", loss_func, forward_only=forward_only
+    )

@@ -3,6 +3,7 @@
 Slurm sends SIGUSR1 `--signal=USR1@120` seconds before the time limit (and SIGTERM on preemption); the
 launcher (slurm/launcher.sh) requeues the job when the trainer exits with REQUEUE_EXIT_CODE.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,11 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.signum is None:
-            log.warning("received %s: finishing this step, then checkpoint and exit %d",
-                        signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+            log.warning(
+                "received %s: finishing this step, then checkpoint and exit %d",
+                signal.Signals(signum).name,
+                REQUEUE_EXIT_CODE,
+            )
         self.signum = signum
 
     @property

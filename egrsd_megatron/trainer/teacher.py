@@ -11,6 +11,7 @@ Modes (`teacher.mode`):
 The reference policy of the optional k3 KL term (loss.kl_coef > 0) is also the initial weights: the
 frozen teacher's copy when teacher.mode=frozen (no extra memory), else one more `frozen_copy`.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -11,6 +11,7 @@ kept, unless the loss compares the full distributions (OPSD reverse_kl / jsd). T
 Non-finite guard: when the gradient norm or the loss is not finite on ANY rank, every rank skips the
 optimizer step (the decision is all-reduced, so the replicas never diverge) and the step counts as skipped.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,9 @@ from .passes import Scoring, reference_pass, student_pass, teacher_pass
 
 @dataclass
 class UpdateResult:
-    records: List[Record]      # the last epoch's micro-batch records (last pipeline stage; empty elsewhere)
-    grad_norm: float           # before clipping, of the last epoch
-    skipped: bool              # the non-finite guard skipped the optimizer step
+    records: List[Record]  # the last epoch's micro-batch records (last pipeline stage; empty elsewhere)
+    grad_norm: float  # before clipping, of the last epoch
+    skipped: bool  # the non-finite guard skipped the optimizer step
     timings: Dict[str, float] = field(default_factory=dict)
 
 
@@ -52,10 +53,21 @@ def nonfinite_anywhere(grad_norm: float, loss: float, all_reduce_max: Callable[[
     return all_reduce_max(bad) > 0
 
 
-def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.Module,
-               reference: Optional[torch.nn.Module], optimizer, scheduler, mbs: List[MicroBatch], *,
-               denominator: float, scoring: Scoring, pp_size: int, all_reduce_max: Callable[[float], float],
-               loss_cfg: Optional[LossConfig] = None) -> UpdateResult:
+def run_update(
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    reference: Optional[torch.nn.Module],
+    optimizer,
+    scheduler,
+    mbs: List[MicroBatch],
+    *,
+    denominator: float,
+    scoring: Scoring,
+    pp_size: int,
+    all_reduce_max: Callable[[float], float],
+    loss_cfg: Optional[LossConfig] = None,
+) -> UpdateResult:
     """Teacher/reference/student passes and the optimizer step for one step's micro-batches.
 
     `loss_cfg`: this step's loss knobs (a scheduled value, e.g. RLSD's lam, already applied); default cfg.loss."""
@@ -65,23 +77,26 @@ def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.
     t_teacher = 0.0
     t2 = time.monotonic()
     teacher_logits: Dict[int, object] = {}
-    if not interleave:   # every micro-batch's teacher output at once: reduced unless the loss needs them whole
+    if not interleave:  # every micro-batch's teacher output at once: reduced unless the loss needs them whole
         reduce = None if divergence_kind(loss_cfg) else scoring
         teacher_logits = teacher_pass(teacher, mbs, reduce=reduce)
         t_teacher = time.monotonic() - t2
     ref_logprobs = None
-    if reference is not None:   # [b, R] per micro-batch: small, so all at once
+    if reference is not None:  # [b, R] per micro-batch: small, so all at once
         tt = time.monotonic()
         ref_logprobs = reference_pass(reference, mbs, scoring)
         timings["time/reference"] = time.monotonic() - tt
-    pass_args = dict(denominator=denominator, scoring=scoring,
-                     old_logprobs={} if cfg.train.ppo_epochs > 1 else None, ref_logprobs=ref_logprobs)
+    pass_args = dict(
+        denominator=denominator,
+        scoring=scoring,
+        old_logprobs={} if cfg.train.ppo_epochs > 1 else None,
+        ref_logprobs=ref_logprobs,
+    )
     records: List[Record] = []
     grad_norm, skipped = float("nan"), False
     for _epoch in range(cfg.train.ppo_epochs):
         zero_grads([model])
-        records, t = _student_passes(loss_cfg, model, teacher, mbs, None if interleave else teacher_logits,
-                                     pass_args)
+        records, t = _student_passes(loss_cfg, model, teacher, mbs, None if interleave else teacher_logits, pass_args)
         t_teacher += t
         finalize_grads([model])
         tt = time.monotonic()
@@ -94,13 +109,20 @@ def run_update(cfg: ExperimentConfig, model: torch.nn.Module, teacher: torch.nn.
         timings["time/optimizer"] = timings.get("time/optimizer", 0.0) + time.monotonic() - tt
     scheduler.step()
     timings["time/teacher"] = t_teacher
-    timings["time/student"] = time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0) \
-        - timings.get("time/reference", 0.0)
+    timings["time/student"] = (
+        time.monotonic() - t2 - t_teacher - timings.get("time/optimizer", 0.0) - timings.get("time/reference", 0.0)
+    )
     return UpdateResult(records, grad_norm, skipped, timings)
 
 
-def _student_passes(loss_cfg: LossConfig, model: torch.nn.Module, teacher: torch.nn.Module, mbs: List[MicroBatch],
-                    teacher_logits: Optional[Dict[int, object]], pass_args: dict) -> Tuple[List[Record], float]:
+def _student_passes(
+    loss_cfg: LossConfig,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    mbs: List[MicroBatch],
+    teacher_logits: Optional[Dict[int, object]],
+    pass_args: dict,
+) -> Tuple[List[Record], float]:
     """One PPO epoch's student passes -> (records, seconds in teacher passes). teacher_logits=None: interleaved,
     each micro-batch's teacher pass right before its student pass (one micro-batch of teacher logits alive)."""
     if teacher_logits is not None:

@@ -4,6 +4,7 @@ Files: write `<name>.tmp-<pid>` beside the target, fsync, then os.replace (atomi
 Folders: build `<name>.tmp-<pid>/`, then rename over the target; an existing target is moved aside
 first and deleted only after the rename succeeded, so nothing a user saved is lost on failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,10 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     """
     path = os.path.abspath(path.rstrip("/"))
     if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-        raise OutputExistsError(f"{path} already exists and is not empty: choose another output folder or "
-                              f"remove it first (nothing was written)")
+        raise OutputExistsError(
+            f"{path} already exists and is not empty: choose another output folder or "
+            f"remove it first (nothing was written)"
+        )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -1,4 +1,5 @@
 """The one free-port helper (rendezvous ports for local multi-process runs, tests, the demo)."""
+
 from __future__ import annotations
 
 import socket

@@ -2,6 +2,7 @@
 - offline conversions written at TP1 and TP2xPP2 load at every layout (TP1, TP2, PP2, TP2xPP2) with
   bit-identical weights and logits (same layout: GPTModel.load_state_dict(strict=True), Megatron-LM's call);
 - save_model_checkpoint at every layout -> megatron_to_hf gives the original safetensors bit for bit."""
+
 from __future__ import annotations
 
 import glob
@@ -33,6 +34,7 @@ def test_offline_checkpoints_load_at_every_layout():
 def test_saved_checkpoints_convert_back_bit_identical(case, tmp_path):
     from egrsd_megatron.checkpoint.convert import megatron_to_hf
     from egrsd_megatron.checkpoint.megatron_format import read_checkpoint_metadata
+
     root, hf_dirs, _, _ = distributed_results()
     ref = load_file(os.path.join(hf_dirs[case], "model.safetensors"))
     for tp, pp in LAYOUTS:

@@ -8,6 +8,7 @@ conversion and save_model_checkpoint) load at TP=1, TP=3 and TP=2 x PP=3 with th
 
 ONE spawn of 6 gloo ranks runs every layout and case.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.test_model_parallel_equivalence import (B, T, _run_layout, full_logits, grads_tol,
-                                                               hf_reference, inputs_and_weights, logits_tol, rel_err)
+from tests.distributed.test_model_parallel_equivalence import (
+    B,
+    T,
+    _run_layout,
+    full_logits,
+    grads_tol,
+    hf_reference,
+    inputs_and_weights,
+    logits_tol,
+    rel_err,
+)
 
 # (2, 1) first: its saved (padded) checkpoint is then loaded by every later layout.
 LAYOUTS = [(2, 1), (1, 1), (3, 1), (2, 3)]
@@ -31,21 +41,34 @@ ADAM_STEPS = 3
 
 def tiny_arch(case: str):
     from egrsd_megatron.models import ModelArch
-    return ModelArch(num_layers=3, hidden_size=96, num_attention_heads=6, num_kv_heads=3, head_dim=16,
-                     ffn_hidden_size=96, vocab_size=200, qk_norm=case == "qwen3", family=case,
-                     tie_word_embeddings=case == "llama")
+
+    return ModelArch(
+        num_layers=3,
+        hidden_size=96,
+        num_attention_heads=6,
+        num_kv_heads=3,
+        head_dim=16,
+        ffn_hidden_size=96,
+        vocab_size=200,
+        qk_norm=case == "qwen3",
+        family=case,
+        tie_word_embeddings=case == "llama",
+    )
 
 
 def save_tiny_hf(case: str, out_dir: str, seed: int) -> str:
     """A random transformers model of tiny_arch(case) (norm weights randomised too), saved as safetensors."""
     from egrsd_megatron.testing.tiny import save_random_hf_model
+
     return save_random_hf_model(tiny_arch(case), out_dir, seed, randomize_norms=True)
 
 
 def _padding_absmax(model, arch, grads: bool = False) -> float:
     """Largest |x| over this rank's padding groups (weights or grads); 0.0 when there is no padding."""
     from megatron.core import parallel_state as ps
+
     from egrsd_megatron.models.group_padding import padding_params, padding_view
+
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     m = 0.0
     for _, kind, p in padding_params(model):
@@ -58,15 +81,18 @@ def _padding_absmax(model, arch, grads: bool = False) -> float:
 
 def _n_padding(model, arch) -> int:
     from megatron.core import parallel_state as ps
+
     from egrsd_megatron.models.group_padding import padding_params, padding_view
+
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     return sum(padding_view(k, p.data, arch, tp, tpr).numel() for _, k, p in padding_params(model))
 
 
 def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, str], save_root: str):
     from megatron.core import parallel_state as ps
-    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict, load_hf_weights
+
     from egrsd_megatron.checkpoint.megatron_format import load_model_checkpoint, save_model_checkpoint
+    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict, load_hf_weights
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import init_distributed
     from egrsd_megatron.models import build_model
@@ -78,8 +104,13 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
             arch = tiny_arch(case)
             ref = load_file(os.path.join(hf_dir, "model.safetensors"))
             model = build_model(arch, ModelConfig())
-            r = {"tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "dp_rank": info.dp_rank,
-                 "n_padding": _n_padding(model, arch), "init_pad": _padding_absmax(model, arch)}
+            r = {
+                "tp_rank": info.tp_rank,
+                "pp_rank": info.pp_rank,
+                "dp_rank": info.dp_rank,
+                "n_padding": _n_padding(model, arch),
+                "init_pad": _padding_absmax(model, arch),
+            }
             load_hf_weights(model, arch, hf_dir)
             r["loaded_pad"] = _padding_absmax(model, arch)
             ids, w = inputs_and_weights(arch, arch.padded_vocab_size(tp))
@@ -112,8 +143,7 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
                 opt.step()
             r["adam_pad"] = _padding_absmax(model, arch)
             # (all-zero shards, e.g. a TP rank holding only vocabulary padding rows, legitimately stay put)
-            r["adam_moved"] = all(not torch.equal(p, before[n]) for n, p in model.named_parameters()
-                                  if before[n].any())
+            r["adam_moved"] = all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if before[n].any())
             r["adam_gather_ok"] = len(dict(gather_hf_state_dict(model, arch))) == len(ref)  # raises if padding != 0
             out[f"{case}/tp{tp}pp{pp}"] = r
     return out
@@ -123,6 +153,7 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
 def results():
     from egrsd_megatron.checkpoint.convert import hf_to_megatron
     from egrsd_megatron.testing.spawn import run_distributed
+
     root = tempfile.mkdtemp(prefix="egrsd_gpad_")
     hf_dirs = {c: save_tiny_hf(c, os.path.join(root, c), seed=i) for i, c in enumerate(CASES)}
     offline = {c: hf_to_megatron(d, os.path.join(root, f"off_{c}"), tp=2) for c, d in hf_dirs.items()}
@@ -152,10 +183,14 @@ def test_padded_tp_matches_transformers_and_tp1(case):
         assert rel_err(got, hf_logits.numpy()) <= l_tol, key
         grads = res[0][key]["grads"]
         assert set(grads) == set(hf_grads), key
-        worst = max(max(rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
-                    for n, g in hf_grads.items())
-        print(f"{key}: logits rel err {max(rel_err(got, base), rel_err(got, hf_logits.numpy())):.2g} / {l_tol:.2g}, "
-              f"grads {worst:.2g} / {g_tol:.2g}")
+        worst = max(
+            max(rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
+            for n, g in hf_grads.items()
+        )
+        print(
+            f"{key}: logits rel err {max(rel_err(got, base), rel_err(got, hf_logits.numpy())):.2g} / {l_tol:.2g}, "
+            f"grads {worst:.2g} / {g_tol:.2g}"
+        )
         for n, g in hf_grads.items():
             assert rel_err(grads[n], g.numpy()) <= g_tol, (key, n)
             assert rel_err(grads[n], res[0][f"{case}/tp1pp1"]["grads"][n]) <= g_tol, (key, n)
@@ -175,13 +210,14 @@ def test_padding_is_exactly_zero_and_stays_zero():
             for k in ("init_pad", "loaded_pad", "grad_pad", "load_offline_pad", "load_saved_pad", "adam_pad"):
                 assert v.get(k, 0.0) == 0.0, (key, k, v[k])
             assert v["adam_moved"] and v["adam_gather_ok"], key
-    assert padded_ranks == 2 * (3 + 3)   # 2 cases x (TP2 x DP3: 3 ranks + TP2 x PP3: 3 ranks)
+    assert padded_ranks == 2 * (3 + 3)  # 2 cases x (TP2 x DP3: 3 ranks + TP2 x PP3: 3 ranks)
 
 
 @pytest.mark.slow
 def test_roundtrip_and_tp2_checkpoints_load_everywhere(tmp_path):
     from egrsd_megatron.checkpoint.convert import megatron_to_hf
     from egrsd_megatron.checkpoint.megatron_format import read_checkpoint_metadata
+
     root, hf_dirs, res, _ = results()
     for r in res:
         for key, v in r.items():
@@ -193,8 +229,12 @@ def test_roundtrip_and_tp2_checkpoints_load_everywhere(tmp_path):
         ref = load_file(os.path.join(hf_dir, "model.safetensors"))
         for name, ck in (("offline", os.path.join(root, f"off_{case}")), ("saved", os.path.join(root, "saved", case))):
             meta = read_checkpoint_metadata(ck)
-            assert (meta["tp"], meta["megatron_query_groups"], meta["megatron_attention_heads"],
-                    meta["padded_kv_groups"]) == (2, 4, 8, 1)
+            assert (
+                meta["tp"],
+                meta["megatron_query_groups"],
+                meta["megatron_attention_heads"],
+                meta["padded_kv_groups"],
+            ) == (2, 4, 8, 1)
             a = meta["megatron_lm_args"]
             assert a[a.index("--num-query-groups") + 1] == "4" and a[a.index("--num-attention-heads") + 1] == "8"
             out = megatron_to_hf(ck, str(tmp_path / f"{case}_{name}"))

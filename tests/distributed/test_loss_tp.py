@@ -4,6 +4,7 @@ and both equal a float64 full-vocabulary reference (torch log_softmax + autograd
 One spawn of 2 gloo ranks runs every case at TP = 1 (group=None, full vocabulary, in-process) and at
 TP = 2 (each rank its half of the vocabulary), so the spawn cost (~5-8 s) is paid once.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,13 +15,12 @@ from egrsd_megatron.losses import divergence_kind, group_advantages, policy_loss
 from egrsd_megatron.testing.spawn import run_distributed
 from egrsd_megatron.testing.tolerance import fp32_sum_tol
 
-B, T, V_PADDED, VOCAB, GROUP = 6, 9, 16, 15, 2   # last logit column is Megatron-style vocab padding
-CASES = [   # loss.* overrides
+B, T, V_PADDED, VOCAB, GROUP = 6, 9, 16, 15, 2  # last logit column is Megatron-style vocab padding
+CASES = [  # loss.* overrides
     {"name": "egrsd"},
     {"name": "egrsd", "gate.kind": "linear", "gate.h_ref": "log_vocab", "aggregation": "seq_mean_token_mean"},
     {"name": "cl_egrsd", "lookahead.window": 3},
-    {"name": "cl_egrsd", "lookahead.stat": "max", "gate.kind": "linear", "gate.h_ref": "quantile:0.7",
-     "kl_coef": 0.1},
+    {"name": "cl_egrsd", "lookahead.stat": "max", "gate.kind": "linear", "gate.h_ref": "quantile:0.7", "kl_coef": 0.1},
     {"name": "opsd", "opsd.signal": "reverse_kl"},
     {"name": "opsd", "opsd.signal": "jsd", "opsd.beta": 0.3},
 ]
@@ -53,6 +53,7 @@ def _loss(cfg, ls, lt, h, kl, mask, rewards, old_shift, ref_shift):
 
 def _tp_worker(rank: int, world: int, cases):
     import torch.distributed as dist
+
     from egrsd_megatron.ops.vocab_parallel import token_stats
 
     student, teacher, targets, mask, rewards, old_shift, ref_shift = _inputs()
@@ -61,13 +62,25 @@ def _tp_worker(rank: int, world: int, cases):
     for kw in cases:
         cfg = _cfg(kw)
         res = {}
-        for tag, group, lo, hi in (("tp1", None, 0, V_PADDED),
-                                   ("tp2", dist.group.WORLD, rank * v_local, (rank + 1) * v_local)):
+        for tag, group, lo, hi in (
+            ("tp1", None, 0, V_PADDED),
+            ("tp2", dist.group.WORLD, rank * v_local, (rank + 1) * v_local),
+        ):
             s = student[..., lo:hi].clone().requires_grad_()
-            st = token_stats(s, teacher[..., lo:hi], targets, group=group, vocab_size=VOCAB,
-                             chunk_size=16, kl=divergence_kind(cfg))
-            loss = _loss(cfg, st.student_logprob, st.teacher_logprob, st.teacher_entropy, st.kl, mask, rewards,
-                         old_shift, ref_shift)
+            st = token_stats(
+                s, teacher[..., lo:hi], targets, group=group, vocab_size=VOCAB, chunk_size=16, kl=divergence_kind(cfg)
+            )
+            loss = _loss(
+                cfg,
+                st.student_logprob,
+                st.teacher_logprob,
+                st.teacher_entropy,
+                st.kl,
+                mask,
+                rewards,
+                old_shift,
+                ref_shift,
+            )
             loss.backward()
             res[tag] = (loss.detach(), s.grad)
         out.append(res)
@@ -117,7 +130,7 @@ def _tolerances(ref_grad: np.ndarray) -> tuple:
     s_tok = float(2 * max(student.abs().max(), teacher.abs().max()) + np.log(VOCAB))
     eps_x = fp32_sum_tol(2 * VOCAB + 8 + B * T, s_tok)
     row_l1 = np.abs(ref_grad).sum(-1)
-    return eps_x * float(np.sqrt((row_l1 ** 2).sum())), eps_x * float(np.abs(ref_grad).max())
+    return eps_x * float(np.sqrt((row_l1**2).sum())), eps_x * float(np.abs(ref_grad).max())
 
 
 def test_loss_and_logit_gradient_equal_at_tp1_and_tp2():
@@ -132,8 +145,11 @@ def test_loss_and_logit_gradient_equal_at_tp1_and_tp2():
         # Observed on 2 cores (OMP_NUM_THREADS=1 and 2 alike): every |diff| <= 1/15 of its tolerance (tightest:
         # opsd jsd's gradient, 5.6e-9 vs 8.7e-8); the old rtol=1e-4..1e-3 vs fp64 were far looser than the arithmetic.
         assert float(tp2_loss[0]) == float(tp2_loss[1]), f"case {kw}: ranks disagree on the loss"
-        for name, loss, grad in (("tp2 vs tp1", float(tp2_loss[0]), tp2_grad), ("tp1 vs fp64", float(tp1_loss), None),
-                                 ("tp2 vs fp64", float(tp2_loss[0]), tp2_grad)):
+        for name, loss, grad in (
+            ("tp2 vs tp1", float(tp2_loss[0]), tp2_grad),
+            ("tp1 vs fp64", float(tp1_loss), None),
+            ("tp2 vs fp64", float(tp2_loss[0]), tp2_grad),
+        ):
             want_loss, want_grad = (float(tp1_loss), tp1_grad) if name == "tp2 vs tp1" else (ref_loss, ref_grad)
             dgrad = f", |dgrad| {np.abs(grad - want_grad).max():.2g} / tol {grad_tol:.2g}" if grad is not None else ""
             print(f"{kw} {name}: |dloss| {abs(loss - want_loss):.2g} / tol {loss_tol:.2g}{dgrad}")

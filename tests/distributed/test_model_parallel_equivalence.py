@@ -6,6 +6,7 @@ embeddings and for the Llama family; checkpoints load across TP/PP layouts.
 ONE spawn of 4 gloo ranks runs every layout (TP1, TP2 x DP2, PP2 x DP2, TP2 x PP2) and every case; the
 results are cached for this module and for tests/distributed/test_convert_distributed.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ CASES = ("qwen3_untied", "qwen3_tied", "llama_tied")
 
 def _arch(case: str):
     from egrsd_megatron.models import PRESETS
+
     if case == "qwen3_untied":
         return PRESETS["qwen3_tiny"]
     if case == "qwen3_tied":
@@ -37,6 +39,7 @@ def _arch(case: str):
 def make_hf_checkpoint(case: str, out_dir: str, seed: int = 0) -> str:
     """A random tiny transformers model of `case` saved as safetensors (norm weights randomised too)."""
     from egrsd_megatron.testing.tiny import save_random_hf_model
+
     return save_random_hf_model(_arch(case), out_dir, seed, randomize_norms=True)
 
 
@@ -51,7 +54,9 @@ def inputs_and_weights(arch, padded_vocab: int):
 def hf_reference(hf_dir: str):
     """transformers logits [B, T, V] and grads of loss = sum(logits * W) per HF parameter name."""
     from transformers import AutoModelForCausalLM
+
     from egrsd_megatron.models import ModelArch
+
     arch = ModelArch.from_hf_config(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     ids, w = inputs_and_weights(arch, arch.vocab_size)
@@ -65,7 +70,9 @@ def _run_layout(model, arch, ids, w_full):
     """Forward + backward through Megatron's schedule; returns this rank's logits (last stage) or None."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
     from egrsd_megatron.models import causal_mask, vocab_slice
+
     tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     lo, hi, _ = vocab_slice(arch, tp, tpr)
     w = w_full[..., lo:hi]
@@ -81,16 +88,24 @@ def _run_layout(model, arch, ids, w_full):
         batch = next(data_iterator)
         return mdl(input_ids=batch, position_ids=pos, attention_mask=mask), loss_func
 
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=[model], num_microbatches=1,
-                                seq_length=T, micro_batch_size=B, forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([ids]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=T,
+        micro_batch_size=B,
+        forward_only=False,
+    )
     return kept[0] if kept else None
 
 
 def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, str], save_root: str):
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
-    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict, load_hf_weights
+
     from egrsd_megatron.checkpoint.megatron_format import load_model_checkpoint, save_model_checkpoint
+    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict, load_hf_weights
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import init_distributed
     from egrsd_megatron.models import ModelArch, build_model
@@ -107,25 +122,32 @@ def worker(rank: int, world: int, hf_dirs: Dict[str, str], offline: Dict[str, st
             logits = _run_layout(model, arch, ids, w)
             grads = {n: t.clone() for n, t in gather_hf_state_dict(model, arch, grads=True)}
             values = dict(gather_hf_state_dict(model, arch))
-            r = {"logits": logits, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank, "dp_rank": info.dp_rank,
-                 "values_mismatch": sorted(n for n in ref if n in values and not torch.equal(values[n], ref[n])),
-                 "values_missing": sorted(set(ref) - set(values))}
+            r = {
+                "logits": logits,
+                "tp_rank": info.tp_rank,
+                "pp_rank": info.pp_rank,
+                "dp_rank": info.dp_rank,
+                "values_mismatch": sorted(n for n in ref if n in values and not torch.equal(values[n], ref[n])),
+                "values_missing": sorted(set(ref) - set(values)),
+            }
             if rank == 0:
                 r["grads"] = grads
             # Checkpoints: save at this layout (collective), reload the offline conversions (any layout).
             if case in offline:
-                save_model_checkpoint(model, arch, os.path.join(save_root, f"{case}_tp{tp}pp{pp}"),
-                                      tokenizer_src=hf_dir)
+                save_model_checkpoint(
+                    model, arch, os.path.join(save_root, f"{case}_tp{tp}pp{pp}"), tokenizer_src=hf_dir
+                )
                 for src_name, ckpt in offline[case].items():
                     m2 = build_model(arch, ModelConfig())
                     load_model_checkpoint(m2, arch, ckpt)
                     vals = dict(gather_hf_state_dict(m2, arch))
                     r[f"load_{src_name}_mismatch"] = sorted(n for n in ref if not torch.equal(vals[n], ref[n]))
-                    l2 = _run_layout(m2, arch, ids, w)   # every stage takes part in the schedule
+                    l2 = _run_layout(m2, arch, ids, w)  # every stage takes part in the schedule
                     # Bitwise: the same layout, process and thread count, bit-identical weights (checked just
                     # above), so the same kernels run in the same order.
-                    r[f"load_{src_name}_logits_equal"] = (torch.equal(l2, logits) if ps.is_pipeline_last_stage()
-                                                          else l2 is None)
+                    r[f"load_{src_name}_logits_equal"] = (
+                        torch.equal(l2, logits) if ps.is_pipeline_last_stage() else l2 is None
+                    )
             out[f"{case}/tp{tp}pp{pp}"] = r
     return out
 
@@ -135,12 +157,15 @@ def distributed_results():
     """Build the HF checkpoints, offline conversions, run the 4-rank spawn once; cached per process."""
     from egrsd_megatron.checkpoint.convert import hf_to_megatron
     from egrsd_megatron.testing.spawn import run_distributed
+
     root = tempfile.mkdtemp(prefix="egrsd_mp_eq_")
     hf_dirs = {c: make_hf_checkpoint(c, os.path.join(root, c), seed=i) for i, c in enumerate(CASES)}
     offline = {}
     for case in ("qwen3_untied", "qwen3_tied"):
-        offline[case] = {f"tp{tp}pp{pp}": hf_to_megatron(hf_dirs[case], os.path.join(root, f"off_{case}_tp{tp}pp{pp}"),
-                                                         tp=tp, pp=pp) for tp, pp in [(1, 1), (2, 2)]}
+        offline[case] = {
+            f"tp{tp}pp{pp}": hf_to_megatron(hf_dirs[case], os.path.join(root, f"off_{case}_tp{tp}pp{pp}"), tp=tp, pp=pp)
+            for tp, pp in [(1, 1), (2, 2)]
+        }
     save_root = os.path.join(root, "saved")
     os.makedirs(save_root)
     results = run_distributed(worker, 4, hf_dirs, offline, save_root, timeout=600)
@@ -150,8 +175,11 @@ def distributed_results():
 
 def full_logits(results, key: str, vocab: int) -> np.ndarray:
     """Concatenate TP slices of the last stage (DP rank 0) into [B, T, V] (padding dropped)."""
-    parts = sorted((r[key]["tp_rank"], r[key]["logits"]) for r in results
-                   if r[key]["logits"] is not None and r[key]["dp_rank"] == 0)
+    parts = sorted(
+        (r[key]["tp_rank"], r[key]["logits"])
+        for r in results
+        if r[key]["logits"] is not None and r[key]["dp_rank"] == 0
+    )
     return np.concatenate([p for _, p in parts], axis=-1)[..., :vocab]
 
 
@@ -181,6 +209,7 @@ def grads_tol(arch) -> float:
 def test_logits_and_grads_match_tp1_and_transformers(case):
     _, hf_dirs, results, refs = distributed_results()
     from egrsd_megatron.models import ModelArch
+
     arch = ModelArch.from_hf_config(hf_dirs[case])
     hf_logits, hf_grads = refs[case]
     base = full_logits(results, f"{case}/tp1pp1", arch.vocab_size)
@@ -192,10 +221,14 @@ def test_logits_and_grads_match_tp1_and_transformers(case):
         assert rel_err(got, base) <= logits_tol(arch), key
         grads = results[0][key]["grads"]
         assert set(grads) == set(hf_grads), key
-        worst = max(max(rel_err(grads[n], results[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
-                    for n, g in hf_grads.items())
-        print(f"{key}: logits rel err {rel_err(got, base):.2g} / {logits_tol(arch):.2g}, "
-              f"grads {worst:.2g} / {grads_tol(arch):.2g}")
+        worst = max(
+            max(rel_err(grads[n], results[0][f"{case}/tp1pp1"]["grads"][n]), rel_err(grads[n], g.numpy()))
+            for n, g in hf_grads.items()
+        )
+        print(
+            f"{key}: logits rel err {rel_err(got, base):.2g} / {logits_tol(arch):.2g}, "
+            f"grads {worst:.2g} / {grads_tol(arch):.2g}"
+        )
         for n, g in hf_grads.items():
             assert rel_err(grads[n], results[0][f"{case}/tp1pp1"]["grads"][n]) <= grads_tol(arch), (key, n)
             assert rel_err(grads[n], g.numpy()) <= grads_tol(arch), (key, n)
@@ -213,6 +246,7 @@ def test_negative_control_swapped_weights_change_logits():
     """The tolerances used above detect a real mapping error (k and v of one layer swapped): > 1e-3, i.e.
     > 80x logits_tol, so a mapping error cannot hide inside the rounding allowance."""
     from transformers import AutoModelForCausalLM
+
     with tempfile.TemporaryDirectory() as d:
         make_hf_checkpoint("qwen3_untied", d)
         m = AutoModelForCausalLM.from_pretrained(d)

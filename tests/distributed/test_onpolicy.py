@@ -9,6 +9,7 @@
 - OPSD (reward-free loss) still scores its rollouts, so its accuracy is real.
 - Refused sampling settings exit 2 naming the key.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,16 +59,16 @@ def _rows(out: str) -> list:
 
 
 def _overrides(data: str, out: str, **extra) -> list:
-    return tiny_overrides(data, out, **{"rollout.temperature": T, "loss.name": "cl_egrsd", "optim.lr": 1e-2,
-                                        **extra})
+    return tiny_overrides(data, out, **{"rollout.temperature": T, "loss.name": "cl_egrsd", "optim.lr": 1e-2, **extra})
 
 
 def on_policy_runs(rank: int, world: int, data: str, out: str) -> dict:
     """OPSD: its gradient does not wait for a reward, so step 1 already moves the weights."""
     res = {}
     run = os.path.join(out, f"onpolicy_tp{world}")
-    assert loop.Trainer(load_config(None, _overrides(data, run, **{"parallel.tp": world,
-                                                                  "loss.name": "opsd"}))).run() == 0
+    assert (
+        loop.Trainer(load_config(None, _overrides(data, run, **{"parallel.tp": world, "loss.name": "opsd"}))).run() == 0
+    )
     if rank == 0:
         res["rows"] = _rows(run)
     if world > 1:
@@ -83,10 +84,11 @@ def on_policy_runs(rank: int, world: int, data: str, out: str) -> dict:
     loop.refit = refit_once
     try:
         stale = os.path.join(out, "stale")
-        code = loop.Trainer(load_config(None, _overrides(data, stale, **{"rollout.max_logprob_diff": 1e-3,
-                                                                                    "loss.name": "opsd"}))).run()
+        code = loop.Trainer(
+            load_config(None, _overrides(data, stale, **{"rollout.max_logprob_diff": 1e-3, "loss.name": "opsd"}))
+        ).run()
         res["stale"] = (code, _rows(stale))
-        loop.refit = lambda engine, model, arch: None   # never refitted: the engine's own random weights
+        loop.refit = lambda engine, model, arch: None  # never refitted: the engine's own random weights
         never = os.path.join(out, "never")
         res["never"] = loop.Trainer(load_config(None, _overrides(data, never))).run()
     finally:
@@ -100,7 +102,7 @@ def test_trainer_logprobs_equal_the_engines_at_the_sampling_temperature(tmp_path
     one = run_distributed(on_policy_runs, 1, data, str(tmp_path), timeout=600)[0]
     two = run_distributed(on_policy_runs, 2, data, str(tmp_path), timeout=600)[0]
     for rows in (one["rows"], two["rows"]):
-        assert len(rows) == 2 and rows[0]["grad_norm"] > 0      # step 1 moved the weights: step 2 checks the refit
+        assert len(rows) == 2 and rows[0]["grad_norm"] > 0  # step 1 moved the weights: step 2 checks the refit
         for r in rows:
             assert r["logprob_diff_max"] < LOGPROB_TOL and r["logprob_diff_mean"] < LOGPROB_TOL, r
             assert r["prob_ratio_error"] == pytest.approx(r["logprob_diff_mean"], rel=1e-3)  # e^d - 1 ~ d
@@ -113,8 +115,11 @@ def test_trainer_logprobs_equal_the_engines_at_the_sampling_temperature(tmp_path
 
 
 def nan_logit_run(rank: int, world: int, data: str, out: str) -> tuple:
-    trainer = loop.Trainer(load_config(None, _overrides(data, out, **{"parallel.tp": world, "train.steps": 2,
-                                                                     "train.max_nonfinite_in_row": 2})))
+    trainer = loop.Trainer(
+        load_config(
+            None, _overrides(data, out, **{"parallel.tp": world, "train.steps": 2, "train.max_nonfinite_in_row": 2})
+        )
+    )
     calls = []
 
     def poison_first_forward(module, inputs, output):
@@ -123,7 +128,7 @@ def nan_logit_run(rank: int, world: int, data: str, out: str) -> tuple:
         calls.append(1)
         if len(calls) == 1 and rank == 0:
             logits = output[0].clone()
-            logits[..., 7] = float("nan")   # one vocabulary column, at every position
+            logits[..., 7] = float("nan")  # one vocabulary column, at every position
             return (logits, *output[1:])
         return output
 
@@ -146,8 +151,14 @@ def opsd_scored(rank: int, world: int, data: str, out: str) -> dict:
     acc = {}
     for name in ("opsd", "grpo"):
         run = os.path.join(out, name)
-        assert loop.Trainer(load_config(None, _overrides(data, run, **{"loss.name": name, "train.steps": 1,
-                                                                       "reward.name": "nonempty"}))).run() == 0
+        assert (
+            loop.Trainer(
+                load_config(
+                    None, _overrides(data, run, **{"loss.name": name, "train.steps": 1, "reward.name": "nonempty"})
+                )
+            ).run()
+            == 0
+        )
         acc[name] = _rows(run)[0]["accuracy"]
     return acc
 
@@ -156,7 +167,7 @@ def opsd_scored(rank: int, world: int, data: str, out: str) -> dict:
 def test_opsd_rollouts_are_scored_for_the_logs(tmp_path):
     data = _data(tmp_path)
     acc = run_distributed(opsd_scored, 1, data, str(tmp_path), timeout=600)[0]
-    assert acc["opsd"] == acc["grpo"] > 0   # the same step-1 rollouts, scored the same
+    assert acc["opsd"] == acc["grpo"] > 0  # the same step-1 rollouts, scored the same
 
 
 @pytest.mark.parametrize("key,value", [("rollout.temperature", 0), ("rollout.top_p", 0.9), ("rollout.top_k", 20)])

@@ -17,6 +17,7 @@ MLP input), head_dim (scores), sequence (probs x V), heads x head_dim (attention
 output), then the output layer's hidden. Gradients go back through the same reductions and add one over
 the tokens (weight gradients). Each bound is then x 2 for the two computations' errors.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,21 +30,28 @@ import pytest
 import torch
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
-PROMPTS = [3, 2, 4, 1]          # prompt lengths (response starts)
-LENGTHS = [9, 5, 12, 7]         # sequence lengths: 33 tokens
-BUDGET = 40                     # pack padded to the budget: a padding segment of 7 tokens
-SHORTER = 3                     # (b): sequence 1 shortened by this many tokens
+PROMPTS = [3, 2, 4, 1]  # prompt lengths (response starts)
+LENGTHS = [9, 5, 12, 7]  # sequence lengths: 33 tokens
+BUDGET = 40  # pack padded to the budget: a padding segment of 7 tokens
+SHORTER = 3  # (b): sequence 1 shortened by this many tokens
 EPS = float(np.finfo(np.float32).eps)
 
 
 def _arch():
     from egrsd_megatron.models import PRESETS
+
     return PRESETS["qwen3_tiny"]
 
 
 def _k_path(arch, seq_len: int) -> int:
-    per_layer = (arch.hidden_size + arch.head_dim + seq_len + arch.num_attention_heads * arch.head_dim
-                 + arch.ffn_hidden_size + arch.hidden_size)   # q/k/v, scores, probs x V, out proj, fc1, fc2
+    per_layer = (
+        arch.hidden_size
+        + arch.head_dim
+        + seq_len
+        + arch.num_attention_heads * arch.head_dim
+        + arch.ffn_hidden_size
+        + arch.hidden_size
+    )  # q/k/v, scores, probs x V, out proj, fc1, fc2
     return arch.num_layers * per_layer + arch.hidden_size
 
 
@@ -58,9 +66,9 @@ def grads_tol(arch) -> float:
 def sequences(vocab: int, variant: str = "base") -> List[List[int]]:
     g = torch.Generator().manual_seed(11)
     seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
-    if variant == "changed":          # sequence 1: other tokens, same length
+    if variant == "changed":  # sequence 1: other tokens, same length
         seqs[1] = torch.randint(0, vocab, (LENGTHS[1],), generator=g).tolist()
-    elif variant == "shorter":        # sequence 1: other tokens, shorter (later offsets move)
+    elif variant == "shorter":  # sequence 1: other tokens, shorter (later offsets move)
         seqs[1] = torch.randint(0, vocab, (LENGTHS[1] - SHORTER,), generator=g).tolist()
     return seqs
 
@@ -84,17 +92,25 @@ def _padded_resp_pos(prompts, lengths) -> torch.Tensor:
 
 def _schedule(model, batch, seq_len: int, mbs: int, forward_step, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
     for p in model.parameters():
         p.grad = None
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-                                num_microbatches=1, seq_length=seq_len, micro_batch_size=mbs,
-                                forward_only=forward_only)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=seq_len,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
 
 
 def _run_packed(model, pack, w, mask, forward_only: bool, cu_override=None):
     """Response logits [n, R, V_local] of `pack` (last stage, else None), backward of sum(resp x W)."""
     from egrsd_megatron.data.packing import gather_response_logits
     from egrsd_megatron.models import packed_seq_params
+
     cu = pack.cu_seqlens if cu_override is None else cu_override
     lens = cu[1:] - cu[:-1]
     params = packed_seq_params(cu, int(lens.max()))
@@ -107,8 +123,9 @@ def _run_packed(model, pack, w, mask, forward_only: bool, cu_override=None):
 
     def step(it, mdl):
         p = next(it)
-        return mdl(input_ids=p.input_ids, position_ids=p.position_ids, attention_mask=None,
-                   packed_seq_params=params), loss_func
+        return mdl(
+            input_ids=p.input_ids, position_ids=p.position_ids, attention_mask=None, packed_seq_params=params
+        ), loss_func
 
     _schedule(model, pack, pack.input_ids.shape[1], 1, step, forward_only)
     return kept[0] if kept else None
@@ -117,6 +134,7 @@ def _run_packed(model, pack, w, mask, forward_only: bool, cu_override=None):
 def _run_padded(model, seqs, w, mask):
     from egrsd_megatron.models import causal_mask
     from egrsd_megatron.trainer.batch import gather_positions
+
     lmax = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), lmax, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -154,6 +172,7 @@ def _core_attention_error(model, arch) -> float:
     """This rank's PackedDotProductAttention on random q/k/v vs attention_reference (relative to max |ref|)."""
     from egrsd_megatron.models import packed_seq_params
     from egrsd_megatron.models.packed_attention import PackedDotProductAttention
+
     core = model.decoder.layers[0].self_attention.core_attention
     assert isinstance(core, PackedDotProductAttention)
     g = torch.Generator().manual_seed(13)
@@ -169,6 +188,7 @@ def _core_attention_error(model, arch) -> float:
 
 def worker(rank: int, world: int, hf_dir: str):
     from megatron.core import parallel_state as ps
+
     from egrsd_megatron.checkpoint.hf_mapping import gather_hf_state_dict, load_hf_weights
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.data.packing import pack_sequences
@@ -191,8 +211,9 @@ def worker(rank: int, world: int, hf_dir: str):
         r["padded_grads"] = dict(gather_hf_state_dict(model, arch, grads=True))
         r["packed"] = _run_packed(model, pack, w, pack.mask, forward_only=False)
         r["packed_grads"] = dict(gather_hf_state_dict(model, arch, grads=True))
-        r["packed_unpadded"] = _run_packed(model, pack_sequences(seqs, PROMPTS), w, pack.mask, True) if pp == 1 \
-            else None
+        r["packed_unpadded"] = (
+            _run_packed(model, pack_sequences(seqs, PROMPTS), w, pack.mask, True) if pp == 1 else None
+        )
         for variant in ("changed", "shorter"):
             s2 = sequences(arch.vocab_size, variant)
             p2 = pack_sequences(s2, PROMPTS, pad_to=BUDGET)
@@ -207,12 +228,13 @@ def worker(rank: int, world: int, hf_dir: str):
 def hf_reference(hf_dir: str) -> List[np.ndarray]:
     """transformers logits of each sequence run alone, at its response positions [R_i, V]."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     out = []
     with torch.no_grad():
         for s, p in zip(sequences(_arch().vocab_size), PROMPTS):
             logits = model(torch.tensor([s])).logits[0]
-            out.append(logits[p - 1: len(s) - 1].numpy())
+            out.append(logits[p - 1 : len(s) - 1].numpy())
     return out
 
 
@@ -220,6 +242,7 @@ def hf_reference(hf_dir: str) -> List[np.ndarray]:
 def results():
     from egrsd_megatron.testing.spawn import run_distributed
     from egrsd_megatron.testing.tiny import save_random_hf_model
+
     root = tempfile.mkdtemp(prefix="egrsd_packing_")
     hf_dir = save_random_hf_model(_arch(), os.path.join(root, "hf"), seed=3, randomize_norms=True)
     return run_distributed(worker, 2, hf_dir, timeout=600), hf_reference(hf_dir)
@@ -227,8 +250,9 @@ def results():
 
 def full(res, layout: str, key: str, vocab: int):
     """TP slices of the last stage (DP rank 0) concatenated over the vocabulary, padding columns dropped."""
-    parts = sorted((r[layout]["tp_rank"], r[layout][key]) for r in res
-                   if r[layout][key] is not None and r[layout]["dp_rank"] == 0)
+    parts = sorted(
+        (r[layout]["tp_rank"], r[layout][key]) for r in res if r[layout][key] is not None and r[layout]["dp_rank"] == 0
+    )
     return np.concatenate([p for _, p in parts], axis=-1)[..., :vocab]
 
 
@@ -247,7 +271,7 @@ def test_packed_logits_equal_padded_and_transformers(layout):
     assert max_rel(packed, padded, mask) <= tol
     for i, ref in enumerate(hf):
         assert max_rel(packed[i, : len(ref)], ref, slice(None)) <= tol, (layout, i)
-    if layout.endswith("pp1"):   # the same pack without its padding segment
+    if layout.endswith("pp1"):  # the same pack without its padding segment
         assert max_rel(full(res, layout, "packed_unpadded", arch.vocab_size), packed, mask) <= tol
 
 
@@ -262,7 +286,7 @@ def test_no_attention_across_sequences(layout):
     changed = full(res, layout, "changed", arch.vocab_size)
     # Same shapes and offsets: every op on another sequence's rows is the same computation, bitwise.
     assert np.array_equal(changed[others], packed[others])
-    assert not np.allclose(changed[1], packed[1])   # the change itself is visible
+    assert not np.allclose(changed[1], packed[1])  # the change itself is visible
     shorter = full(res, layout, "shorter", arch.vocab_size)
     r = shorter.shape[1]
     assert max_rel(shorter[others], packed[others][:, :r], mask[others][:, :r]) <= logits_tol(arch)
@@ -302,6 +326,5 @@ def test_negative_control_one_segment_is_caught():
     packed = full(res, "tp1pp1", "packed", arch.vocab_size)
     wrong = full(res, "tp1pp1", "one_segment", arch.vocab_size)
     mask = res[0]["tp1pp1"]["mask"].copy()
-    mask[0] = False   # sequence 0 starts the pack: unaffected by either bug
+    mask[0] = False  # sequence 0 starts the pack: unaffected by either bug
     assert max_rel(wrong, packed, mask) > 100 * logits_tol(arch)
-

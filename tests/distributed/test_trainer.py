@@ -5,6 +5,7 @@
 - config errors are raised before any work, naming the key.
 Kill-and-resume and preemption (real subprocesses and signals) are in tests/integration/test_resume.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,18 +19,20 @@ from egrsd_megatron.config import ConfigError, load_config
 from egrsd_megatron.models import resolve_arch
 from egrsd_megatron.rewards import register_reward
 from egrsd_megatron.testing import run_distributed
-from egrsd_megatron.testing.tolerance import FP32_U, adam_update_change
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
+from egrsd_megatron.testing.tolerance import FP32_U, adam_update_change
 
 LOSSES = ["grpo", "rlsd", "egrsd", "cl_egrsd", "opsd"]
 # Every loss, plus: the k3 KL to the reference policy (with a live teacher, so the reference is its own
 # frozen copy rather than the frozen teacher's); OPSD's JSD signal (at PP=2 the one case that keeps every
 # micro-batch's full teacher logits; the others keep only the teacher's per-token statistics); and two
 # PPO epochs (teacher pass for all micro-batches up front, old log-probs from the first epoch).
-VARIANTS = {**{name: {"loss.name": name} for name in LOSSES},
-            "egrsd_kl_ref": {"loss.name": "egrsd", "loss.kl_coef": 0.5, "teacher.mode": "live"},
-            "opsd_jsd": {"loss.name": "opsd", "loss.opsd.signal": "jsd"},
-            "egrsd_2_epochs": {"loss.name": "egrsd", "train.ppo_epochs": 2}}
+VARIANTS = {
+    **{name: {"loss.name": name} for name in LOSSES},
+    "egrsd_kl_ref": {"loss.name": "egrsd", "loss.kl_coef": 0.5, "teacher.mode": "live"},
+    "opsd_jsd": {"loss.name": "opsd", "loss.opsd.signal": "jsd"},
+    "egrsd_2_epochs": {"loss.name": "egrsd", "train.ppo_epochs": 2},
+}
 
 
 def digit_fraction(response: str, answer: str) -> float:  # noqa: ARG001 - reward signature
@@ -42,6 +45,7 @@ register_reward("digit_fraction", digit_fraction)
 
 def write_data(path: str, n: int = 16, seed: int = 1) -> str:
     from egrsd_megatron.data.synth import generate_problems
+
     with open(path, "w") as f:
         for r in generate_problems(n, seed=seed):
             f.write(json.dumps(r) + "\n")
@@ -51,18 +55,33 @@ def write_data(path: str, n: int = 16, seed: int = 1) -> str:
 def tiny_overrides(data: str, out: str, **extra) -> list:
     """A tiny run; starts from the random HF model in the data folder (same weights at every TP/PP)."""
     hf = save_tiny_hf_model(os.path.join(os.path.dirname(data), "tiny_hf"))
-    base = {"model.preset": "hf", "model.hf_path": hf, "model.init_from": "hf", "data.train_path": data,
-            "prompt.thinking": "false", "rollout.group_size": 4, "rollout.max_new_tokens": 8,
-            "train.prompts_per_step": 2, "train.steps": 2, "train.save_every": 0, "train.sample_every": 0,
-            "train.out_dir": out, "train.resume": "none", "logging.tensorboard": "false",
-            "parallel.micro_batch_size": 4, "reward.name": "digit_fraction", "reward.num_workers": 1,
-            "optim.lr": 1e-3}
+    base = {
+        "model.preset": "hf",
+        "model.hf_path": hf,
+        "model.init_from": "hf",
+        "data.train_path": data,
+        "prompt.thinking": "false",
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 8,
+        "train.prompts_per_step": 2,
+        "train.steps": 2,
+        "train.save_every": 0,
+        "train.sample_every": 0,
+        "train.out_dir": out,
+        "train.resume": "none",
+        "logging.tensorboard": "false",
+        "parallel.micro_batch_size": 4,
+        "reward.name": "digit_fraction",
+        "reward.num_workers": 1,
+        "optim.lr": 1e-3,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def _train(overrides: list) -> list:
     from egrsd_megatron.trainer.loop import Trainer
+
     trainer = Trainer(load_config(None, overrides))
     assert trainer.run() == 0
     return trainer
@@ -76,13 +95,13 @@ def run_all_losses(rank: int, world: int, tp: int, pp: int, data: str, out: str)
         # optim.eps=1e-4: Adam divides by sqrt(v) + eps, which turns gradient components that are pure
         # rounding noise (~1e-9, different per layout) into full lr-sized steps of random sign; a larger
         # eps keeps those tiny, so step 2 compares the same model rather than amplified noise.
-        _train(tiny_overrides(data, run_dir, **{**variant, "parallel.tp": tp, "parallel.pp": pp,
-                                                "optim.eps": 1e-4}))
+        _train(tiny_overrides(data, run_dir, **{**variant, "parallel.tp": tp, "parallel.pp": pp, "optim.eps": 1e-4}))
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f]
-            out_by_loss[name] = {k: [r[k] for r in rows] for k in ("loss", "accuracy", "response_length",
-                                                                  "grad_norm", "lr")}
+            out_by_loss[name] = {
+                k: [r[k] for r in rows] for k in ("loss", "accuracy", "response_length", "grad_norm", "lr")
+            }
     return out_by_loss
 
 
@@ -118,18 +137,23 @@ def layout_tolerances(cfg, rows: dict) -> tuple:
       Adam eps from 1e-6 to 1 changes lr/eps by 1e6 and the step-2 loss difference stays 0.4-1.7e-7, so the
       carried-over update is not what dominates: each step's own rounding is.
     """
-    n_tok = [2 * cfg.rollout.group_size * r for r in rows["response_length"]]   # prompts_per_step=2
+    n_tok = [2 * cfg.rollout.group_size * r for r in rows["response_length"]]  # prompts_per_step=2
     sigma_lp = 4 * FP32_U * math.log(cfg_vocab(cfg))
     if cfg.loss.name == "opsd":
         w = math.sqrt(2)
     else:
         lc = cfg.loss
-        w = math.sqrt(cfg.rollout.group_size - 1) * (1 + lc.clip.eps_hi) * (
-            (1 + lc.ratio.eps_w) * math.sqrt(2) + (1 - lc.gate.g_min) / lc.gate.tau)
+        w = (
+            math.sqrt(cfg.rollout.group_size - 1)
+            * (1 + lc.clip.eps_hi)
+            * ((1 + lc.ratio.eps_w) * math.sqrt(2) + (1 - lc.gate.g_min) / lc.gate.tau)
+        )
     atol = [4 * w * sigma_lp / math.sqrt(n) for n in n_tok]
     rtol = [4 * FP32_U * math.sqrt(n * cfg_vocab(cfg)) for n in n_tok]
     lr1 = rows["lr"][0]
-    carried = adam_update_change(lr1, cfg.optim.eps, rtol[0] * min(rows["grad_norm"][0], cfg.optim.clip_grad or math.inf))
+    carried = adam_update_change(
+        lr1, cfg.optim.eps, rtol[0] * min(rows["grad_norm"][0], cfg.optim.clip_grad or math.inf)
+    )
     atol = [atol[0]] + [a + carried * g for a, g in zip(atol[1:], rows["grad_norm"][1:])]
     rtol = [rtol[0]] + [2 * r for r in rtol[1:]]
     return atol, rtol
@@ -165,10 +189,24 @@ def test_losses_identical_across_tp_and_pp(tmp_path):
 
 def learn(rank: int, world: int, name: str, data: str, out: str) -> tuple:
     # With the validation hook on (every 7 steps, 4 held-out problems, greedy).
-    _train(tiny_overrides(data, out, **{"loss.name": name, "train.steps": 14, "optim.lr": 2e-2,
-                                        "rollout.group_size": 8, "train.prompts_per_step": 2,
-                                        "parallel.micro_batch_size": 8, "rollout.max_new_tokens": 8,
-                                        "train.eval_every": 7, "data.eval_path": data, "train.eval_samples": 4}))
+    _train(
+        tiny_overrides(
+            data,
+            out,
+            **{
+                "loss.name": name,
+                "train.steps": 14,
+                "optim.lr": 2e-2,
+                "rollout.group_size": 8,
+                "train.prompts_per_step": 2,
+                "parallel.micro_batch_size": 8,
+                "rollout.max_new_tokens": 8,
+                "train.eval_every": 7,
+                "data.eval_path": data,
+                "train.eval_samples": 4,
+            },
+        )
+    )
     with open(os.path.join(out, "metrics.jsonl")) as f:
         acc = [json.loads(line)["accuracy"] for line in f]
     with open(os.path.join(out, "validation.jsonl")) as f:
@@ -191,8 +229,11 @@ def kl_runs(rank: int, world: int, data: str, out: str) -> dict:
     for coef in (0.0, 0.5):
         run_dir = os.path.join(out, f"kl{coef}")
         # OPSD (sampled signal): a reward-free advantage, so step 1 already moves the policy.
-        _train(tiny_overrides(data, run_dir, **{"loss.name": "opsd", "loss.kl_coef": coef, "train.steps": 2,
-                                                "teacher.mode": "live"}))
+        _train(
+            tiny_overrides(
+                data, run_dir, **{"loss.name": "opsd", "loss.kl_coef": coef, "train.steps": 2, "teacher.mode": "live"}
+            )
+        )
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             rows[coef] = [json.loads(line) for line in f]
     return rows
@@ -220,6 +261,7 @@ def test_kl_reference_is_the_initial_policy(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     from egrsd_megatron.models import resolve_arch
     from egrsd_megatron.trainer.loop import check_config
+
     data = write_data(str(tmp_path / "train.jsonl"), n=4)
 
     def check(world, **kw):
@@ -245,8 +287,10 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_missing_tokenizer_is_a_config_error(tmp_path):
     from egrsd_megatron.trainer.loop import Trainer
+
     data = write_data(str(tmp_path / "train.jsonl"), n=4)
-    cfg = load_config(None, tiny_overrides(data, str(tmp_path / "o"),
-                                           **{"tokenizer.path": str(tmp_path / "no_such_tokenizer")}))
+    cfg = load_config(
+        None, tiny_overrides(data, str(tmp_path / "o"), **{"tokenizer.path": str(tmp_path / "no_such_tokenizer")})
+    )
     with pytest.raises(ConfigError, match="tokenizer.path"):
         Trainer(cfg)

@@ -1,6 +1,7 @@
 """The logged step metrics do not depend on parallel.micro_batch_size (trainer/metrics.py): a tiny run with
 micro-batches of 1 and of 4 rollouts logs the same counts, quantile and means for its first step (same
 weights, same per-rollout seeds, so the same rollouts)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def first_step(rank: int, world: int, mbs: int, data: str, out: str) -> dict:  # noqa: ARG001
-    _train(tiny_overrides(data, out, **{"loss.name": "cl_egrsd", "train.steps": 1,
-                                        "parallel.micro_batch_size": mbs}))
+    _train(tiny_overrides(data, out, **{"loss.name": "cl_egrsd", "train.steps": 1, "parallel.micro_batch_size": mbs}))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return json.loads(f.readline())
 
@@ -31,7 +31,7 @@ def test_logged_metrics_do_not_depend_on_micro_batch_size(tmp_path):
     four = run_distributed(first_step, 1, 4, data, str(tmp_path / "mbs4"), timeout=600)[0]
     assert one["accuracy"] == four["accuracy"] and one["response_length"] == four["response_length"]
     n = one["tokens"]
-    assert n == 8 * one["response_length"]      # the step's token count, not a per-micro-batch mean of it
+    assert n == 8 * one["response_length"]  # the step's token count, not a per-micro-batch mean of it
     for k, kind in KINDS.items():
         if k not in one:
             continue

@@ -4,6 +4,7 @@ One spawn per world size runs every case and returns each rank's statistics and 
 number of collectives per forward / backward, and the errors raised for bad input (every rank must raise
 the same error, rather than one rank raising while the others hang in a collective).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,22 +14,42 @@ import pytest
 import torch
 
 from egrsd_megatron.testing.spawn import run_distributed
-from tests.unit.test_vocab_parallel import (KL_MODES, RTOL_BF16_GRAD, RTOL_FP32, TEMPERATURES, assert_matches,
-                                            assert_within_derived, make_case, reference_stats, run_token_stats)
+from tests.unit.test_vocab_parallel import (
+    KL_MODES,
+    RTOL_BF16_GRAD,
+    RTOL_FP32,
+    TEMPERATURES,
+    assert_matches,
+    assert_within_derived,
+    make_case,
+    reference_stats,
+    run_token_stats,
+)
 
 # name -> (seed, n, v_total, vocab_size, dtype, kl, chunk_size, rows per work block)
 CASES = {f"fp32-{kl}": (0, 45, 64, 57, "float32", kl, 16, 5) for kl in KL_MODES}
-CASES.update({
-    "bf16-reverse": (1, 33, 64, 64, "bfloat16", "reverse", 7, 64),
-    "bf16-jsd": (1, 33, 64, 64, "bfloat16", ("jsd", 0.7), 7, 3),
-    # vocab 12 of 64 columns: at TP=2 rank 1, at TP=4 ranks 1-3 hold padding only.
-    "tiny-vocab-forward": (9, 20, 64, 12, "float32", "forward", 6, 4),
-})
+CASES.update(
+    {
+        "bf16-reverse": (1, 33, 64, 64, "bfloat16", "reverse", 7, 64),
+        "bf16-jsd": (1, 33, 64, 64, "bfloat16", ("jsd", 0.7), 7, 3),
+        # vocab 12 of 64 columns: at TP=2 rank 1, at TP=4 ranks 1-3 hold padding only.
+        "tiny-vocab-forward": (9, 20, 64, 12, "float32", "forward", 6, 4),
+    }
+)
 # Sampling temperature (fp32 case 0, vocab 57 of 64): name -> (kl, temperature, entropy_temperature).
 TEMP_CASES = {f"T{t}-{kl}": (kl, t, None) for t in TEMPERATURES for kl in KL_MODES}
 TEMP_CASES.update({f"T{t}-H1-{kl}": (kl, t, 1.0) for t in TEMPERATURES for kl in (None, ("jsd", 0.3))})
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-                "all_to_all_single", "reduce", "gather", "scatter")
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+    "reduce",
+    "gather",
+    "scatter",
+)
 
 
 def _case(name: str):
@@ -45,6 +66,7 @@ def _slice(c: dict, rank: int, world: int):
 def _count_collectives(fn):
     """Run fn() with every torch.distributed collective counted; return (fn's result, {name: count})."""
     import torch.distributed as dist
+
     counts: dict = {}
     originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
 
@@ -53,6 +75,7 @@ def _count_collectives(fn):
             key = name if name != "all_reduce" else f"all_reduce.{str(k.get('op', 'SUM')).split('.')[-1]}"
             counts[key] = counts.get(key, 0) + 1
             return orig(*a, **k)
+
         return counted
 
     for name, orig in originals.items():
@@ -66,27 +89,42 @@ def _count_collectives(fn):
 
 def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
+
     from egrsd_megatron.ops.vocab_parallel import NonFiniteLogitsError, token_stats
+
     group = dist.group.WORLD
     out: dict = {"cases": {}, "counts": {}, "errors": {}}
     for name in CASES:
         c, kl, chunk, rows = _case(name)
         zs, zt, vl = _slice(c, rank, world)
-        out["cases"][name] = run_token_stats(zs, zt, c["y"], c["w"], kl, group=group, vocab_size=c["vocab_size"],
-                                             chunk_size=chunk, block_elems=rows * vl)
+        out["cases"][name] = run_token_stats(
+            zs, zt, c["y"], c["w"], kl, group=group, vocab_size=c["vocab_size"], chunk_size=chunk, block_elems=rows * vl
+        )
     out["temp"] = {}
     c, _, _, _ = _case("fp32-None")
     zs, zt, vl = _slice(c, rank, world)
     for name, (kl, t, t_h) in TEMP_CASES.items():
-        out["temp"][name] = run_token_stats(zs, zt, c["y"], c["w"], kl, group=group, vocab_size=57, chunk_size=16,
-                                            block_elems=5 * vl, temperature=t, entropy_temperature=t_h)
+        out["temp"][name] = run_token_stats(
+            zs,
+            zt,
+            c["y"],
+            c["w"],
+            kl,
+            group=group,
+            vocab_size=57,
+            chunk_size=16,
+            block_elems=5 * vl,
+            temperature=t,
+            entropy_temperature=t_h,
+        )
     # Collectives per forward and backward (45 tokens, chunk 16: 3 chunks).
     c, _, _, _ = _case("fp32-None")
     zs, zt, vl = _slice(c, rank, world)
     for kl in KL_MODES:
         x = zs.clone().requires_grad_(True)
-        st, fwd = _count_collectives(lambda: token_stats(x, zt, c["y"], group=group, vocab_size=57, chunk_size=16,
-                                                         student_entropy=True, kl=kl))
+        st, fwd = _count_collectives(
+            lambda: token_stats(x, zt, c["y"], group=group, vocab_size=57, chunk_size=16, student_entropy=True, kl=kl)  # noqa: B023 - called inside this iteration
+        )
         loss = st.student_logprob.sum() + st.student_entropy.sum() + (st.kl.sum() if kl else 0)
         _, bwd = _count_collectives(loss.backward)
         out["counts"][str(kl)] = (fwd, bwd)
@@ -133,7 +171,7 @@ def _check_world(world: int) -> None:
             ours["grad"] = np.concatenate([r["cases"][name]["grad"] for r in results], axis=1)
             grad_rtol = RTOL_BF16_GRAD if "bf16" in name else RTOL_FP32
             assert_matches(ours, ref, RTOL_FP32, grad_rtol, f"TP={world} rank {rank} {name}")
-            assert np.all(ours["grad"][:, c["vocab_size"]:] == 0.0)
+            assert np.all(ours["grad"][:, c["vocab_size"] :] == 0.0)
     c, _, _, _ = _case("fp32-None")
     for name, (kl, t, t_h) in TEMP_CASES.items():
         ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl, temperature=t, entropy_temperature=t_h)
@@ -158,8 +196,11 @@ def _check_world(world: int) -> None:
             assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"TP=2 subgroup {pair}")
     for rank, res in enumerate(results):
         err = res["errors"]
-        assert err["nan_on_one_rank"] and "student_logits" in err["nan_on_one_rank"] \
-            and "token index 7 " in err["nan_on_one_rank"], (rank, err)
+        assert (
+            err["nan_on_one_rank"]
+            and "student_logits" in err["nan_on_one_rank"]
+            and "token index 7 " in err["nan_on_one_rank"]
+        ), (rank, err)
         assert err["all_minus_inf"] and "every logit of token index 3 " in err["all_minus_inf"], (rank, err)
         assert err["vocab_too_big"] and "covering 64 ids" in err["vocab_too_big"], (rank, err)
         finite = res["unchecked_finite_rows"]

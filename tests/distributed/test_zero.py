@@ -6,6 +6,7 @@
 - a checkpoint resumes with the other optimizer kind (bitwise) and at another DP size; a checkpoint that
   lost a shard file is refused with a message naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ from tests.distributed.test_trainer import tiny_overrides, write_data
 # asserted in _check_equivalence), so the scheduler and the clipping act through the sharded optimizer.
 # optim.eps=1e-4 bounds how much Adam amplifies a gradient difference (|d update| <= ~lr |dg| / eps): the
 # DP-change comparison after an optimizer step (test_zero1_checkpoints_...) derives its bound from it.
-OPTIM = {"optim.warmup_steps": 1, "optim.min_lr": 1e-4, "optim.clip_grad": 0.1, "optim.weight_decay": 0.01,
-         "optim.lr": 1e-3, "optim.eps": 1e-4}
+OPTIM = {
+    "optim.warmup_steps": 1,
+    "optim.min_lr": 1e-4,
+    "optim.clip_grad": 0.1,
+    "optim.weight_decay": 0.01,
+    "optim.lr": 1e-3,
+    "optim.eps": 1e-4,
+}
 
 
 def _data(tmp_path) -> str:
@@ -39,13 +46,24 @@ def _data(tmp_path) -> str:
 
 
 def _overrides(data, out, zero, **extra):
-    return tiny_overrides(data, out, **{"loss.name": "cl_egrsd", "train.steps": 4, "train.keep_last": 5,
-                                        "parallel.distributed_optimizer": str(zero).lower(), **OPTIM, **extra})
+    return tiny_overrides(
+        data,
+        out,
+        **{
+            "loss.name": "cl_egrsd",
+            "train.steps": 4,
+            "train.keep_last": 5,
+            "parallel.distributed_optimizer": str(zero).lower(),
+            **OPTIM,
+            **extra,
+        },
+    )
 
 
 def _run(overrides, stop_after=None):
     """Train; with `stop_after`, ask for preemption after that many steps (it saves and returns 42)."""
     from egrsd_megatron.trainer.loop import Trainer
+
     trainer = Trainer(load_config(None, overrides))
     if stop_after is not None:
         step = trainer.train_step
@@ -55,6 +73,7 @@ def _run(overrides, stop_after=None):
             if trainer.step + 1 == stop_after:
                 trainer.preempt.signum = signal.SIGUSR1
             return metrics
+
         trainer.train_step = step_then_stop
     code = trainer.run()
     assert code == (0 if stop_after is None else 42), code
@@ -77,6 +96,7 @@ def _adam_elements(state):
 def equivalence(rank, world, tp, data, out):
     """Both optimizer kinds; per rank: final weights, and for ZeRO the owned parameters and state sizes."""
     from egrsd_megatron.checkpoint.optimizer_state import is_sharded, owned_indices
+
     res = {}
     for zero in (False, True):
         run_dir = os.path.join(out, f"tp{tp}_zero{int(zero)}")
@@ -104,9 +124,9 @@ def _check_equivalence(results, dp):
     rows0, rows1 = results[0][False]["rows"], results[0][True]["rows"]
     assert [r["step"] for r in rows1] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "lr", "accuracy"):
-        assert [r[key] for r in rows1] == [r[key] for r in rows0], key   # bitwise (JSON floats round-trip)
-    assert any(r["grad_norm"] > OPTIM["optim.clip_grad"] for r in rows0)   # clipping was active
-    assert len({r["lr"] for r in rows0}) == 4                              # the schedule moved every step
+        assert [r[key] for r in rows1] == [r[key] for r in rows0], key  # bitwise (JSON floats round-trip)
+    assert any(r["grad_norm"] > OPTIM["optim.clip_grad"] for r in rows0)  # clipping was active
+    assert len({r["lr"] for r in rows0}) == 4  # the schedule moved every step
     for res in results:
         for name, w in res[False]["weights"].items():
             assert np.array_equal(w, res[True]["weights"][name]), name
@@ -115,12 +135,11 @@ def _check_equivalence(results, dp):
     # is off the even share by at most the largest parameter, x2 for exp_avg and exp_avg_sq).
     tp = len(results) // dp
     for tp_rank in range(tp):
-        group = [results[d * tp + tp_rank][True] for d in range(dp)]   # Megatron: DP ranks stride TP
+        group = [results[d * tp + tp_rank][True] for d in range(dp)]  # Megatron: DP ranks stride TP
         owned = [set(g["owned"]) for g in group]
         assert sum(len(o) for o in owned) == len(set().union(*owned)) == group[0]["n_params"]
         total = group[0]["all_elements"]
-        assert sum(g["local_elements"] for g in group) == total == \
-            results[tp_rank][False]["all_elements_adamw"]
+        assert sum(g["local_elements"] for g in group) == total == results[tp_rank][False]["all_elements_adamw"]
         for g in group:
             assert abs(g["local_elements"] - total / dp) <= 2 * g["largest_param"], (g["local_elements"], total)
             assert g["local_elements"] < total
@@ -207,14 +226,18 @@ def _dp_change_tolerances(ref_rows) -> dict:
     dw = adam_update_change(lr, eps, 2 * rel * clip)
     loss3 = fp32_sum_tol(128, 2.0)
     gn = [r["grad_norm"] for r in ref_rows]
-    return {"accuracy": [fp32_sum_tol(8, 1.0)] * 2, "loss": [loss3, loss3 + gn[1] * dw],
-            "grad_norm": [2 * rel * gn[0], 2 * rel * gn[1] + 2 / lr * dw], "weights": 2 * (dw + 2 * FP32_U)}
+    return {
+        "accuracy": [fp32_sum_tol(8, 1.0)] * 2,
+        "loss": [loss3, loss3 + gn[1] * dw],
+        "grad_norm": [2 * rel * gn[0], 2 * rel * gn[1] + 2 / lr * dw],
+        "weights": 2 * (dw + 2 * FP32_U),
+    }
 
 
 @pytest.mark.slow
 def test_zero1_checkpoints_resume_bitwise_and_across_kinds_and_dp(tmp_path):
     data = _data(tmp_path)
-    one_thread = {"OMP_NUM_THREADS": "1"}   # the DP-change comparison below needs equal thread counts
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the DP-change comparison below needs equal thread counts
     results = run_distributed(resume_runs, 2, data, str(tmp_path), timeout=1200, env=one_thread)
     rows = results[0]["rows"]
     assert results[0]["files"] == ["mp_rank_00.pt", "mp_rank_00_dp_000.pt", "mp_rank_00_dp_001.pt"]
@@ -236,8 +259,9 @@ def test_zero1_checkpoints_resume_bitwise_and_across_kinds_and_dp(tmp_path):
 
     # A's DP=2 ZeRO checkpoint resumed at DP=1, with and without ZeRO; then a copy missing a shard file.
     ref = rows["a"]
-    res = run_distributed(dp_change, 1, data, _ckpt(str(tmp_path / "a"), 2), str(tmp_path / "dp1"), timeout=900,
-                          env=one_thread)[0]
+    res = run_distributed(
+        dp_change, 1, data, _ckpt(str(tmp_path / "a"), 2), str(tmp_path / "dp1"), timeout=900, env=one_thread
+    )[0]
     for zero in (True, False):
         rows = res[zero]
         assert [r["step"] for r in rows] == [3, 4]
@@ -246,10 +270,12 @@ def test_zero1_checkpoints_resume_bitwise_and_across_kinds_and_dp(tmp_path):
         got = {k: [r[k] for r in rows] for k in ("accuracy", "loss", "grad_norm")}
         want = {k: [r[k] for r in ref[2:]] for k in ("accuracy", "loss", "grad_norm")}
         wdiff = max(float(np.abs(w - res[f"w{int(zero)}"][n]).max()) for n, w in results[0]["a"].items())
-        print(f"DP=2 -> DP=1 (distributed_optimizer={zero}): |diff| / tolerance:",
-              {k: [f"{abs(a - b):.2g} / {t:.2g}" for a, b, t in zip(got[k], want[k], tol[k])] for k in got},
-              f"weights {wdiff:.2g} / {tol['weights']:.2g}")
-        for k in got:   # per-step tolerances (numpy's assert_allclose takes one scalar atol in its message)
+        print(
+            f"DP=2 -> DP=1 (distributed_optimizer={zero}): |diff| / tolerance:",
+            {k: [f"{abs(a - b):.2g} / {t:.2g}" for a, b, t in zip(got[k], want[k], tol[k])] for k in got},
+            f"weights {wdiff:.2g} / {tol['weights']:.2g}",
+        )
+        for k in got:  # per-step tolerances (numpy's assert_allclose takes one scalar atol in its message)
             assert all(abs(a - b) <= t for a, b, t in zip(got[k], want[k], tol[k])), (k, got[k], want[k], tol[k])
         assert wdiff <= tol["weights"], (wdiff, tol["weights"])
     assert "mp_rank_00_dp_001.pt is missing" in res["error"] and "data-parallel size 2" in res["error"], res["error"]
@@ -263,18 +289,18 @@ def bf16_runs(rank, world, data, out):
 
     from egrsd_megatron.config import ConfigError
     from egrsd_megatron.trainer.optim import MasterWeightAdamW
+
     bf16 = {"model.params_dtype": "bf16", "model.precision": "bf16", "loss.name": "opsd", "train.steps": 3}
     a, b = os.path.join(out, "a"), os.path.join(out, "b")
     ta = _run(_overrides(data, a, False, **bf16, **{"train.save_every": 2}))
     assert type(ta.optimizer) is MasterWeightAdamW
     masters = {n: ta.optimizer.state[p]["master"].clone() for n, p in ta.model.named_parameters()}
-    res = {"a": _weights(ta), "b": _weights(_run(_overrides(data, b, False, **bf16,
-                                                            **{"train.resume": _ckpt(a, 2)})))}
+    res = {"a": _weights(ta), "b": _weights(_run(_overrides(data, b, False, **bf16, **{"train.resume": _ckpt(a, 2)})))}
     res["dtypes"] = {str(w.dtype) for w in res["a"].values()}
     # The parameters are the fp32 masters rounded, and the masters moved off the bf16 grid.
     res["rounded"] = all(torch.equal(res["a"][n], m.to(res["a"][n].dtype)) for n, m in masters.items())
     res["off_grid"] = sum(int((m != m.to(torch.bfloat16).float()).sum()) for m in masters.values())
-    res["a"], res["b"] = ({n: w.float() for n, w in res[x].items()} for x in ("a", "b"))   # numpy has no bf16
+    res["a"], res["b"] = ({n: w.float() for n, w in res[x].items()} for x in ("a", "b"))  # numpy has no bf16
     ckpt = torch.load(os.path.join(_ckpt(a, 2), "optim", "mp_rank_00.pt"), weights_only=False)["optimizer"]
     res["saved_master_dtypes"] = {str(st["master"].dtype) for st in ckpt["state"].values()}
     try:
@@ -292,5 +318,6 @@ def test_bf16_params_keep_fp32_masters_and_resume_bitwise(tmp_path):
         assert res["saved_master_dtypes"] == {"torch.float32"}
         for name, w in res["a"].items():
             assert np.array_equal(w, res["b"][name]), name
-        assert "parallel.distributed_optimizer=true needs every trainable parameter in one dtype" \
-            in res.get("zero_error", ""), res.get("zero_error")
+        assert "parallel.distributed_optimizer=true needs every trainable parameter in one dtype" in res.get(
+            "zero_error", ""
+        ), res.get("zero_error")

@@ -12,6 +12,7 @@ on one machine do not collide. Daemons are stopped by their PIDs (never by name)
 `python -m tests.integration.slurm_local DIR` starts one and waits (Ctrl-C stops it): handy to try the
 sbatch scripts by hand (`export SLURM_CONF=DIR/slurm.conf`).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,13 +47,17 @@ def ensure_installed(timeout_s: float = 300) -> None:
     if not _which_all():
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"Slurm/munge not installed ({', '.join(_which_all())} missing) and not root, "
-                               "so apt-get cannot install them")
+        raise SlurmUnavailable(
+            f"Slurm/munge not installed ({', '.join(_which_all())} missing) and not root, "
+            "so apt-get cannot install them"
+        )
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable("Slurm/munge not installed and there is no apt-get on this machine")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"],
+    ):
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -104,8 +109,9 @@ class LocalSlurm:
         return e
 
     def run(self, cmd: Sequence[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        r = subprocess.run(list(cmd), env=kw.pop("env", None) or self.env(), capture_output=True, text=True,
-                           timeout=timeout, **kw)
+        r = subprocess.run(
+            list(cmd), env=kw.pop("env", None) or self.env(), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and r.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()}\n{self.logs()}")
         return r
@@ -196,27 +202,53 @@ class LocalSlurm:
         md = self.munge_dir
         self._started.append(f"{md}/munged.pid")
         # munged refuses to run as root ("Logfile is insecure"): run it as the munge user.
-        r = subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
-                            f"--key-file={md}/munge.key", f"--pid-file={md}/munged.pid",
-                            f"--log-file={md}/munged.log", f"--seed-file={md}/munged.seed"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "/usr/sbin/munged",
+                f"--socket={self.munge_socket}",
+                f"--key-file={md}/munge.key",
+                f"--pid-file={md}/munged.pid",
+                f"--log-file={md}/munged.log",
+                f"--seed-file={md}/munged.seed",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"munged did not start: {r.stderr.strip()}")
-        self._wait("munged", lambda: subprocess.run(
-            f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}", shell=True,
-            capture_output=True).returncode == 0, 15)
+        self._wait(
+            "munged",
+            lambda: (
+                subprocess.run(
+                    f"munge -n -S {self.munge_socket} | unmunge -S {self.munge_socket}", shell=True, capture_output=True
+                ).returncode
+                == 0
+            ),
+            15,
+        )
         env = self.env()
         self._started.append(f"{self.root}/slurmctld.pid")
         subprocess.run(["/usr/sbin/slurmctld", "-f", self.conf], env=env, check=True, capture_output=True, timeout=30)
         self._wait("slurmctld", lambda: "UP" in self.run(["scontrol", "ping"], check=False).stdout, timeout_s)
         self._started.append(f"{self.root}/slurmd.pid")
-        subprocess.run(["/usr/sbin/slurmd", "-f", self.conf, "-N", self.node], env=env, check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["/usr/sbin/slurmd", "-f", self.conf, "-N", self.node], env=env, check=True, capture_output=True, timeout=30
+        )
 
         def state() -> str:
             return self.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False).stdout.strip()
-        self._wait("slurmd (node idle)", lambda: state() == "idle", timeout_s,
-                   fail=lambda: any(s in state() for s in ("inval", "drain", "down")))
+
+        self._wait(
+            "slurmd (node idle)",
+            lambda: state() == "idle",
+            timeout_s,
+            fail=lambda: any(s in state() for s in ("inval", "drain", "down")),
+        )
         return self
 
     def stop(self, timeout_s: float = 15) -> None:
@@ -284,13 +316,22 @@ class LocalSlurm:
             info = self.job_info(job_id)
             if until is not None and until(info):
                 return info
-            if until is None and info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                           "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+            if until is None and info.get("JobState") in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "BOOT_FAIL",
+                "DEADLINE",
+            ):
                 return info
             time.sleep(1)
         self.run(["scancel", job_id], check=False)
-        raise TimeoutError(f"job {job_id} not done within {timeout_s:.0f} s (cancelled): {self.job_info(job_id)}"
-                           f"\n{self.logs()}")
+        raise TimeoutError(
+            f"job {job_id} not done within {timeout_s:.0f} s (cancelled): {self.job_info(job_id)}\n{self.logs()}"
+        )
 
     def cancel_all(self, timeout_s: float = 30) -> None:
         """Cancel every job of this Slurm and wait until none is left running (before stopping the daemons:
@@ -308,13 +349,19 @@ class LocalSlurm:
             time.sleep(0.5)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{_tail(os.path.join(self.root, p))}"
-                         for name, p in (("slurmctld", "log/slurmctld.log"), ("slurmd", "log/slurmd.log"),
-                                         ("munged", os.path.join(self.munge_dir, "munged.log") if self.munge_dir else "log/munged.log")))
+        return "\n".join(
+            f"--- {name} ---\n{_tail(os.path.join(self.root, p))}"
+            for name, p in (
+                ("slurmctld", "log/slurmctld.log"),
+                ("slurmd", "log/slurmd.log"),
+                ("munged", os.path.join(self.munge_dir, "munged.log") if self.munge_dir else "log/munged.log"),
+            )
+        )
 
 
 if __name__ == "__main__":
     import sys
+
     d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/egrsd-slurm"
     with LocalSlurm(d) as s:
         print(f"Slurm up: export SLURM_CONF={s.conf}   (Ctrl-C stops it)", flush=True)

@@ -1,5 +1,6 @@
 """`egrsd eval` end to end on a tiny random Qwen3 with the byte tokenizer: outputs, resume after an
 interruption (same files as an uninterrupted run), the Megatron-checkpoint route, and bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,17 @@ from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 K, MAX_NEW = 2, 6
-OUT_FILES = ("gsm8k.samples.jsonl", "gsm8k.json", "gsm8k.csv", "mine.samples.jsonl", "mine.json", "mine.csv",
-             "summary.json", "summary.csv", "eval_settings.json")
+OUT_FILES = (
+    "gsm8k.samples.jsonl",
+    "gsm8k.json",
+    "gsm8k.csv",
+    "mine.samples.jsonl",
+    "mine.json",
+    "mine.csv",
+    "summary.json",
+    "summary.csv",
+    "eval_settings.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +35,20 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    cfg = dict(model_type="qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-               tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tok.eos_token_id)
+    cfg = dict(
+        model_type="qwen3",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        eos_token_id=tok.eos_token_id,
+    )
     model = build_hf_model(cfg)
     model_dir = root / "tiny-qwen3"
     model.save_pretrained(str(model_dir))
@@ -44,9 +65,30 @@ def setup(tmp_path_factory):
 
 
 def _cli(model, data, out, *extra):
-    return main(["eval", "--model", model, "--benchmarks", "gsm8k", "mine", "--k", str(K), "--data-dir", data,
-                 "--out", out, "--max-new-tokens", str(MAX_NEW), "--label", "tiny", "--engine", "hf",
-                 "--no-progress", *extra])
+    return main(
+        [
+            "eval",
+            "--model",
+            model,
+            "--benchmarks",
+            "gsm8k",
+            "mine",
+            "--k",
+            str(K),
+            "--data-dir",
+            data,
+            "--out",
+            out,
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--label",
+            "tiny",
+            "--engine",
+            "hf",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _settings(model):
@@ -87,7 +129,8 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
     assert g["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in recs) / len(recs))
     assert g["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in recs) / len(recs))
     assert summary["average"]["accuracy"] == pytest.approx(
-        (g["accuracy"] + summary["benchmarks"]["mine"]["accuracy"]) / 2)
+        (g["accuracy"] + summary["benchmarks"]["mine"]["accuracy"]) / 2
+    )
     lines = _read(os.path.join(full, "summary.csv")).decode().splitlines()
     assert lines[0].startswith("label,benchmark,accuracy,mean_length,") and "pass@2" in lines[0]
     assert [ln.split(",")[1] for ln in lines[1:]] == ["gsm8k", "mine", "average"]
@@ -115,22 +158,47 @@ def test_outputs_and_interrupted_resume_equals_uninterrupted(setup):
 
 def test_megatron_checkpoint_gives_same_samples(setup):
     from egrsd_megatron.checkpoint.convert import hf_to_megatron
+
     root, model, data = setup
     ckpt = str(root / "ckpt")
     hf_to_megatron(model, ckpt, tp=2)
     outs = {}
     for name, m in (("hf", model), ("megatron", ckpt)):
         out = str(root / f"route_{name}")
-        assert main(["eval", "--model", m, "--benchmarks", "mine", "--data-dir", data, "--out", out,
-                     "--max-new-tokens", str(MAX_NEW), "--limit", "2", "--engine", "hf", "--no-progress"]) == 0
-        outs[name] = [(r["response"], r["num_tokens"], r["seed"]) for r in
-                      map(json.loads, open(os.path.join(out, "mine.samples.jsonl")))]
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    m,
+                    "--benchmarks",
+                    "mine",
+                    "--data-dir",
+                    data,
+                    "--out",
+                    out,
+                    "--max-new-tokens",
+                    str(MAX_NEW),
+                    "--limit",
+                    "2",
+                    "--engine",
+                    "hf",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        outs[name] = [
+            (r["response"], r["num_tokens"], r["seed"])
+            for r in map(json.loads, open(os.path.join(out, "mine.samples.jsonl")))
+        ]
     assert len(outs["hf"]) == 2 and outs["hf"] == outs["megatron"]
     # the frontier plot reads real `egrsd eval` folders
     png = str(root / "frontier.png")
     assert main(["frontier", str(root / "route_hf"), str(root / "route_megatron"), "--out", png]) == 0
     import matplotlib.image as mpimg
-    assert mpimg.imread(png).shape[:2] == (390, 480)   # one benchmark: a single panel
+
+    assert mpimg.imread(png).shape[:2] == (390, 480)  # one benchmark: a single panel
 
 
 def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
@@ -152,16 +220,19 @@ def test_bad_inputs_exit_2_with_clear_message(setup, tmp_path, capsys):
     assert code == 2 and "no weights" in err
     code, err = run("--model", str(tmp_path / "missing"), "--benchmarks", "mine", "--data-dir", data)
     assert code == 2 and "folder not found" in err
-    assert not os.path.exists(out)   # nothing written for a run that could not start
+    assert not os.path.exists(out)  # nothing written for a run that could not start
 
 
 def test_eval_defaults_come_from_the_config_eval_section(tmp_path):
     """`egrsd eval --config X`: every eval option not given takes X's eval.* value; a given one wins."""
     from egrsd_megatron.cli import build_parser
     from egrsd_megatron.eval.commands import _eval_defaults
+
     conf = tmp_path / "c.yaml"
-    conf.write_text("eval:\n  benchmarks: [mine, gsm8k]\n  k: 3\n  temperature: 0.0\n  max_new_tokens: 7\n"
-                    "prompt:\n  thinking: false\n")
+    conf.write_text(
+        "eval:\n  benchmarks: [mine, gsm8k]\n  k: 3\n  temperature: 0.0\n  max_new_tokens: 7\n"
+        "prompt:\n  thinking: false\n"
+    )
     args = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--config", str(conf), "--k", "5"])
     ev, prompt = _eval_defaults(args)
     assert (ev.benchmarks, ev.k, ev.temperature, ev.max_new_tokens, ev.top_p) == (["mine", "gsm8k"], 5, 0.0, 7, 0.95)

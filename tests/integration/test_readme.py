@@ -7,6 +7,7 @@ comment. The only adaptations, all through documented options, keep it short:
   egrsd eval ...   + --limit 2 --max-new-tokens 16 --no-progress
 Input the README assumes the user has: gsm8k_test.jsonl (a downloaded GSM8K test file; two rows here).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,18 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")
 # The commands the README must keep showing (a README that drops one fails here, not silently).
-MUST_COVER = {"data synth", "data prepare", "train", "convert megatron-to-hf", "convert hf-to-megatron", "eval",
-              "frontier", "curves", "plan", "config show"}
+MUST_COVER = {
+    "data synth",
+    "data prepare",
+    "train",
+    "convert megatron-to-hf",
+    "convert hf-to-megatron",
+    "eval",
+    "frontier",
+    "curves",
+    "plan",
+    "config show",
+}
 TRAIN_STEPS = 2
 
 
@@ -63,14 +74,22 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
     os.symlink(os.path.join(REPO, "conf"), tmp_path / "conf")
     with open(tmp_path / "gsm8k_test.jsonl", "w") as f:
         for a, b in ((2, 3), (4, 4)):
-            f.write(json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
-                    + "\n")
+            f.write(
+                json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n"
+            )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for argv in readme_commands(open(README).read()):
         cmd = [sys.executable, "-m", "egrsd_megatron.cli", *adapt(argv)[1:]]
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"README command failed: {shlex.join(argv)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     # What the chain promised exists: the trained run, both conversions, both evaluations, the plots.
-    for path in ("runs/tiny_cpu/metrics.jsonl", "hf/tiny_egrsd/config.json", "ckpt/tiny_tp2/egrsd_checkpoint.json",
-                 "results/tiny_hf/summary.json", "results/tiny_egrsd/summary.json", "frontier.png", "curves.png"):
+    for path in (
+        "runs/tiny_cpu/metrics.jsonl",
+        "hf/tiny_egrsd/config.json",
+        "ckpt/tiny_tp2/egrsd_checkpoint.json",
+        "results/tiny_hf/summary.json",
+        "results/tiny_egrsd/summary.json",
+        "frontier.png",
+        "curves.png",
+    ):
         assert (tmp_path / path).exists(), path

@@ -5,6 +5,7 @@ preempted with SIGUSR1 (it must save and exit 42), and resumed again to the end.
 final weights must equal A's bitwise: everything a step depends on (weights, optimizer, scheduler, data
 position, RNG) is restored from the checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,18 @@ def _start(overrides, log_path):
     # trainer process gets the same OMP_NUM_THREADS (this run's, else cpu_count // 2: A and B run at once).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(thread_count(2))}
     # The toy reward lives in the test module: register it in the trainer process through an import.
-    code = ("import sys, runpy; import tests.distributed.test_trainer; "
-            f"sys.argv = [{TRAIN!r}] + sys.argv[1:]; runpy.run_path({TRAIN!r}, run_name='__main__')")
-    return subprocess.Popen([sys.executable, "-c", code, "tiny_cpu", *overrides], cwd=ROOT, env=env,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    code = (
+        "import sys, runpy; import tests.distributed.test_trainer; "
+        f"sys.argv = [{TRAIN!r}] + sys.argv[1:]; runpy.run_path({TRAIN!r}, run_name='__main__')"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "tiny_cpu", *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _wait(proc, pred, what, timeout=300):
@@ -68,8 +77,16 @@ def _weights(out, step):
 @pytest.mark.slow
 def test_kill_preempt_resume_is_bitwise(tmp_path):
     data = write_data(str(tmp_path / "train.jsonl"))
-    over = lambda out: tiny_overrides(data, out, **{"train.steps": 5, "train.save_every": 2,  # noqa: E731
-                                                    "train.resume": "auto", "loss.name": "cl_egrsd"})
+    over = lambda out: tiny_overrides(
+        data,
+        out,
+        **{
+            "train.steps": 5,
+            "train.save_every": 2,  # noqa: E731
+            "train.resume": "auto",
+            "loss.name": "cl_egrsd",
+        },
+    )
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
     pa = _start(over(a), tmp_path / "a.log")

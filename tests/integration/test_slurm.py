@@ -6,6 +6,7 @@ checkpoints, then preempts it (`scancel --signal=USR1`, as Slurm's `--signal=USR
 limit): the trainer finishes its step, saves and exits 42, the launcher requeues the job, and the requeued
 job resumes from that checkpoint and finishes. Needs root and apt-get (slurm-wlm, munge), else skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,9 +66,21 @@ def test_scripts_are_valid_bash_and_accepted_by_sbatch(slurm, script, tmp_path):
     assert 'source "$EGRSD_REPO/slurm/launcher.sh"' in text and "egrsd_launch " in text
     # sbatch parses the headers and checks the job could run (the local node has no GPUs and one node,
     # so only the size is overridden on the command line).
-    r = slurm.run(["sbatch", "--test-only", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
-                   "--mem=100M", "--gpus-per-node=0", f"--output={tmp_path}/x.out", path],
-                  check=False, cwd=REPO)
+    r = slurm.run(
+        [
+            "sbatch",
+            "--test-only",
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--mem=100M",
+            "--gpus-per-node=0",
+            f"--output={tmp_path}/x.out",
+            path,
+        ],
+        check=False,
+        cwd=REPO,
+    )
     assert r.returncode == 0, f"sbatch --test-only {script}: {r.stderr}"
 
 
@@ -75,23 +88,44 @@ def test_scripts_are_valid_bash_and_accepted_by_sbatch(slurm, script, tmp_path):
 def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, gpu_script_job, tmp_path):
     # (gpu_script_job: the 8B script's job, started now so it runs beside this one; checked below.)
     from egrsd_megatron.cli import main
+
     data = str(tmp_path / "train.jsonl")
     assert main(["data", "synth", "--n", "64", "--out", data]) == 0
     run_dir = str(tmp_path / "run")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
-           "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)), "HF_HUB_OFFLINE": "1"}
+    env = {
+        "EGRSD_REPO": REPO,
+        "EGRSD_RUN_DIR": run_dir,
+        "EGRSD_RUNTIME": "venv",
+        "MASTER_PORT": free_port(),
+        "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+        "HF_HUB_OFFLINE": "1",
+    }
     out = str(tmp_path / "job.out")
-    job = slurm.sbatch([f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"),
-                        f"data.train_path={data}", f"train.steps={STEPS}", "train.save_every=2",
-                        "rollout.max_new_tokens=16"], env=env, cwd=REPO)
+    job = slurm.sbatch(
+        [
+            f"--output={out}",
+            os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"),
+            f"data.train_path={data}",
+            f"train.steps={STEPS}",
+            "train.save_every=2",
+            "rollout.max_new_tokens=16",
+        ],
+        env=env,
+        cwd=REPO,
+    )
 
     def report() -> str:
-        return (f"\njob {job}: {slurm.job_info(job)}\n--- job output ---\n{_read(out)[-6000:]}"
-                f"\n--- launcher.log ---\n{_read(os.path.join(run_dir, 'logs', 'launcher.log'))}")
+        return (
+            f"\njob {job}: {slurm.job_info(job)}\n--- job output ---\n{_read(out)[-6000:]}"
+            f"\n--- launcher.log ---\n{_read(os.path.join(run_dir, 'logs', 'launcher.log'))}"
+        )
 
     # 1. It trains and checkpoints (every 2 steps; `latest` is written last, once the step folder is complete).
-    info = slurm.wait_job(job, 420, until=lambda i: _latest(run_dir) != ""
-                          or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", None))
+    info = slurm.wait_job(
+        job,
+        420,
+        until=lambda i: _latest(run_dir) != "" or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", None),
+    )
     first = _latest(run_dir)
     assert re.fullmatch(r"step_\d{8}", first), "no checkpoint written" + report()
     assert info.get("JobState") == "RUNNING", "the job stopped before it could be preempted" + report()
@@ -104,8 +138,9 @@ def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, gpu
     t0 = time.time()
     while "preempted: checkpoint saved (exit 42)" not in _read(launcher_log):
         assert time.time() - t0 < 240, "the trainer did not exit 42 after SIGUSR1" + report()
-        assert slurm.job_info(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), \
+        assert slurm.job_info(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), (
             "the job ended instead of being preempted" + report()
+        )
         time.sleep(0.5)
     preempt_ckpt = _latest(run_dir)
     k = int(preempt_ckpt.split("_")[1])
@@ -123,7 +158,6 @@ def test_tiny_training_job_trains_checkpoints_and_survives_preemption(slurm, gpu
     assert re.search(rf"resumed from .*{preempt_ckpt}", _read(out)), "the requeued job did not resume" + report()
 
 
-
 @pytest.fixture(scope="module")
 def gpu_script_job(slurm, tmp_path_factory):
     """Submit slurm/egrsd_qwen3_8b.sh itself (settings block, overrides, launcher call), venv runtime, on the
@@ -134,17 +168,37 @@ def gpu_script_job(slurm, tmp_path_factory):
     random init (the trailing arguments override the script's model.init_from=megatron).
     """
     from egrsd_megatron.cli import main
+
     tmp = tmp_path_factory.mktemp("gpu_script")
     data = str(tmp / "train.jsonl")
     assert main(["data", "synth", "--n", "16", "--out", data]) == 0
     run_dir, out = str(tmp / "run"), str(tmp / "job.out")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
-           "EGRSD_CONFIG": "conf/tiny_cpu.yaml",
-           "EGRSD_DATA": data, "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)), "HF_HUB_OFFLINE": "1"}
-    job = slurm.sbatch([f"--output={out}", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                        "--cpus-per-task=1", "--mem=2G", "--oversubscribe",
-                        os.path.join(REPO, "slurm", "egrsd_qwen3_8b.sh"), "model.init_from=random", "train.steps=1"],
-                       env=env, cwd=REPO)
+    env = {
+        "EGRSD_REPO": REPO,
+        "EGRSD_RUN_DIR": run_dir,
+        "EGRSD_RUNTIME": "venv",
+        "MASTER_PORT": free_port(),
+        "EGRSD_CONFIG": "conf/tiny_cpu.yaml",
+        "EGRSD_DATA": data,
+        "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+        "HF_HUB_OFFLINE": "1",
+    }
+    job = slurm.sbatch(
+        [
+            f"--output={out}",
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--mem=2G",
+            "--oversubscribe",
+            os.path.join(REPO, "slurm", "egrsd_qwen3_8b.sh"),
+            "model.init_from=random",
+            "train.steps=1",
+        ],
+        env=env,
+        cwd=REPO,
+    )
     return {"job": job, "run_dir": run_dir, "out": out, "data": data}
 
 
@@ -162,10 +216,16 @@ def test_gpu_training_script_runs_end_to_end_on_cpu(slurm, gpu_script_job):
 def test_a_failing_job_is_not_requeued(slurm, tmp_path):
     """A non-42 exit (here: a config error, exit 2) fails the job; the launcher does not requeue it."""
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv", "MASTER_PORT": free_port(),
-           "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable))}
-    job = slurm.sbatch([f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"), "loss.name=nope"],
-                       env=env, cwd=REPO)
+    env = {
+        "EGRSD_REPO": REPO,
+        "EGRSD_RUN_DIR": run_dir,
+        "EGRSD_RUNTIME": "venv",
+        "MASTER_PORT": free_port(),
+        "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+    }
+    job = slurm.sbatch(
+        [f"--output={out}", os.path.join(REPO, "slurm", "egrsd_tiny_cpu.sh"), "loss.name=nope"], env=env, cwd=REPO
+    )
     info = slurm.wait_job(job, 180)
     log = _read(os.path.join(run_dir, "logs", "launcher.log"))
     assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{_read(out)}"
@@ -197,8 +257,12 @@ def test_signal_to_the_batch_shell_is_forwarded_to_the_tasks(slurm, tmp_path):
     script = tmp_path / "job.sh"
     script.write_text(BATCH_SIGNAL_JOB)
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "job.out")
-    env = {"EGRSD_REPO": REPO, "EGRSD_RUN_DIR": run_dir, "EGRSD_RUNTIME": "venv",
-           "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    env = {
+        "EGRSD_REPO": REPO,
+        "EGRSD_RUN_DIR": run_dir,
+        "EGRSD_RUNTIME": "venv",
+        "EGRSD_VENV": os.path.dirname(os.path.dirname(sys.executable)),
+    }
     job = slurm.sbatch([f"--output={out}", str(script)], env=env, cwd=REPO)
     slurm.wait_job(job, 120, until=lambda i: os.path.exists(os.path.join(run_dir, "ready")))
     slurm.run(["scancel", "--batch", "--signal=USR1", job])

@@ -5,6 +5,7 @@ this module is skipped. Models: a tiny random Qwen3 with head_dim 32 (vLLM's CPU
 the head_dim 16 of the qwen3_tiny_chat preset) and the real SmolLM2-135M-Instruct (Llama family).
 Everything runs in fp32 on both engines, so greedy outputs are compared token for token.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,12 @@ LONG = [3 + (7 * i) % 250 for i in range(300)]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_models")
     a, b = write_tiny(str(root / "A"), seed=0), write_tiny(str(root / "B"), seed=1)
-    return SimpleNamespace(a=a, b=b, hf_a=HFEngine(build_hf_model({}, a), byte_tokenizer()),
-                           hf_b=HFEngine(build_hf_model({}, b), byte_tokenizer()))
+    return SimpleNamespace(
+        a=a,
+        b=b,
+        hf_a=HFEngine(build_hf_model({}, a), byte_tokenizer()),
+        hf_b=HFEngine(build_hf_model({}, b), byte_tokenizer()),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,16 @@ def folder_run(models):
     rng_kept, threads_kept = torch.equal(rng, torch.get_rng_state()), threads == torch.get_num_threads()
     print(f"\nvllm engine start (weights_dir): {start_s:.1f} s")
     try:
-        return SimpleNamespace(device=e.device, dtype=e.dtype, start_s=start_s,
-                               set_num_threads_restored=torch.set_num_threads is torch._C.set_num_threads,
-                               rng_kept=rng_kept, threads_kept=threads_kept,
-                               batch=e.generate(PROMPTS, GREEDY),
-                               alone=[e.generate([p], GREEDY)[0] for p in PROMPTS])
+        return SimpleNamespace(
+            device=e.device,
+            dtype=e.dtype,
+            start_s=start_s,
+            set_num_threads_restored=torch.set_num_threads is torch._C.set_num_threads,
+            rng_kept=rng_kept,
+            threads_kept=threads_kept,
+            batch=e.generate(PROMPTS, GREEDY),
+            alone=[e.generate([p], GREEDY)[0] for p in PROMPTS],
+        )
     finally:
         e.close()
 
@@ -114,7 +124,7 @@ def test_refit_from_dummy_weights(models, folder_run, dummy_run):
     rows = PROMPTS + [LONG]
     ref_a, ref_b = ids(models.hf_a.generate(rows, GREEDY)), ids(models.hf_b.generate(rows, GREEDY))
     assert ref_a[:-1] == ids(folder_run.batch)
-    assert ref_a[0] != ref_b[0] and ref_a[-1] != ref_b[-1] and before != ref_a[:-1]   # dummy weights: not A
+    assert ref_a[0] != ref_b[0] and ref_a[-1] != ref_b[-1] and before != ref_a[:-1]  # dummy weights: not A
     assert ids(e.generate(rows, GREEDY)) == ref_a
     e.update_weights(models.hf_b.model.state_dict().items())
     assert ids(e.generate(rows, GREEDY)) == ref_b
@@ -161,14 +171,16 @@ def test_stop_token_ends_row_and_truncated_flag(models, engine):
     for row, c in zip(free, out):
         if stop_tok in row:
             k = row.index(stop_tok)
-            assert c.response_ids == row[: k + 1] and not c.truncated   # stop token kept, row ends there
+            assert c.response_ids == row[: k + 1] and not c.truncated  # stop token kept, row ends there
         else:
             assert c.response_ids == row and c.truncated
     assert not out[0].truncated and len(out[0].response_ids) == k0 + 1
     # truncated exactly at max_new_tokens: a row whose stop token is the LAST allowed token is not truncated
-    at = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=k0 + 1,
-                                                      stop_token_ids=[stop_tok]))[0]
+    at = engine.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=k0 + 1, stop_token_ids=[stop_tok])
+    )[0]
     assert at.response_ids == free[0][: k0 + 1] and not at.truncated
-    before = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=k0,
-                                                          stop_token_ids=[stop_tok]))[0]
+    before = engine.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=k0, stop_token_ids=[stop_tok])
+    )[0]
     assert before.response_ids == free[0][:k0] and before.truncated

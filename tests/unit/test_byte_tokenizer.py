@@ -1,4 +1,5 @@
 """The byte-level tokenizer of the tiny test models: lossless on any text, chat specials as single ids."""
+
 from egrsd_megatron.data import load_tokenizer
 from egrsd_megatron.data.byte_tokenizer import byte_tokenizer
 
@@ -7,7 +8,7 @@ def test_round_trip_and_ids():
     tok = byte_tokenizer()
     text = "Héllo wörld 12+3=15 \u4f60\u597d\n\ttabs"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text.encode("utf-8"))           # one id per byte, no merges
+    assert len(ids) == len(text.encode("utf-8"))  # one id per byte, no merges
     assert tok.decode(ids) == text
     assert len(tok) == 261 and max(ids) < 256
 

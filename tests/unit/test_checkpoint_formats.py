@@ -1,5 +1,6 @@
 """checkpoint/formats.py: load/save/source dispatched on egrsd_checkpoint.json's `format`; the TensorSource
 protocol that resharding reads from."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def test_dispatch_on_the_format_field(meg, tmp_path, monkeypatch):
     _, ck = meg
     assert formats.format_of(ck).name == FORMAT == formats.DEFAULT_FORMAT
     calls = []
-    fake = formats.CheckpointFormat("toy-v1", save=lambda *a, **k: calls.append(("save", a, k)) or "x",
-                                    load=lambda *a: calls.append(("load", a)), source=lambda d, arch=None: "src")
+    fake = formats.CheckpointFormat(
+        "toy-v1",
+        save=lambda *a, **k: calls.append(("save", a, k)) or "x",
+        load=lambda *a: calls.append(("load", a)),
+        source=lambda d, arch=None: "src",
+    )
     monkeypatch.setitem(formats.FORMATS, "toy-v1", fake)
     other = tmp_path / "toy"
     other.mkdir()

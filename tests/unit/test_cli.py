@@ -1,4 +1,5 @@
 """cli.py: a user error is one line and exit 2; anything else (a bug) keeps its full traceback."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("exc", [ValueError("a bug"), FileNotFoundError("a bug"), KeyError("a bug")])
 def test_a_bug_is_not_a_user_error(monkeypatch, tmp_path, exc):
     """A plain ValueError / FileNotFoundError from inside a command is a bug: it propagates (traceback)."""
+
     def broken(args):
         raise exc
+
     monkeypatch.setattr(data_commands, "_synth", broken)
     with pytest.raises(type(exc), match="a bug"):
         main(["data", "synth", "--n", "1", "--out", str(tmp_path / "x.jsonl")])
@@ -36,6 +39,7 @@ def test_a_bug_is_not_a_user_error(monkeypatch, tmp_path, exc):
 def test_declared_user_error_types(monkeypatch, tmp_path, capsys, exc):
     def user_mistake(args):
         raise exc
+
     monkeypatch.setattr(data_commands, "_synth", user_mistake)
     assert main(["data", "synth", "--n", "1", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert capsys.readouterr().err == f"egrsd data: error: {exc}\n"

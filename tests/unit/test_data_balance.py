@@ -3,6 +3,7 @@
 Quality is checked against the proven worst-case bounds with the exact optimum found by brute force on
 small random instances (the bounds hold for every instance, so any violation is a bug).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -85,7 +86,7 @@ def test_ffd_ties_broken_by_index():
 def test_ffd_sequence_over_budget_is_a_config_error():
     with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch.*sequence 2 has 11 tokens > the budget 10"):
         pack_bins([3, 4, 11], 10)
-    with pytest.raises(ConfigError, match="sequence 2 has 11 tokens"):   # global index through the plan
+    with pytest.raises(ConfigError, match="sequence 2 has 11 tokens"):  # global index through the plan
         plan_micro_batches([3, 4, 11, 1], 2, 10)
     with pytest.raises(ConfigError, match="must be >= 1"):
         pack_bins([1], 0)
@@ -106,12 +107,12 @@ def test_kk_within_bound_and_partition():
 
 def test_kk_beats_contiguous_split_on_skewed_lengths():
     rng = random.Random(7)
-    lengths = sorted(rng.randint(1, 512) for _ in range(64))   # sorted: a contiguous split is maximally unfair
+    lengths = sorted(rng.randint(1, 512) for _ in range(64))  # sorted: a contiguous split is maximally unfair
     parts = partition_balanced(lengths, 4)
     sums = [sum(lengths[i] for i in p) for p in parts]
     # Spread within one sequence: guaranteed for greedy longest-first, KK does at least as well here.
     assert max(sums) - min(sums) <= max(lengths)
-    contiguous = [sum(lengths[i:i + 16]) for i in range(0, 64, 16)]
+    contiguous = [sum(lengths[i : i + 16]) for i in range(0, 64, 16)]
     assert max(sums) < max(contiguous)
 
 
@@ -122,7 +123,7 @@ def test_kk_fewer_sequences_than_ranks():
 
 def test_plan_respects_budget_and_covers_everything():
     rng = random.Random(9)
-    lengths = [rng.choice([rng.randint(20, 200), 256]) for _ in range(96)]   # a spike at truncation
+    lengths = [rng.choice([rng.randint(20, 200), 256]) for _ in range(96)]  # a spike at truncation
     plan = plan_micro_batches(lengths, 4, 512)
     assert len(plan) == 4
     assert _flat([mb for rank in plan for mb in rank]) == list(range(96))

@@ -1,4 +1,5 @@
 """Dataset loading from jsonl / json / parquet / datasets folder, and every validation error path."""
+
 import json
 
 import pytest
@@ -6,9 +7,11 @@ import pytest
 from egrsd_megatron.config.schema import DataConfig
 from egrsd_megatron.data import DataError, Problem, load_problems
 
-ROWS = [{"problem": "What is 2+3?", "solution": "2+3=5", "answer": "5"},
-        {"problem": "What is 7*6?", "solution": "7*6=42", "answer": 42},
-        {"problem": "Half of 1?", "solution": "1/2", "answer": "\\frac{1}{2}"}]
+ROWS = [
+    {"problem": "What is 2+3?", "solution": "2+3=5", "answer": "5"},
+    {"problem": "What is 7*6?", "solution": "7*6=42", "answer": 42},
+    {"problem": "Half of 1?", "solution": "1/2", "answer": "\\frac{1}{2}"},
+]
 
 
 def _jsonl(path, rows, blank_lines=False):
@@ -21,38 +24,48 @@ def test_formats_agree(tmp_path):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     rows = [dict(r, answer=str(r["answer"])) for r in ROWS]
-    paths = [_jsonl(tmp_path / "a.jsonl", ROWS), str(tmp_path / "b.parquet"), str(tmp_path / "c.json"),
-             str(tmp_path / "ds")]
+    paths = [
+        _jsonl(tmp_path / "a.jsonl", ROWS),
+        str(tmp_path / "b.parquet"),
+        str(tmp_path / "c.json"),
+        str(tmp_path / "ds"),
+    ]
     pq.write_table(pa.Table.from_pylist(rows), paths[1])
     (tmp_path / "c.json").write_text(json.dumps(ROWS))
     datasets.Dataset.from_list(rows).save_to_disk(paths[3])
     sets = [load_problems(p, DataConfig()) for p in paths]
     for ps, p in zip(sets, paths):
-        assert [(x.problem, x.solution, x.answer, x.index) for x in ps] == \
-               [(r["problem"], r["solution"], r["answer"], i) for i, r in enumerate(rows)]
+        assert [(x.problem, x.solution, x.answer, x.index) for x in ps] == [
+            (r["problem"], r["solution"], r["answer"], i) for i, r in enumerate(rows)
+        ]
         assert ps[0].source == p and ps.skipped == 0
-    assert isinstance(sets[0][1], Problem) and sets[0][1].answer == "42"   # numbers become strings
+    assert isinstance(sets[0][1], Problem) and sets[0][1].answer == "42"  # numbers become strings
 
 
 def test_configurable_field_names(tmp_path):
     rows = [{"q": r["problem"], "ctx": r["solution"], "a": str(r["answer"])} for r in ROWS]
-    ps = load_problems(_jsonl(tmp_path / "x.jsonl", rows),
-                       DataConfig(problem_field="q", solution_field="ctx", answer_field="a"))
+    ps = load_problems(
+        _jsonl(tmp_path / "x.jsonl", rows), DataConfig(problem_field="q", solution_field="ctx", answer_field="a")
+    )
     assert len(ps) == 3 and ps[2].solution == "1/2"
 
 
-@pytest.mark.parametrize("row,match", [
-    ({"solution": "s", "answer": "1"}, r"line 3: missing field 'problem'.*data.problem_field"),
-    ({"problem": "p", "answer": "1"}, r"line 3: missing field 'solution'"),
-    ({"problem": "p", "solution": "s"}, r"line 3: missing field 'answer'"),
-    ({"problem": "  ", "solution": "s", "answer": "1"}, r"line 3: field 'problem' is empty"),
-    ({"problem": "p", "solution": "s", "answer": ""}, r"line 3: field 'answer' is empty"),
-    ({"problem": 5, "solution": "s", "answer": "1"}, r"line 3: field 'problem' must be a string, got int"),
-    ({"problem": "p", "solution": ["s"], "answer": "1"}, r"line 3: field 'solution' must be a string, got list"),
-    ({"problem": "p", "solution": "s", "answer": True}, r"line 3: field 'answer' must be a string or a number"),
-    ({"problem": "p", "solution": "s", "answer": float("nan")}, r"line 3: field 'answer' is nan"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"solution": "s", "answer": "1"}, r"line 3: missing field 'problem'.*data.problem_field"),
+        ({"problem": "p", "answer": "1"}, r"line 3: missing field 'solution'"),
+        ({"problem": "p", "solution": "s"}, r"line 3: missing field 'answer'"),
+        ({"problem": "  ", "solution": "s", "answer": "1"}, r"line 3: field 'problem' is empty"),
+        ({"problem": "p", "solution": "s", "answer": ""}, r"line 3: field 'answer' is empty"),
+        ({"problem": 5, "solution": "s", "answer": "1"}, r"line 3: field 'problem' must be a string, got int"),
+        ({"problem": "p", "solution": ["s"], "answer": "1"}, r"line 3: field 'solution' must be a string, got list"),
+        ({"problem": "p", "solution": "s", "answer": True}, r"line 3: field 'answer' must be a string or a number"),
+        ({"problem": "p", "solution": "s", "answer": float("nan")}, r"line 3: field 'answer' is nan"),
+    ],
+)
 def test_row_errors_name_file_line_field(tmp_path, row, match):
     # a blank line 2 proves the count is of file lines (1-based), not of records
     path = tmp_path / "bad.jsonl"
@@ -92,6 +105,7 @@ def test_eval_sets_without_solution(tmp_path):
 
 class _CharTok:
     """One token per character: lengths are easy to know exactly."""
+
     def encode(self, text, add_special_tokens=False):
         return list(range(len(text)))
 
@@ -112,6 +126,7 @@ def test_overlong_uses_teacher_prompt_with_builder(tmp_path):
     """With a prompt builder the limit applies to the longer (teacher) prompt, which carries the solution."""
     from egrsd_megatron.config.schema import PromptConfig
     from egrsd_megatron.data import PromptBuilder, load_tokenizer
+
     tok = load_tokenizer("qwen3")
     b = PromptBuilder(tok, PromptConfig())
     rows = [{"problem": "What is 1+1?", "solution": "one plus one " * k, "answer": "2"} for k in (1, 40)]

@@ -1,4 +1,5 @@
 """data/packing.py: the packed row, its cu_seqlens/positions, and the response positions it scores."""
+
 from __future__ import annotations
 
 import pytest
@@ -60,6 +61,7 @@ def test_pad_to_exact_fit_adds_no_segment():
 def test_packs_for_bins_rows_follow_bins():
     from egrsd_megatron.data.balance import pack_bins
     from egrsd_megatron.data.packing import packs_for_bins
+
     seqs = [[i] * n for i, n in enumerate([4, 9, 2, 6, 3], start=1)]
     starts = [1, 3, 1, 2, 1]
     bins = pack_bins([len(s) for s in seqs], 10)
@@ -69,4 +71,4 @@ def test_packs_for_bins_rows_follow_bins():
         assert p.lengths == [len(seqs[i]) for i in b]
         for r, i in enumerate(b):
             n = len(seqs[i]) - starts[i]
-            assert p.targets[r, :n].tolist() == seqs[i][starts[i]:]
+            assert p.targets[r, :n].tolist() == seqs[i][starts[i] :]

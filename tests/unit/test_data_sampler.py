@@ -1,4 +1,5 @@
 """PromptSampler: deterministic order, per-epoch reshuffle, exact resume from state_dict."""
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,23 +18,26 @@ def test_epochs_are_permutations_and_reshuffle():
     e0, e1, e2 = _ids(s.next_batch(7)), _ids(s.next_batch(7)), _ids(s.next_batch(7))
     for e in (e0, e1, e2):
         assert sorted(e) == list(range(7))
-    assert len({tuple(e0), tuple(e1), tuple(e2)}) == 3        # a new order each epoch
+    assert len({tuple(e0), tuple(e1), tuple(e2)}) == 3  # a new order each epoch
     assert s.state_dict()["epoch"] == 2
-    assert _ids(PromptSampler(PROBS, seed=3).next_batch(21)) == e0 + e1 + e2   # batches cross epochs
+    assert _ids(PromptSampler(PROBS, seed=3).next_batch(21)) == e0 + e1 + e2  # batches cross epochs
     assert _ids(PromptSampler(PROBS, seed=4).next_batch(7)) != e0
     assert _ids(PromptSampler(PROBS, seed=3, shuffle=False).next_batch(9)) == list(range(7)) + [0, 1]
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), sizes=st.lists(st.integers(1, 10), min_size=1, max_size=8),
-       more=st.lists(st.integers(1, 10), min_size=1, max_size=5))
+@given(
+    seed=st.integers(0, 2**31),
+    sizes=st.lists(st.integers(1, 10), min_size=1, max_size=8),
+    more=st.lists(st.integers(1, 10), min_size=1, max_size=5),
+)
 def test_resume_reproduces_continuation(seed, sizes, more):
     a = PromptSampler(PROBS, seed=seed)
     for n in sizes:
         a.next_batch(n)
     state = a.state_dict()
     expected = [_ids(a.next_batch(n)) for n in more]
-    b = PromptSampler(PROBS, seed=0)            # a fresh sampler with another seed: the state wins
+    b = PromptSampler(PROBS, seed=0)  # a fresh sampler with another seed: the state wins
     b.load_state_dict(state)
     assert [_ids(b.next_batch(n)) for n in more] == expected
 

@@ -1,5 +1,6 @@
 """Synthetic problems (checked by re-doing every worked step independently), `egrsd data synth|prepare`,
 and evaluation-set conversion from their public layouts."""
+
 import json
 import operator
 import re
@@ -25,8 +26,8 @@ def test_worked_solutions_are_correct(lo, hi):
         seen_steps.add(len(eqs))
         prev = None
         for a, op, b, c in eqs:
-            assert _OPS[op](int(a), int(b)) == int(c), p          # each step's arithmetic
-            assert prev is None or int(a) == prev or op == "-" and int(b) == prev, p   # chained
+            assert _OPS[op](int(a), int(b)) == int(c), p  # each step's arithmetic
+            assert prev is None or int(a) == prev or op == "-" and int(b) == prev, p  # chained
             prev = int(c)
         assert p["answer"] == str(prev) and int(prev) >= 0
         assert lines[-1] == f"#### {prev}" and lines[-2] == f"So the answer is \\boxed{{{prev}}}."
@@ -47,6 +48,7 @@ def test_deterministic_and_prefix_stable():
 def test_synth_cli_writes_loadable_jsonl(tmp_path, capsys):
     from egrsd_megatron.config.schema import DataConfig
     from egrsd_megatron.data import load_problems
+
     out = tmp_path / "s.jsonl"
     assert cli(["data", "synth", "--n", "12", "--seed", "3", "--out", str(out), "--max-steps", "3"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -65,20 +67,34 @@ def _write(tmp_path, name, rows):
 
 def test_prepare_public_layouts(tmp_path):
     cases = {
-        "gsm8k": ([{"question": "Q1", "answer": "3 apples <<1+2=3>>3.\n#### 1,003"}],
-                  {"problem": "Q1", "answer": "1003", "solution": "3 apples 3.", "id": "gsm8k-1"}),
-        "math500": ([{"problem": "P", "solution": "so \\boxed{\\frac{1}{2}}", "answer": "\\frac{1}{2}",
-                      "unique_id": "test/x.json"}],
-                    {"problem": "P", "answer": "\\frac{1}{2}", "solution": "so \\boxed{\\frac{1}{2}}",
-                     "id": "test/x.json"}),
-        "aime24": ([{"ID": "2024-I-1", "Problem": "P", "Solution": "S", "Answer": 204}],
-                   {"problem": "P", "answer": "204", "solution": "S", "id": "2024-I-1"}),
+        "gsm8k": (
+            [{"question": "Q1", "answer": "3 apples <<1+2=3>>3.\n#### 1,003"}],
+            {"problem": "Q1", "answer": "1003", "solution": "3 apples 3.", "id": "gsm8k-1"},
+        ),
+        "math500": (
+            [
+                {
+                    "problem": "P",
+                    "solution": "so \\boxed{\\frac{1}{2}}",
+                    "answer": "\\frac{1}{2}",
+                    "unique_id": "test/x.json",
+                }
+            ],
+            {"problem": "P", "answer": "\\frac{1}{2}", "solution": "so \\boxed{\\frac{1}{2}}", "id": "test/x.json"},
+        ),
+        "aime24": (
+            [{"ID": "2024-I-1", "Problem": "P", "Solution": "S", "Answer": 204}],
+            {"problem": "P", "answer": "204", "solution": "S", "id": "2024-I-1"},
+        ),
         "aime25": ([{"question": "P", "answer": "70"}], {"problem": "P", "answer": "70", "id": "aime25-1"}),
-        "minerva": ([{"problem": "P", "solution": "x \\boxed{4\\times10^{3}} y"}],
-                    {"problem": "P", "answer": "4\\times10^{3}", "solution": "x \\boxed{4\\times10^{3}} y",
-                     "id": "minerva-1"}),
-        "hmmt25": ([{"problem_idx": 7, "problem": "P", "answer": "\\sqrt{2}"}],
-                   {"problem": "P", "answer": "\\sqrt{2}", "id": "7"}),
+        "minerva": (
+            [{"problem": "P", "solution": "x \\boxed{4\\times10^{3}} y"}],
+            {"problem": "P", "answer": "4\\times10^{3}", "solution": "x \\boxed{4\\times10^{3}} y", "id": "minerva-1"},
+        ),
+        "hmmt25": (
+            [{"problem_idx": 7, "problem": "P", "answer": "\\sqrt{2}"}],
+            {"problem": "P", "answer": "\\sqrt{2}", "id": "7"},
+        ),
     }
     for name, (rows, expected) in cases.items():
         out = tmp_path / f"{name}.out.jsonl"
@@ -89,7 +105,9 @@ def test_prepare_public_layouts(tmp_path):
 
 
 def test_prepare_errors_write_nothing(tmp_path, capsys):
-    src = _write(tmp_path, "g.jsonl", [{"question": "Q", "answer": "#### 1"}, {"question": "Q2", "answer": "no hashes"}])
+    src = _write(
+        tmp_path, "g.jsonl", [{"question": "Q", "answer": "#### 1"}, {"question": "Q2", "answer": "no hashes"}]
+    )
     out = tmp_path / "g.out.jsonl"
     with pytest.raises(ValueError, match=r"g.jsonl line 2: gsm8k field 'answer' has no '#### N'"):
         prepare_benchmark("gsm8k", src, str(out))

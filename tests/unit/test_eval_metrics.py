@@ -1,4 +1,5 @@
 """Evaluation metrics against hand computations; evaluate_problems wiring with a scripted engine."""
+
 from __future__ import annotations
 
 from math import comb
@@ -62,8 +63,12 @@ def test_metrics_edge_cases():
         compute_metrics([])
     with pytest.raises(ValueError, match="pass@8"):
         compute_metrics(FIXTURE, ks=[8])
-    avg = average_summaries({"a": {"accuracy": 0.5, "mean_length": 10.0, "x": "s", "num_samples": 4},
-                             "b": {"accuracy": 0.25, "mean_length": 30.0, "num_samples": 6}})
+    avg = average_summaries(
+        {
+            "a": {"accuracy": 0.5, "mean_length": 10.0, "x": "s", "num_samples": 4},
+            "b": {"accuracy": 0.25, "mean_length": 30.0, "num_samples": 6},
+        }
+    )
     assert avg == {"accuracy": 0.375, "mean_length": 20.0, "num_samples": 10}
 
 
@@ -78,8 +83,9 @@ class ScriptedEngine(RolloutEngine):
         out = []
         for p, s in zip(prompts, seeds):
             n = 3 + s % 5
-            out.append(Completion(prompt_ids=p, response_ids=list(range(n)), text=f"The answer is {s % 2}",
-                                  truncated=n == 7))
+            out.append(
+                Completion(prompt_ids=p, response_ids=list(range(n)), text=f"The answer is {s % 2}", truncated=n == 7)
+            )
         return out
 
     def update_weights(self, named_tensors):
@@ -96,8 +102,9 @@ def test_evaluate_problems_scores_records_and_resumes():
     params = SamplingParams(temperature=0.6, max_new_tokens=8, seed=0)
     eng = ScriptedEngine()
     seen = []
-    summary, recs = evaluate_problems(eng, Builder(), problems, "final_number", params, k=3, on_result=seen.append,
-                                      benchmark="b", batch_size=4)
+    summary, recs = evaluate_problems(
+        eng, Builder(), problems, "final_number", params, k=3, on_result=seen.append, benchmark="b", batch_size=4
+    )
     assert eng.calls == [4, 4, 4, 3] and len(seen) == 15 and seen == recs
     for r in recs:
         assert r["correct"] == (r["seed"] % 2 == 1) and r["reward"] == float(r["correct"])
@@ -106,9 +113,18 @@ def test_evaluate_problems_scores_records_and_resumes():
     # resume from the first 7 records (a partial batch): same records, only the rest generated
     eng2 = ScriptedEngine()
     again = []
-    s2, recs2 = evaluate_problems(eng2, Builder(), problems, "final_number", params, k=3, on_result=again.append,
-                                  benchmark="b", batch_size=5, done={(r["problem_index"], r["sample_index"]): r
-                                                                     for r in recs[:7]})
+    s2, recs2 = evaluate_problems(
+        eng2,
+        Builder(),
+        problems,
+        "final_number",
+        params,
+        k=3,
+        on_result=again.append,
+        benchmark="b",
+        batch_size=5,
+        done={(r["problem_index"], r["sample_index"]): r for r in recs[:7]},
+    )
     assert recs2 == recs and s2 == summary and again == recs[7:] and sum(eng2.calls) == 8
     # another benchmark name gives other seeds
     _, recs3 = evaluate_problems(ScriptedEngine(), Builder(), problems, "final_number", params, k=3, benchmark="c")

@@ -1,4 +1,5 @@
 """Frontier and training-curve plots: real images of the expected size with content; Pareto front by hand."""
+
 from __future__ import annotations
 
 import json
@@ -23,22 +24,31 @@ def _result(root, name, benches):
     d = os.path.join(root, name)
     os.makedirs(d)
     with open(os.path.join(d, "summary.json"), "w") as f:
-        json.dump({"label": name, "benchmarks": {b: {"accuracy": a, "mean_length": n} for b, (a, n) in benches.items()},
-                   "average": {}}, f)
+        json.dump(
+            {
+                "label": name,
+                "benchmarks": {b: {"accuracy": a, "mean_length": n} for b, (a, n) in benches.items()},
+                "average": {},
+            },
+            f,
+        )
     return d
 
 
 def _image(path):
     import matplotlib.image as mpimg
+
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[2] in (3, 4)
     return img
 
 
 def test_frontier_png(tmp_path):
-    dirs = [_result(tmp_path, "grpo", {"gsm8k": (0.80, 400.0), "math500": (0.60, 900.0)}),
-            _result(tmp_path, "egrsd", {"gsm8k": (0.82, 250.0), "math500": (0.58, 600.0)}),
-            _result(tmp_path, "cl_egrsd", {"gsm8k": (0.79, 300.0), "math500": (0.61, 700.0)})]
+    dirs = [
+        _result(tmp_path, "grpo", {"gsm8k": (0.80, 400.0), "math500": (0.60, 900.0)}),
+        _result(tmp_path, "egrsd", {"gsm8k": (0.82, 250.0), "math500": (0.58, 600.0)}),
+        _result(tmp_path, "cl_egrsd", {"gsm8k": (0.79, 300.0), "math500": (0.61, 700.0)}),
+    ]
     names, panels = frontier_table(dirs)
     assert names == ["grpo", "egrsd", "cl_egrsd"]
     assert list(panels) == ["gsm8k", "math500", "average (2 benchmarks)"]
@@ -47,7 +57,7 @@ def test_frontier_png(tmp_path):
     assert main(["frontier", *dirs, "--out", out, "--labels", "GRPO", "EGRSD", "CL-EGRSD"]) == 0
     img = _image(out)
     assert img.shape[:2] == (round(PANEL_H * DPI), round(3 * PANEL_W * DPI))
-    assert float(np.asarray(img[..., :3]).std()) > 0.05   # not a blank canvas
+    assert float(np.asarray(img[..., :3]).std()) > 0.05  # not a blank canvas
     # bad inputs
     assert main(["frontier", str(tmp_path / "nope"), "--out", out]) == 2
     with pytest.raises(ValueError, match="labels"):
@@ -61,8 +71,17 @@ def test_curves_png(tmp_path, capsys):
         d.mkdir()
         with open(d / "metrics.jsonl", "w") as f:
             for step in range(1, 21):
-                f.write(json.dumps({"step": step, "accuracy": min(1.0, 0.02 * slope * step),
-                                    "response_length": 300 - 5 * slope * step, "loss": 0.1}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "accuracy": min(1.0, 0.02 * slope * step),
+                            "response_length": 300 - 5 * slope * step,
+                            "loss": 0.1,
+                        }
+                    )
+                    + "\n"
+                )
         runs.append(str(d))
     out = str(tmp_path / "curves.png")
     assert main(["curves", *runs, "--out", out]) == 0

@@ -1,17 +1,26 @@
 """KV-group zero padding in the per-tensor layout (no processes): shard_from_hf fills padding groups with
 zeros, hf_from_shards drops them bit-identically and refuses non-zero padding, naming the parameter."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from egrsd_megatron.checkpoint.layout import hf_from_shards, layer_params
-from egrsd_megatron.checkpoint.layout import shard_from_hf
+from egrsd_megatron.checkpoint.layout import hf_from_shards, layer_params, shard_from_hf
 from egrsd_megatron.models import ModelArch
 from egrsd_megatron.models.group_padding import padding_view, real_local_groups
 
-ARCH = ModelArch(num_layers=1, hidden_size=96, num_attention_heads=6, num_kv_heads=3, head_dim=16,
-                 ffn_hidden_size=96, vocab_size=200, family="llama", qk_norm=False)
+ARCH = ModelArch(
+    num_layers=1,
+    hidden_size=96,
+    num_attention_heads=6,
+    num_kv_heads=3,
+    head_dim=16,
+    ffn_hidden_size=96,
+    vocab_size=200,
+    family="llama",
+    qk_norm=False,
+)
 
 
 def _attn_maps():
@@ -50,7 +59,11 @@ def test_roundtrip_bit_identical_and_padding_zero(tp):
     assert torch.equal(hf_from_shards(proj, s_o, ARCH)[0], o)
     # Megatron-side group i = HF KV group i (q heads 2i, 2i+1; k/v head i) for the real groups.
     full = torch.cat(s_qkv).view(gm, 4 * 16, 96)
-    assert torch.equal(full[1, :32], q[32:64]) and torch.equal(full[1, 32:48], k[16:32]) and torch.equal(full[1, 48:], v[16:32])
+    assert (
+        torch.equal(full[1, :32], q[32:64])
+        and torch.equal(full[1, 32:48], k[16:32])
+        and torch.equal(full[1, 48:], v[16:32])
+    )
 
 
 def test_nonzero_padding_is_refused_naming_the_layer():
@@ -58,9 +71,12 @@ def test_nonzero_padding_is_refused_naming_the_layer():
     q, k, v, o = _hf_tensors()
     s_qkv = [shard_from_hf(qkv, (q, k, v), ARCH, 2, r) for r in range(2)]
     s_o = [shard_from_hf(proj, (o,), ARCH, 2, r) for r in range(2)]
-    padding_view("qkv", s_qkv[1], ARCH, 2, 1)[0, -1, 3] = 1e-30     # one tiny value in v of the padded group
-    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight \(layer 0\).*"
-                                         r"zero-padding KV group.*TP=2.*non-zero"):
+    padding_view("qkv", s_qkv[1], ARCH, 2, 1)[0, -1, 3] = 1e-30  # one tiny value in v of the padded group
+    with pytest.raises(
+        ValueError,
+        match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight \(layer 0\).*"
+        r"zero-padding KV group.*TP=2.*non-zero",
+    ):
         hf_from_shards(qkv, s_qkv, ARCH)
     padding_view("proj", s_o[1], ARCH, 2, 1)[5, 0, 0] = -2.0
     with pytest.raises(ValueError, match=r"linear_proj\.weight \(layer 0\).*non-zero"):
@@ -69,10 +85,12 @@ def test_nonzero_padding_is_refused_naming_the_layer():
 
 def test_padded_conversion_metadata_and_roundtrip(tmp_path):
     from safetensors.torch import load_file, save_file
+
     from egrsd_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
     from egrsd_megatron.checkpoint.layout import hf_shapes
     from egrsd_megatron.checkpoint.megatron_format import read_checkpoint_metadata
     from egrsd_megatron.utils.atomic import atomic_write_json
+
     g = torch.Generator().manual_seed(3)
     src = tmp_path / "hf"
     src.mkdir()

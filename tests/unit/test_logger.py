@@ -1,4 +1,5 @@
 """trainer/logger.py: train.log_every, and one plain line per logged step when the output is not a terminal."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ def test_not_a_terminal_one_line_per_step_no_bar(tmp_path, capsys):
     # pytest's capture is not a TTY: the CI / Slurm-log / `> file` case.
     rows = _log(tmp_path, 3)
     out, err = capsys.readouterr()
-    assert "\r" not in out and "\r" not in err          # no carriage-return bar fragments
-    assert err == ""                                     # the bar (tqdm writes to stderr) is not drawn
+    assert "\r" not in out and "\r" not in err  # no carriage-return bar fragments
+    assert err == ""  # the bar (tqdm writes to stderr) is not drawn
     lines = out.splitlines()
     assert [ln.split(" |")[0] for ln in lines] == ["step 1/3", "step 2/3", "step 3/3"]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -39,7 +40,7 @@ def test_log_every_thins_the_console_not_metrics_jsonl(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     # Steps 2 and 4, and the last step (5) so a run always ends with its final numbers.
     assert [ln.split(" |")[0] for ln in lines] == ["step 2/5", "step 4/5", "step 5/5"]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]    # every step, whatever log_every is
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # every step, whatever log_every is
     assert rows[2]["loss"] == 2.5
 
 

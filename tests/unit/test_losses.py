@@ -3,6 +3,7 @@
 References here re-derive each formula of docs/method.md token by token; the implementation is
 vectorised torch, so a shared mistake would need the same bug written twice in different forms.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,16 +16,39 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egrsd_megatron.config import load_config
-from egrsd_megatron.config.schema import (ClipConfig, ConfigError, GateConfig, LookaheadConfig, LossConfig,
-                                          OpsdConfig, RatioConfig)
-from egrsd_megatron.losses import (FAMILY, LossSpec, TokenFactors, divergence_kind, entropy_gate, group_advantages,
-                                   lookahead_entropy, loss_spec, masked_quantile, policy_loss, token_advantages)
+from egrsd_megatron.config.schema import (
+    ClipConfig,
+    ConfigError,
+    GateConfig,
+    LookaheadConfig,
+    LossConfig,
+    OpsdConfig,
+    RatioConfig,
+)
+from egrsd_megatron.losses import (
+    FAMILY,
+    LossSpec,
+    TokenFactors,
+    divergence_kind,
+    entropy_gate,
+    group_advantages,
+    lookahead_entropy,
+    loss_spec,
+    masked_quantile,
+    policy_loss,
+    token_advantages,
+)
 from egrsd_megatron.losses.registry import always
 
 F64 = torch.float64
 REWARD_NAMES = ["grpo", "rlsd", "egrsd", "cl_egrsd"]
-SECTIONS = {"ratio": RatioConfig, "gate": GateConfig, "lookahead": LookaheadConfig, "clip": ClipConfig,
-            "opsd": OpsdConfig}
+SECTIONS = {
+    "ratio": RatioConfig,
+    "gate": GateConfig,
+    "lookahead": LookaheadConfig,
+    "clip": ClipConfig,
+    "opsd": OpsdConfig,
+}
 
 
 def cfg_of(name: str = "cl_egrsd", **kw) -> LossConfig:
@@ -83,8 +107,11 @@ def ref_token_adv(adv, ls, lt, h, mask, cfg, vocab_size=None, seg=None):
         hh = np.where(m, np.minimum(hh, fut), 0.0)
     h_ref = None
     if cfg.gate.kind == "linear" and spec.gate:
-        h_ref = math.log(vocab_size) if cfg.gate.h_ref == "log_vocab" else float(
-            np.quantile(np.maximum(hh[m], 0), float(cfg.gate.h_ref.split(":")[1])))
+        h_ref = (
+            math.log(vocab_size)
+            if cfg.gate.h_ref == "log_vocab"
+            else float(np.quantile(np.maximum(hh[m], 0), float(cfg.gate.h_ref.split(":")[1])))
+        )
     for i in range(b):
         for t in range(t_len):
             if not m[i, t]:
@@ -136,14 +163,25 @@ def ref_loss_and_grad(ls, old, adv_t, mask, cfg, denominator=None, ref=None):
 
 
 # ---------------------------------------------------------------- config and registry
-@pytest.mark.parametrize("kw,key", [
-    ({"gate": {"g_min": 0.0}}, "loss.gate.g_min"), ({"gate": {"g_min": 1.0}}, "loss.gate.g_min"),
-    ({"gate": {"g_min": 1.5}}, "loss.gate.g_min"), ({"ratio": {"eps_w": -0.1}}, "loss.ratio.eps_w"),
-    ({"ratio": {"eps_w": 1.0}}, "loss.ratio.eps_w"), ({"lookahead": {"window": 0}}, "loss.lookahead.window"),
-    ({"name": "ppo"}, "loss.name"), ({"gate": {"kind": "cosine"}}, "loss.gate.kind"),
-    ({"gate": {"h_ref": "quantile:2"}}, "loss.gate.h_ref"), ({"lookahead": {"stat": "median"}}, "loss.lookahead.stat"),
-    ({"aggregation": "sum"}, "loss.aggregation"), ({"opsd": {"signal": "forward_kl"}}, "loss.opsd.signal"),
-    ({"opsd": {"beta": 1.0}}, "loss.opsd.beta"), ({"clip": {"eps_hi": -0.1}}, "loss.clip.eps_hi")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"gate": {"g_min": 0.0}}, "loss.gate.g_min"),
+        ({"gate": {"g_min": 1.0}}, "loss.gate.g_min"),
+        ({"gate": {"g_min": 1.5}}, "loss.gate.g_min"),
+        ({"ratio": {"eps_w": -0.1}}, "loss.ratio.eps_w"),
+        ({"ratio": {"eps_w": 1.0}}, "loss.ratio.eps_w"),
+        ({"lookahead": {"window": 0}}, "loss.lookahead.window"),
+        ({"name": "ppo"}, "loss.name"),
+        ({"gate": {"kind": "cosine"}}, "loss.gate.kind"),
+        ({"gate": {"h_ref": "quantile:2"}}, "loss.gate.h_ref"),
+        ({"lookahead": {"stat": "median"}}, "loss.lookahead.stat"),
+        ({"aggregation": "sum"}, "loss.aggregation"),
+        ({"opsd": {"signal": "forward_kl"}}, "loss.opsd.signal"),
+        ({"opsd": {"beta": 1.0}}, "loss.opsd.beta"),
+        ({"clip": {"eps_hi": -0.1}}, "loss.clip.eps_hi"),
+    ],
+)
 def test_invalid_config_names_the_key(kw, key):
     """Direct construction validates like the loader: the Literal fields and the ranges, naming the nested key."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "'"):
@@ -164,7 +202,7 @@ def _cell_truth(cell: str, spec_fn, name: str):
     """A 'yes' / 'no' / 'signal=a, b' cell against the spec's function of the config, for every opsd signal."""
     for signal in ("sampled", "reverse_kl", "jsd"):
         cfg = cfg_of(name=name, opsd=dict(signal=signal))
-        want = cell == "yes" or (cell.startswith("signal=") and signal in cell[len("signal="):].split(", "))
+        want = cell == "yes" or (cell.startswith("signal=") and signal in cell[len("signal=") :].split(", "))
         assert bool(spec_fn(cfg)) == want, f"{name}: '{cell}' vs signal={signal}"
 
 
@@ -180,7 +218,7 @@ def test_registry_matches_the_family_table_of_method_md():
         assert spec.lookahead == (row["lookahead"] == "yes") == (row["gate"] == "g(H^CL)")
         assert spec.teacher_entropy == (row["teacher entropy"] == "yes")
         _cell_truth(row["teacher log-probs"], spec.teacher_logprob, name)
-        _cell_truth(row["full teacher logits"], lambda c: spec.divergence(c) is not None, name)
+        _cell_truth(row["full teacher logits"], lambda c: spec.divergence(c) is not None, name)  # noqa: B023 - called inside this iteration
         # a ratio reads the log-probs; a lookahead only modifies a gate
         assert not spec.ratio or spec.teacher_logprob(cfg_of(name=name))
         assert not spec.lookahead or spec.gate
@@ -189,19 +227,24 @@ def test_registry_matches_the_family_table_of_method_md():
 def test_add_a_loss_is_one_function_and_one_registry_entry(monkeypatch):
     """The worked example of docs/architecture.md ("Add a loss"): a new advantage function plus a FAMILY
     entry is all it takes; config validation, the input checks and policy_loss follow from the spec."""
-    def tw_grpo_advantages(spec, x, cfg):       # Ahat = A_i * pT(y_t): trust tokens the teacher finds likely
+
+    def tw_grpo_advantages(spec, x, cfg):  # Ahat = A_i * pT(y_t): trust tokens the teacher finds likely
         a = x.advantages.detach().to(x.dtype).unsqueeze(1).expand(x.valid.shape)
         ones = x.ones()
         return TokenFactors(a * torch.exp(x.teacher_logprob), a, ones, ones, ones)
 
-    spec = LossSpec("tw_grpo", "GRPO weighted by the teacher's token probability", tw_grpo_advantages,
-                    uses_reward=True, teacher_logprob=always)
+    spec = LossSpec(
+        "tw_grpo",
+        "GRPO weighted by the teacher's token probability",
+        tw_grpo_advantages,
+        uses_reward=True,
+        teacher_logprob=always,
+    )
     monkeypatch.setitem(FAMILY, "tw_grpo", spec)
     cfg = load_config(None, ["loss.name=tw_grpo"]).loss
     adv, ls, lt, h, mask = make_batch(7)
     got = token_advantages(adv, ls, lt, None, mask, cfg)
-    np.testing.assert_allclose(got.numpy(), np.where(mask, adv[:, None].numpy() * np.exp(lt.numpy()), 0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(got.numpy(), np.where(mask, adv[:, None].numpy() * np.exp(lt.numpy()), 0), rtol=1e-12)
     with pytest.raises(ValueError, match="teacher_logprob is required for loss.name=tw_grpo"):
         token_advantages(adv, ls, None, None, mask, cfg)
     loss, _ = policy_loss(ls, None, got, mask, cfg)
@@ -246,7 +289,7 @@ def test_group_advantages_bad_input():
 def test_lookahead_matches_loop_reference_packed(stat, window):
     g = torch.Generator().manual_seed(window)
     h = torch.rand(5, 17, generator=g, dtype=F64) * 5
-    mask = torch.rand(5, 17, generator=g) > 0.2          # holes inside rows too
+    mask = torch.rand(5, 17, generator=g) > 0.2  # holes inside rows too
     seg = torch.cumsum(torch.rand(5, 17, generator=g) > 0.8, dim=1)  # packed sequences
     fut = ref_future(h.numpy(), mask.numpy(), window, stat, seg.numpy())
     got_f = lookahead_entropy(h, mask, window, stat, segment_ids=seg, return_future=True)
@@ -283,8 +326,9 @@ def test_lookahead_never_reads_outside_its_response(seed, window, stat):
     assert torch.equal(got[inside], base[inside])
     # F itself too: min(H, F) alone could hide a leaked huge value whenever F >= H already
     fut = lookahead_entropy(noisy, mask, window, stat, segment_ids=seg, return_future=True)
-    assert torch.equal(fut[inside], lookahead_entropy(h, mask, window, stat, segment_ids=seg,
-                                                      return_future=True)[inside])
+    assert torch.equal(
+        fut[inside], lookahead_entropy(h, mask, window, stat, segment_ids=seg, return_future=True)[inside]
+    )
     assert (fut[inside] <= 1).all()
 
 
@@ -313,22 +357,32 @@ def test_cl_gate_lifts_transient_spike_not_sustained_span():
     assert entropy_gate(transient, eg.gate)[0, spike_t] == entropy_gate(sustained, eg.gate)[0, spike_t]
     assert torch.equal(g_tr[0, :5], entropy_gate(transient, eg.gate)[0, :5])
     # the metric counts the lifted spike once, and none in the sustained span but its tail end
-    _, m_tr = token_advantages(torch.ones(1, dtype=F64), transient * 0 - 1, transient * 0 - 1, transient, mask,
-                               cfg, return_metrics=True)
+    _, m_tr = token_advantages(
+        torch.ones(1, dtype=F64), transient * 0 - 1, transient * 0 - 1, transient, mask, cfg, return_metrics=True
+    )
     assert m_tr["spike_count"] == 1.0
 
 
 # ---------------------------------------------------------------- gate
-@pytest.mark.parametrize("kw", [dict(kind="exp", tau=0.7, g_min=0.3), dict(kind="linear", h_ref="log_vocab"),
-                                dict(kind="linear", h_ref="quantile:0.8", g_min=0.1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kind="exp", tau=0.7, g_min=0.3),
+        dict(kind="linear", h_ref="log_vocab"),
+        dict(kind="linear", h_ref="quantile:0.8", g_min=0.1),
+    ],
+)
 def test_gate_matches_formula(kw):
     cfg = cfg_of(name="egrsd", gate=kw)
     _, _, _, h, mask = make_batch(3)
     h[0, 0] = -1e-7  # fp32-style tiny negative entropy must not push the gate above 1
     g = entropy_gate(h, cfg.gate, mask=mask, vocab_size=1000)
     hn, m = h.numpy(), mask.numpy()
-    h_ref = math.log(1000) if kw.get("h_ref") == "log_vocab" else (
-        float(np.quantile(np.maximum(hn[m], 0), 0.8)) if cfg.gate.kind == "linear" else None)
+    h_ref = (
+        math.log(1000)
+        if kw.get("h_ref") == "log_vocab"
+        else (float(np.quantile(np.maximum(hn[m], 0), 0.8)) if cfg.gate.kind == "linear" else None)
+    )
     ref = np.vectorize(lambda v: ref_gate_scalar(v, cfg, h_ref))(hn)
     np.testing.assert_allclose(g.numpy(), ref, rtol=1e-12)
     assert (g >= cfg.gate.g_min).all() and (g <= 1).all()
@@ -348,7 +402,9 @@ CASES = [dict(name=n) for n in REWARD_NAMES] + [
     dict(name="egrsd", ratio=dict(lam=0.5, eps_w=0.3), gate=dict(g_min=0.1, tau=2.0)),
     dict(name="cl_egrsd", lookahead=dict(stat="max", window=3), gate=dict(kind="linear", h_ref="quantile:0.9")),
     dict(name="cl_egrsd", gate=dict(kind="linear", h_ref="log_vocab")),
-    dict(name="opsd", opsd=dict(signal="sampled")), dict(name="opsd", opsd=dict(signal="reverse_kl"))]
+    dict(name="opsd", opsd=dict(signal="sampled")),
+    dict(name="opsd", opsd=dict(signal="reverse_kl")),
+]
 
 
 def _case_id(kw) -> str:
@@ -412,10 +468,10 @@ def test_token_advantage_metrics_by_hand():
     _, m = token_advantages(adv, ls, lt, h, mask, cfg, return_metrics=True)
     gates = [0.2 + 0.8 * math.exp(-v) for v in (0.0, 10.0, 1.0, 2.0, 2.0)]
     assert m["gate_mean"] == pytest.approx(sum(gates) / 5)
-    assert m["gate_floor_frac"] == pytest.approx(1 / 5)           # only H = 10 (phi = 4.5e-5)
+    assert m["gate_floor_frac"] == pytest.approx(1 / 5)  # only H = 10 (phi = 4.5e-5)
     assert m["ratio_weight_mean"] == pytest.approx((1.2 + 0.8 + math.exp(0.1)) / 3)
     assert m["ratio_clip_frac"] == pytest.approx(2 / 3)
-    assert m["live_tokens"] == 3.0                                 # the A != 0 rollout's valid tokens
+    assert m["live_tokens"] == 3.0  # the A != 0 rollout's valid tokens
     assert m["teacher_entropy_mean"] == pytest.approx(15 / 5)
     assert m["teacher_entropy_p90"] == pytest.approx(float(np.quantile([0, 10, 1, 2, 2], 0.9)))
     assert all(isinstance(v, float) for v in m.values())
@@ -423,9 +479,15 @@ def test_token_advantage_metrics_by_hand():
 
 # ---------------------------------------------------------------- hypothesis properties
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 100_000), name=st.sampled_from(REWARD_NAMES),
-       eps_w=st.floats(0.0, 0.95), g_min=st.floats(0.01, 0.99), lam=st.floats(0.0, 1.0),
-       kind=st.sampled_from(["exp", "linear"]), scale=st.sampled_from([0.1, 1.0, 30.0]))
+@given(
+    seed=st.integers(0, 100_000),
+    name=st.sampled_from(REWARD_NAMES),
+    eps_w=st.floats(0.0, 0.95),
+    g_min=st.floats(0.01, 0.99),
+    lam=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["exp", "linear"]),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+)
 def test_sign_and_weight_bounds(seed, name, eps_w, g_min, lam, kind, scale):
     cfg = cfg_of(name=name, ratio=dict(eps_w=eps_w, lam=lam), gate=dict(g_min=g_min, kind=kind, h_ref="quantile:0.5"))
     adv, ls, lt, h, mask = make_batch(seed, dtype=torch.float32)
@@ -442,8 +504,12 @@ def test_sign_and_weight_bounds(seed, name, eps_w, g_min, lam, kind, scale):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 100_000), name=st.sampled_from(REWARD_NAMES + ["opsd"]),
-       agg=st.sampled_from(["token_mean", "seq_mean_token_mean"]), kl_coef=st.sampled_from([0.0, 0.1]))
+@given(
+    seed=st.integers(0, 100_000),
+    name=st.sampled_from(REWARD_NAMES + ["opsd"]),
+    agg=st.sampled_from(["token_mean", "seq_mean_token_mean"]),
+    kl_coef=st.sampled_from([0.0, 0.1]),
+)
 def test_masked_positions_contribute_nothing(seed, name, agg, kl_coef):
     """Garbage (nan, +-inf) at masked positions changes neither the loss nor any gradient, and the
     gradient there is exactly 0."""
@@ -455,11 +521,13 @@ def test_masked_positions_contribute_nothing(seed, name, agg, kl_coef):
     def run(fill):
         def dirty(x, v):
             return torch.where(mask, x, torch.full_like(x, v))
+
         lsg = dirty(ls, fill).requires_grad_()
         ta = token_advantages(adv, lsg, dirty(lt, fill), dirty(h, fill), mask, cfg, segment_ids=None)
         loss, _ = policy_loss(lsg, dirty(old, -fill), ta, mask, cfg, ref_logprob=dirty(ref, fill))
         loss.backward()
         return loss.detach(), lsg.grad
+
     clean_loss, clean_grad = run(0.0)
     for fill in (float("nan"), float("inf"), -float("inf"), 1e30):
         loss, grad = run(fill)
@@ -469,8 +537,12 @@ def test_masked_positions_contribute_nothing(seed, name, agg, kl_coef):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 100_000), name=st.sampled_from(REWARD_NAMES), group=st.sampled_from([2, 3, 4]),
-       reward=st.sampled_from([0.0, 1.0, 0.1, 0.7]))
+@given(
+    seed=st.integers(0, 100_000),
+    name=st.sampled_from(REWARD_NAMES),
+    group=st.sampled_from([2, 3, 4]),
+    reward=st.sampled_from([0.0, 1.0, 0.1, 0.7]),
+)
 def test_all_equal_reward_group_gives_exactly_zero_gradient(seed, name, group, reward):
     adv_rand, ls, lt, h, mask = make_batch(seed, b=2 * group)
     rewards = torch.cat([torch.full((group,), reward, dtype=F64), (adv_rand[group:] > 0).to(F64)])
@@ -551,8 +623,11 @@ def test_opsd_signals():
     loss.backward()
     torch.testing.assert_close(kl.grad, mask.to(F64) / n)
     assert met["opsd_div_mean"] == pytest.approx(float((kl * mask).sum() / n))
-    with pytest.raises(ValueError, match=r"kl is required for loss.name=opsd, whose loss is the per-token "
-                                         r"divergence \('jsd', 0.5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"kl is required for loss.name=opsd, whose loss is the per-token "
+        r"divergence \('jsd', 0.5\)",
+    ):
         policy_loss(ls, None, ta, mask, cfg_of(name="opsd", opsd=dict(signal="jsd")))
     with pytest.raises(ValueError, match="ref_logprob is required when loss.kl_coef"):
         policy_loss(ls, None, ta, mask, cfg_of(name="grpo", kl_coef=0.1))

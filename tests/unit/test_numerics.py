@@ -1,4 +1,5 @@
 """egrsd_megatron.testing.numerics: thread count and deterministic mode from the environment."""
+
 import os
 
 import pytest
@@ -13,7 +14,7 @@ def test_thread_count_honours_omp_num_threads(monkeypatch):
     assert thread_count(2) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert thread_count(2) == max(1, (os.cpu_count() or 1) // 2)
-    assert thread_count(10 ** 6) == 1
+    assert thread_count(10**6) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "0")
     with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
         thread_count(1)

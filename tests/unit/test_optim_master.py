@@ -4,6 +4,7 @@ Reference: torch.optim.AdamW on fp32 parameters fed the same gradients (values e
 bf16, so both optimizers see identical inputs). The masters must follow it bitwise; the bf16 parameters
 must be the masters rounded; a checkpoint round trip must keep the fp32 state.
 """
+
 import copy
 
 import pytest
@@ -23,8 +24,10 @@ def _grads(steps: int, shapes, seed: int = 0):
 
 def _pair():
     torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(7, 5).to(torch.bfloat16).float()),
-           torch.nn.Parameter(torch.randn(5).to(torch.bfloat16).float())]
+    ref = [
+        torch.nn.Parameter(torch.randn(7, 5).to(torch.bfloat16).float()),
+        torch.nn.Parameter(torch.randn(5).to(torch.bfloat16).float()),
+    ]
     low = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in ref]
     return ref, low
 
@@ -56,7 +59,7 @@ def test_small_updates_accumulate_instead_of_rounding_away():
     """lr 1e-5 on weights of order 1: each step is far below bf16's resolution (2^-8 relative)."""
     _, low = _pair()
     plain = [torch.nn.Parameter(p.detach().clone()) for p in low]
-    grads = [[torch.ones(p.shape, dtype=torch.bfloat16) for p in low]] * 300   # a steady direction
+    grads = [[torch.ones(p.shape, dtype=torch.bfloat16) for p in low]] * 300  # a steady direction
     kw = {**KW, "lr": 1e-5, "weight_decay": 0.0}
     before = [p.detach().clone() for p in low]
     _run(torch.optim.AdamW(plain, **kw), plain, grads)
@@ -70,7 +73,7 @@ def test_small_updates_accumulate_instead_of_rounding_away():
     # rounding errors all of one sign, as they are here: the same increment on similar values): relative to
     # n lr, u max|w| / lr (1.4e-2 for max|w| = 2.3).
     w_max = max(float(b.float().abs().max()) for b in before) + 300 * 1e-5
-    rtol = FP32_U * w_max / 1e-5 + 1e-6       # + 1e-6: the eps / sqrt(vhat) term and the update's own rounding
+    rtol = FP32_U * w_max / 1e-5 + 1e-6  # + 1e-6: the eps / sqrt(vhat) term and the update's own rounding
     for p, b in zip(low, before):
         drift = opt.state[p]["master"] - b.float()
         assert torch.allclose(drift, torch.full_like(drift, -300 * 1e-5), rtol=rtol, atol=0), rtol
@@ -88,13 +91,13 @@ def test_state_dict_round_trip_keeps_fp32_state_and_continues_bitwise():
     opt_b = MasterWeightAdamW(low, **KW)
     _run(opt_b, low, grads[:3])
     saved = copy.deepcopy(opt_b.state_dict())
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in low]   # the bf16 weights, as a checkpoint has
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in low]  # the bf16 weights, as a checkpoint has
     opt_c = MasterWeightAdamW(resumed, **KW)
     opt_c.load_state_dict(saved)
     for p in resumed:
         assert all(opt_c.state[p][k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
     _run(opt_c, resumed, grads[3:])
-    for a, c in zip(straight, resumed):   # bitwise: the same element-wise updates on the same fp32 state
+    for a, c in zip(straight, resumed):  # bitwise: the same element-wise updates on the same fp32 state
         assert torch.equal(a.detach(), c.detach())
         assert torch.equal(opt_a.state[a]["master"], opt_c.state[c]["master"])
 
@@ -112,12 +115,13 @@ def test_bf16_gradients_accumulate_in_fp32_main_grad():
     """32 micro-batches into one bf16 weight: the fp32 accumulator equals the float64 sum of the per-micro-batch
     bf16 gradients to fp32 rounding; plain `.grad` accumulation in bf16 is far off."""
     from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators, grad_of, zero_grads
+
     torch.manual_seed(0)
     hooked = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
     plain, single = copy.deepcopy(hooked), copy.deepcopy(hooked)
     assert attach_fp32_grad_accumulators([hooked]) == 1 and attach_fp32_grad_accumulators([hooked]) == 0
     ref = torch.zeros(64, 64, dtype=torch.float64)
-    ref_abs = torch.zeros(64, 64, dtype=torch.float64)    # sum of |per-micro-batch gradient|: bounds the partial sums
+    ref_abs = torch.zeros(64, 64, dtype=torch.float64)  # sum of |per-micro-batch gradient|: bounds the partial sums
     for _ in range(32):
         x = torch.randn(8, 64).to(torch.bfloat16)
         hooked(x).float().pow(2).mean().backward()
@@ -125,7 +129,7 @@ def test_bf16_gradients_accumulate_in_fp32_main_grad():
         g = torch.autograd.grad(single(x).float().pow(2).mean(), single.weight)[0].double()
         ref += g
         ref_abs += g.abs()
-        assert hooked.weight.grad is None            # folded into main_grad and freed
+        assert hooked.weight.grad is None  # folded into main_grad and freed
     acc = grad_of(hooked.weight)
     assert acc is hooked.weight.main_grad and acc.dtype == torch.float32
     scale = float(ref.abs().max())
@@ -142,12 +146,13 @@ def test_bf16_gradients_accumulate_in_fp32_main_grad():
 
 def test_master_weight_adamw_steps_on_the_fp32_accumulator():
     from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
+
     _, low = _pair()
     model = torch.nn.Module()
     model.w, model.b = low
     attach_fp32_grad_accumulators([model])
     ref = [torch.nn.Parameter(p.detach().float()) for p in low]
-    grads = [torch.randn(p.shape, dtype=torch.float64) * 1e-3 for p in low]   # not bf16-representable
+    grads = [torch.randn(p.shape, dtype=torch.float64) * 1e-3 for p in low]  # not bf16-representable
     for p, q, g in zip(low, ref, grads):
         p.main_grad.copy_(g)
         q.grad = g.float()
@@ -160,12 +165,13 @@ def test_master_weight_adamw_steps_on_the_fp32_accumulator():
 def _zero_vs_single(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
     from egrsd_megatron.checkpoint.optimizer_state import is_sharded, shard_state
+    from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
+
     cfg = OptimConfig(lr=1e-3, weight_decay=0.1)
     out = {}
     for zero in (False, True):
-        torch.manual_seed(0)   # the same bf16 model and data on every rank and for both kinds
+        torch.manual_seed(0)  # the same bf16 model and data on every rank and for both kinds
         model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)).to(torch.bfloat16)
         attach_fp32_grad_accumulators([model])
         opt = build_optimizer([model], cfg, dp_group=dist.group.WORLD if zero else None)
@@ -186,6 +192,7 @@ def test_zero1_over_master_weight_adamw_matches_unsharded():
     """ZeroRedundancyOptimizer wrapping MasterWeightAdamW (bf16 params, fp32 accumulators) at DP=2: the same
     weights as the unsharded optimizer, each rank holding the fp32 masters of its own share."""
     from egrsd_megatron.testing import run_distributed
+
     res = run_distributed(_zero_vs_single, 2, timeout=300)
     for r in res:
         assert r["master_dtypes"] == ["torch.float32"]

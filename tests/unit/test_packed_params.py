@@ -1,4 +1,5 @@
 """models: PackedSeqParams of a pack and the packed attention's checks of it (no process group needed)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ def test_packed_seq_params_of_a_pack():
 
 def test_segment_bounds_refuses_what_it_cannot_honour():
     from egrsd_megatron.models.packed_attention import segment_bounds
+
     p = packed_seq_params(torch.tensor([0, 3, 5]), 3)
     assert segment_bounds(p, 5) == [0, 3, 5]
     with pytest.raises(ValueError, match="pack length 6"):

@@ -5,6 +5,7 @@ ffn 12288, vocab 151936, untied embeddings, QK-norm.
 Per layer: h(q + 2kv) = 4096 x 6144 = 25,165,824 (QKV); q h = 16,777,216 (O); 3 h ffn = 150,994,944
 (gate, up, down); matrices 192,937,984; norms 2h + 2 x 128 = 8,448 (replicated over TP).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,21 @@ from egrsd_megatron.planner import GB, PlanSettings, check_fits, make_layout, pl
 LAYER_MATRICES = 192_937_984
 LAYER_NORMS = 8_448
 
-BASE_8B = ["model.preset=qwen3_8b", "model.params_dtype=bf16", "model.precision=bf16", "model.recompute=selective",
-           "parallel.tp=4", "parallel.pp=1", "parallel.micro_batch_size=2", "data.max_prompt_tokens=1024",
-           "rollout.group_size=8", "rollout.max_new_tokens=4096", "rollout.max_batch=16",
-           "train.prompts_per_step=32", "teacher.mode=frozen"]
+BASE_8B = [
+    "model.preset=qwen3_8b",
+    "model.params_dtype=bf16",
+    "model.precision=bf16",
+    "model.recompute=selective",
+    "parallel.tp=4",
+    "parallel.pp=1",
+    "parallel.micro_batch_size=2",
+    "data.max_prompt_tokens=1024",
+    "rollout.group_size=8",
+    "rollout.max_new_tokens=4096",
+    "rollout.max_batch=16",
+    "train.prompts_per_step=32",
+    "teacher.mode=frozen",
+]
 
 
 def cfg8b(*extra: str):
@@ -46,7 +58,7 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert p.params_per_gpu == P
     s = p.static
     assert s["weights"] == P * 2 == 4_096_354_304
-    assert s["gradients (fp32)"] == P * 4 == 8_192_708_608    # fp32 main_grad accumulators
+    assert s["gradients (fp32)"] == P * 4 == 8_192_708_608  # fp32 main_grad accumulators
     assert s["optimizer states"] == P * 12 == 24_578_125_824
     assert s["teacher copy"] == P * 2
     assert s["fp8 weight copies"] == 0
@@ -70,11 +82,14 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert p.rollout_transient["KV cache"] == 12_079_595_520
     static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 32_762_941_440 + 4_000_000_000
     train = 21_705_523_200 + 3_114_270_720 + 622_854_144 + 622_854_144
-    assert p.total == pytest.approx(static + train)            # training transient > KV cache
+    assert p.total == pytest.approx(static + train)  # training transient > KV cache
     # The same total in GB, written to 6 decimals (103,791,986,688 bytes): half a unit of the last digit.
     assert p.total / GB == pytest.approx(103.791987, abs=5e-7)
     assert not p.fits
-    with pytest.raises(ConfigError, match=r"103\.8 GB per GPU, over the 80 GB budget; largest terms: rollout engine 32\.8 GB, optimizer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"103\.8 GB per GPU, over the 80 GB budget; largest terms: rollout engine 32\.8 GB, optimizer",
+    ):
         check_fits(p)
     # Tokens per step: 32 prompts x 8 rollouts x 5120 = 1,310,720 (response 1,048,576).
     assert (p.tokens_per_step, p.response_tokens_per_step) == (1_310_720, 1_048_576)
@@ -84,7 +99,7 @@ def test_qwen3_8b_distributed_optimizer_full_recompute_fp8_fits():
     cfg = cfg8b("parallel.distributed_optimizer=true", "model.recompute=full", "model.precision=fp8")
     p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
     P = 2_048_177_152
-    assert p.static["optimizer states"] == P * 12 / 8 == 3_072_265_728   # sharded over DP 8
+    assert p.static["optimizer states"] == P * 12 / 8 == 3_072_265_728  # sharded over DP 8
     assert p.static["fp8 weight copies"] == P * 2
     # Full recompute: 2h = 8192 bytes per token per layer, x 2 x 5120 x 36, + one layer's 58,880 x 2 x 5120.
     assert p.train_transient["activations"] == 8192 * 2 * 5120 * 36 + 58_880 * 2 * 5120 == 3_622_830_080
@@ -114,15 +129,21 @@ def test_pipeline_stages_and_in_flight_micro_batches():
         assert p.train_transient["activations"] == first / 2
 
 
-@pytest.mark.parametrize("extra, key, per_rollout_token", [
-    # PP=2: every micro-batch's teacher output is held; only its log-prob + entropy (2 fp32) per token ...
-    # (full recompute makes the last stage, the one with the logits, the worst: the one the plan reports)
-    (["parallel.pp=2", "model.recompute=full"], "teacher token stats (all micro-batches)", 8),
-    (["train.ppo_epochs=2"], "teacher token stats (all micro-batches)", 8),
-    # ... unless the loss compares full distributions: V/TP = 152,064 / 4 columns x 2 bytes.
-    (["parallel.pp=2", "model.recompute=full", "loss.name=opsd", "loss.opsd.signal=jsd"],
-     "teacher logits (all micro-batches)", 38_016 * 2),
-])
+@pytest.mark.parametrize(
+    "extra, key, per_rollout_token",
+    [
+        # PP=2: every micro-batch's teacher output is held; only its log-prob + entropy (2 fp32) per token ...
+        # (full recompute makes the last stage, the one with the logits, the worst: the one the plan reports)
+        (["parallel.pp=2", "model.recompute=full"], "teacher token stats (all micro-batches)", 8),
+        (["train.ppo_epochs=2"], "teacher token stats (all micro-batches)", 8),
+        # ... unless the loss compares full distributions: V/TP = 152,064 / 4 columns x 2 bytes.
+        (
+            ["parallel.pp=2", "model.recompute=full", "loss.name=opsd", "loss.opsd.signal=jsd"],
+            "teacher logits (all micro-batches)",
+            38_016 * 2,
+        ),
+    ],
+)
 def test_teacher_memory_follows_what_the_trainer_keeps(extra, key, per_rollout_token):
     cfg = cfg8b(*extra)
     p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
@@ -135,6 +156,7 @@ def test_teacher_memory_follows_what_the_trainer_keeps(extra, key, per_rollout_t
 def test_padded_kv_groups_are_counted():
     """SmolLM2-135M (9 heads in 3 KV groups of 64) at TP=2: Megatron holds 4 groups = 12 heads."""
     from egrsd_megatron.planner.memory import layer_params
+
     arch = resolve_arch(load_config("demo_cpu").model)
     assert (arch.num_attention_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size) == (9, 3, 64, 576)
     # q = 12 x 64 = 768, kv = 4 x 64 = 256: 576 x (768 + 512) + 768 x 576 + 3 x 576 x 1536 = 3,833,856 / 2
@@ -152,14 +174,17 @@ def test_qwen3_4b_tied_embedding_counted_once():
     assert stage_params(arch, 1, 2, 1) == 3_633_509_376 // 2 + 388_956_160 + 2560
 
 
-@pytest.mark.parametrize("extra, nodes, gpn, match", [
-    (["parallel.tp=5"], 1, 5, "does not divide ffn_hidden_size=12288"),
-    (["parallel.tp=1", "parallel.pp=5"], 5, 1, "does not divide num_layers=36"),
-    ([], 3, 5, r"world size 3 nodes x 5 GPUs = 15 is not divisible by parallel.tp=4 x parallel.pp=1"),
-    (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 must be divisible by the data-parallel size DP=8"),
-    (["parallel.micro_batch_size=3"], 4, 8, r"micro_batch_size=3 does not divide the 32 rollouts"),
-    (["parallel.tp=16"], 4, 8, "larger than --gpus-per-node=8"),
-])
+@pytest.mark.parametrize(
+    "extra, nodes, gpn, match",
+    [
+        (["parallel.tp=5"], 1, 5, "does not divide ffn_hidden_size=12288"),
+        (["parallel.tp=1", "parallel.pp=5"], 5, 1, "does not divide num_layers=36"),
+        ([], 3, 5, r"world size 3 nodes x 5 GPUs = 15 is not divisible by parallel.tp=4 x parallel.pp=1"),
+        (["train.prompts_per_step=30"], 4, 8, r"prompts_per_step=30 must be divisible by the data-parallel size DP=8"),
+        (["parallel.micro_batch_size=3"], 4, 8, r"micro_batch_size=3 does not divide the 32 rollouts"),
+        (["parallel.tp=16"], 4, 8, "larger than --gpus-per-node=8"),
+    ],
+)
 def test_sizes_that_do_not_divide(extra, nodes, gpn, match):
     cfg = cfg8b(*extra)
     with pytest.raises(ConfigError, match=match):

@@ -1,5 +1,6 @@
 """Time bounds: pathological answers, a reward that hangs, calls from a thread and from child processes
 (normal and daemonic), crashing rewards; everything scores 0 within the bound and is counted."""
+
 import multiprocessing as mp
 import threading
 import time
@@ -24,6 +25,7 @@ def crashing_reward(response: str, answer: str) -> float:
 
 def _dying_reward(response: str, answer: str) -> float:
     import os
+
     os._exit(3)
 
 
@@ -47,8 +49,8 @@ def test_pathological_answers_bounded_and_counted():
     scores, stats = score_batch(responses, answers, name="math", timeout_s=1.5)
     elapsed = time.perf_counter() - t0
     assert scores == [0.0, 0.0, 0.0, 0.0, 1.0]
-    assert stats["timeouts"] >= 1 and stats["rejected"] == 2      # the 100k-char answers are refused early
-    assert elapsed < 1.5 * 2 + SLACK_S                            # at most two 1.5 s rounds on >= 1 worker
+    assert stats["timeouts"] >= 1 and stats["rejected"] == 2  # the 100k-char answers are refused early
+    assert elapsed < 1.5 * 2 + SLACK_S  # at most two 1.5 s rounds on >= 1 worker
 
 
 def test_hanging_reward_from_a_thread_then_pool_recovers():
@@ -59,12 +61,13 @@ def test_hanging_reward_from_a_thread_then_pool_recovers():
         t0 = time.perf_counter()
         out["score"] = get_reward("test_sleepy")("r", "a", timeout_s=1.0)
         out["t"] = time.perf_counter() - t0
+
     th = threading.Thread(target=run)
     th.start()
     th.join(30)
     assert not th.is_alive() and out["score"] == 0.0 and out["t"] < 1.0 + SLACK_S
     assert reward_counters()["timeouts"] == before + 1
-    assert math_reward("\\boxed{4}", "4", timeout_s=60) == 1.0                  # the killed worker was replaced
+    assert math_reward("\\boxed{4}", "4", timeout_s=60) == 1.0  # the killed worker was replaced
 
 
 def test_crashes_and_dead_workers_are_counted():
@@ -76,7 +79,7 @@ def test_crashes_and_dead_workers_are_counted():
 
 
 def _child(q):
-    assert math_reward("\\boxed{1}", "1", timeout_s=60) == 1.0    # start this process's own pool first
+    assert math_reward("\\boxed{1}", "1", timeout_s=60) == 1.0  # start this process's own pool first
     t0 = time.perf_counter()
     s1 = math_reward("\\boxed{9^{9^{9^{9}}}}", "3", timeout_s=1.0)
     t = time.perf_counter() - t0
@@ -84,7 +87,7 @@ def _child(q):
     q.put((s1, s2, t, reward_counters()["timeouts"]))
 
 
-@pytest.mark.slow   # each child starts its own reward pool: ~10-30 s on a loaded 2-core machine
+@pytest.mark.slow  # each child starts its own reward pool: ~10-30 s on a loaded 2-core machine
 @pytest.mark.parametrize("daemon", [False, True])
 def test_bounded_inside_child_processes(daemon):
     """A spawned child (the trainer's ranks are processes) and a daemonic one (which multiprocessing forbids
@@ -108,11 +111,12 @@ def test_batch_uses_all_cores_and_preloads_foreign_modules():
     import os
 
     from egrsd_megatron.rewards import bounded
+
     score_batch(["\\boxed{1}"], ["1"], num_workers=0, timeout_s=60)
     score_batch(["a"], ["1"], name="test_crash", num_workers=0, timeout_s=60)
     keys = [k for k in bounded._pools if k[0] == os.getpid()]
-    assert (os.getpid(), os.cpu_count(), "") in keys                     # num_workers=0: one worker per core
-    assert (os.getpid(), os.cpu_count(), __name__) in keys               # this module imported at worker start
+    assert (os.getpid(), os.cpu_count(), "") in keys  # num_workers=0: one worker per core
+    assert (os.getpid(), os.cpu_count(), __name__) in keys  # this module imported at worker start
 
 
 def _worker_pids():
@@ -124,6 +128,7 @@ def test_workers_ignore_the_trainers_signals():
     Ctrl-C's SIGINT to the process group), leaving the trainer to save and exit."""
     import os
     import signal
+
     score_batch(["\\boxed{1}"] * 2, ["1"] * 2, timeout_s=60)
     pids = _worker_pids()
     assert pids, "no reward workers to signal"
@@ -141,6 +146,7 @@ def test_killed_workers_cost_a_retry_not_a_score():
     replacement workers and scores as if nothing happened."""
     import os
     import signal
+
     score_batch(["\\boxed{1}"] * 2, ["1"] * 2, timeout_s=60)
     for pid in _worker_pids():
         os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,5 @@
 """The hf rollout engine against plain no-cache forward passes on a tiny random Qwen3."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,21 @@ from egrsd_megatron.rollout.sampling import filter_logits
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(model_type="qwen3", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.3)
+TINY = dict(
+    model_type="qwen3",
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    initializer_range=0.3,
+)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [30]]
 
 
@@ -100,8 +113,8 @@ def test_filter_logits_hand_example():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(**kw)))[0].tolist()
     assert kept(top_k=2) == [False, False, False, True, True]
-    assert kept(top_p=0.6) == [False, False, False, False, True]    # top token alone covers 0.636
-    assert kept(top_p=0.87) == [False, False, False, True, True]     # mass before 3rd = 0.8705 >= 0.87
+    assert kept(top_p=0.6) == [False, False, False, False, True]  # top token alone covers 0.636
+    assert kept(top_p=0.87) == [False, False, False, True, True]  # mass before 3rd = 0.8705 >= 0.87
     assert kept(top_p=0.95) == [False, False, True, True, True]
     assert kept(top_p=0.96) == [False, True, True, True, True]
     x = filter_logits(logits, SamplingParams(temperature=2.0))
@@ -145,8 +158,14 @@ def test_update_weights_errors_and_tied_embeddings():
 def test_make_engine_and_params_from_config():
     cfg = SimpleNamespace(engine="hf", temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=7, max_batch=2)
     sp = SamplingParams.from_config(cfg, [3, 4], seed=1)
-    assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.stop_token_ids, sp.seed) == \
-        (0.6, 0.95, 20, 7, [3, 4], 1)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.stop_token_ids, sp.seed) == (
+        0.6,
+        0.95,
+        20,
+        7,
+        [3, 4],
+        1,
+    )
     e = make_engine(cfg, TINY, tokenizer=None)
     assert isinstance(e, HFEngine) and e.max_batch == 2
     with pytest.raises(ValueError, match="unknown engine"):
@@ -161,6 +180,7 @@ def test_vllm_engine_errors_clearly_without_vllm():
     pytest.importorskip("torch")
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vllm installed: the GPU check covers it")
     except ImportError:
         pass
@@ -181,7 +201,7 @@ def _full_forward_logits(model: torch.nn.Module, prompt, response) -> torch.Tens
     """fp32 logits predicting each response token, from ONE uncached, unpadded forward over prompt+response."""
     seq = torch.tensor([list(prompt) + list(response)])
     logits = model(input_ids=seq, use_cache=False).logits[0].float()
-    return logits[len(prompt) - 1: len(prompt) - 1 + len(response)]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
 
 
 def _logit_tol(model: torch.nn.Module, logits: torch.Tensor, temperature: float) -> float:
@@ -232,15 +252,15 @@ def test_greedy_logprob_is_log_softmax_at_temperature_one(engine):
 def test_stop_sequence_ends_row_and_is_kept(engine):
     ref = greedy_reference(engine.model, PROMPTS[0], 12)
     seq = ref[3:5]
-    first = next(i for i in range(1, 12) if ref[i - 1:i + 1] == seq)  # first position where seq is complete
+    first = next(i for i in range(1, 12) if ref[i - 1 : i + 1] == seq)  # first position where seq is complete
     params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_sequences=[seq])
     out = engine.generate(PROMPTS, params)
-    assert out[0].response_ids == ref[:first + 1] and out[0].response_ids[-2:] == seq and not out[0].truncated
+    assert out[0].response_ids == ref[: first + 1] and out[0].response_ids[-2:] == seq and not out[0].truncated
     assert len(out[0].logprobs) == len(out[0].response_ids)
     for p, c in zip(PROMPTS[1:], out[1:]):
         r = greedy_reference(engine.model, p, 12)
-        hit = next((i for i in range(1, 12) if r[i - 1:i + 1] == seq), None)
-        assert c.response_ids == (r if hit is None else r[:hit + 1])
+        hit = next((i for i in range(1, 12) if r[i - 1 : i + 1] == seq), None)
+        assert c.response_ids == (r if hit is None else r[: hit + 1])
         assert c.truncated == (hit is None)
 
 
@@ -248,6 +268,7 @@ def test_stop_strings_map_through_the_tokenizer():
     class Tok:
         def encode(self, s, add_special_tokens=False):
             return [ord(ch) % 96 for ch in s]
+
     cfg = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, stop=["ab", "</x>"])
     p = SamplingParams.from_config(cfg, [3], tokenizer=Tok())
     assert p.stop_sequences == [[97 % 96, 98 % 96], [ord(c) % 96 for c in "</x>"]] and p.stop_token_ids == [3]
@@ -263,11 +284,14 @@ def test_completion_logprobs_must_align():
         Completion(prompt_ids=[1], response_ids=[1, 2, 3], text="", truncated=True, logprobs=[0.0, 0.0])
 
 
-@pytest.mark.parametrize("key,over,why", [
-    ("rollout.temperature", {"temperature": 0.0}, "identical"),
-    ("rollout.top_p", {"top_p": 0.9}, "off-policy"),
-    ("rollout.top_k", {"top_k": 20}, "off-policy"),
-])
+@pytest.mark.parametrize(
+    "key,over,why",
+    [
+        ("rollout.temperature", {"temperature": 0.0}, "identical"),
+        ("rollout.top_p", {"top_p": 0.9}, "off-policy"),
+        ("rollout.top_k", {"top_k": 20}, "off-policy"),
+    ],
+)
 def test_check_training_sampling_refuses(key, over, why):
     cfg = SimpleNamespace(**{"temperature": 0.7, "top_p": 1.0, "top_k": 0, **over})
     with pytest.raises(ConfigError, match=rf"'{key}'.*{why}"):

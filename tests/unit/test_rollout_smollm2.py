@@ -1,5 +1,6 @@
 """The hf engine on a real pretrained model (SmolLM2-135M-Instruct, Llama architecture): greedy decoding with
 left padding and early-finishing rows equals transformers' own `generate`."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ N_NEW = 32
 @pytest.mark.slow
 def test_greedy_equals_transformers_generate():
     from transformers import AutoTokenizer
+
     hf_dir = smollm2.smollm2_hf_dir()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = build_hf_model({}, weights_dir=hf_dir)
@@ -26,13 +28,15 @@ def test_greedy_equals_transformers_generate():
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     eos = tok.eos_token_id
     out = HFEngine(model, tok, max_batch=8, pad_token_id=tok.pad_token_id or 0).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW, stop_token_ids=[eos]))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW, stop_token_ids=[eos])
+    )
 
     tok.padding_side = "left"
     enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.no_grad():
-        ref = model.generate(**enc, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos,
-                             pad_token_id=tok.pad_token_id)
+        ref = model.generate(
+            **enc, do_sample=False, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=tok.pad_token_id
+        )
     width = enc["input_ids"].shape[1]
     for i, c in enumerate(out):
         r = ref[i, width:].tolist()

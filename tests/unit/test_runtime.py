@@ -1,4 +1,5 @@
 """Distributed runtime: launcher environments, layout checks, and the spawn harness's failure modes."""
+
 from __future__ import annotations
 
 import time
@@ -42,10 +43,10 @@ def test_world_size_from_the_launcher(monkeypatch):
     assert world_size() == 1
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("MASTER_ADDR", "node1")   # no scontrol lookup of the node list
+    monkeypatch.setenv("MASTER_ADDR", "node1")  # no scontrol lookup of the node list
     assert world_size() == 8 == launcher_env()["world_size"]
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")   # torchrun wins over Slurm (torchrun inside an allocation)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun wins over Slurm (torchrun inside an allocation)
     assert world_size() == 4 == launcher_env()["world_size"]
 
 
@@ -58,6 +59,7 @@ def test_layout_error_names_the_numbers():
 def _ranks(rank, world):
     import torch
     import torch.distributed as dist
+
     t = torch.tensor([rank + 1.0])
     dist.all_reduce(t)
     return {"rank": rank, "sum": t}
@@ -88,6 +90,7 @@ def test_megatron_version_check(monkeypatch):
     from importlib import metadata
 
     from egrsd_megatron.compat import megatron_version
+
     assert megatron_version.check_megatron_core_version() >= megatron_version._MIN
     monkeypatch.setattr(metadata, "version", lambda name: "0.12.0")
     with pytest.raises(ImportError, match=r"megatron-core 0.12.0 is installed; egrsd-megatron supports"):

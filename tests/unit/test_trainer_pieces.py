@@ -1,6 +1,7 @@
 """The training step's pieces without a model: metric reduction kinds, the micro-batch loss and its records
 (micro-batch size 1 vs 4 gives the same logged values), the non-finite guard, pass ordering, and the typed
 rollout record (assignment to model-parallel ranks, seeds, merge, samples)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,29 +27,50 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 # ---------------------------------------------------------------- reduction kinds
 def test_reduce_kinds_by_hand():
-    rank0 = [Record({"loss": 0.5, "tokens": 2.0, "gate_mean": 0.25, "live_tokens": 0.0, "ratio_clip_frac": 0.0},
-                    {"teacher_entropy": torch.tensor([1.0, 3.0])}),
-             Record({"loss": -0.25, "tokens": 6.0, "gate_mean": 0.75, "live_tokens": 4.0, "ratio_clip_frac": 0.5},
-                    {"teacher_entropy": torch.tensor([2.0, 5.0, 4.0])})]
-    rank1 = [Record({"loss": 1.0, "tokens": 4.0, "gate_mean": 0.5, "live_tokens": 0.0, "ratio_clip_frac": 0.0},
-                    {"teacher_entropy": torch.tensor([0.0])}),
-             Record({"response_length_max": 7.0, "accuracy": 0.5, "sequences": 2.0}),
-             Record({"response_length_max": 9.0, "accuracy": 0.0, "sequences": 6.0})]
+    rank0 = [
+        Record(
+            {"loss": 0.5, "tokens": 2.0, "gate_mean": 0.25, "live_tokens": 0.0, "ratio_clip_frac": 0.0},
+            {"teacher_entropy": torch.tensor([1.0, 3.0])},
+        ),
+        Record(
+            {"loss": -0.25, "tokens": 6.0, "gate_mean": 0.75, "live_tokens": 4.0, "ratio_clip_frac": 0.5},
+            {"teacher_entropy": torch.tensor([2.0, 5.0, 4.0])},
+        ),
+    ]
+    rank1 = [
+        Record(
+            {"loss": 1.0, "tokens": 4.0, "gate_mean": 0.5, "live_tokens": 0.0, "ratio_clip_frac": 0.0},
+            {"teacher_entropy": torch.tensor([0.0])},
+        ),
+        Record({"response_length_max": 7.0, "accuracy": 0.5, "sequences": 2.0}),
+        Record({"response_length_max": 9.0, "accuracy": 0.0, "sequences": 6.0}),
+    ]
     m = reduce_metrics([rank0, rank1])
-    assert m["loss"] == 1.25 and m["tokens"] == 12.0 and m["live_tokens"] == 4.0          # sums
-    assert m["gate_mean"] == pytest.approx((0.25 * 2 + 0.75 * 6 + 0.5 * 4) / 12)         # token-weighted
-    assert m["ratio_clip_frac"] == 0.5              # weighted by live_tokens: the zero-count records drop out
-    assert m["accuracy"] == pytest.approx(0.5 * 2 / 8)                                     # sequence-weighted
+    assert m["loss"] == 1.25 and m["tokens"] == 12.0 and m["live_tokens"] == 4.0  # sums
+    assert m["gate_mean"] == pytest.approx((0.25 * 2 + 0.75 * 6 + 0.5 * 4) / 12)  # token-weighted
+    assert m["ratio_clip_frac"] == 0.5  # weighted by live_tokens: the zero-count records drop out
+    assert m["accuracy"] == pytest.approx(0.5 * 2 / 8)  # sequence-weighted
     assert m["response_length_max"] == 9.0
     # the quantile of all six entropies, not a mean of per-record quantiles
     assert m["teacher_entropy_p90"] == pytest.approx(float(np.quantile([1, 3, 2, 5, 4, 0], 0.9)))
-    assert set(m) == {"loss", "tokens", "live_tokens", "gate_mean", "ratio_clip_frac", "accuracy", "sequences",
-                      "response_length_max", "teacher_entropy_p90"}
+    assert set(m) == {
+        "loss",
+        "tokens",
+        "live_tokens",
+        "gate_mean",
+        "ratio_clip_frac",
+        "accuracy",
+        "sequences",
+        "response_length_max",
+        "teacher_entropy_p90",
+    }
 
 
 def test_reduce_empty_weight_is_the_records_own_value():
-    recs = [Record({"ratio_weight_mean": 1.0, "live_tokens": 0.0}), Record({"ratio_weight_mean": 1.0,
-                                                                             "live_tokens": 0.0})]
+    recs = [
+        Record({"ratio_weight_mean": 1.0, "live_tokens": 0.0}),
+        Record({"ratio_weight_mean": 1.0, "live_tokens": 0.0}),
+    ]
     assert reduce_metrics([recs])["ratio_weight_mean"] == 1.0
 
 
@@ -75,25 +97,27 @@ def test_rollout_record_and_one_zero_advantage_definition():
 
 
 # ---------------------------------------------------------------- micro-batch size invariance
-V = 50   # vocabulary size of the synthetic batch (the linear log_vocab gate's h_ref)
+V = 50  # vocabulary size of the synthetic batch (the linear log_vocab gate's h_ref)
 
 
 def _batch(seed: int, group: int = 4, n: int = 8):
     g = torch.Generator().manual_seed(seed)
     lengths = [int(x) for x in torch.randint(1, 13, (n,), generator=g)]
     rewards = torch.tensor([float(x) for x in torch.randint(0, 2, (n,), generator=g)])
-    rewards[:group] = 1.0   # one group with all-equal rewards: A = 0 there (ratio metrics' weights differ)
-    rewards[group:group + 2] = torch.tensor([1.0, 0.0])   # and one that is not
+    rewards[:group] = 1.0  # one group with all-equal rewards: A = 0 there (ratio metrics' weights differ)
+    rewards[group : group + 2] = torch.tensor([1.0, 0.0])  # and one that is not
     adv = group_advantages(rewards, group)
-    samples = [Sample([1, 2], [3, 4, 5], list(range(7, 7 + n_i)), float(a), float(r), False, i // group)
-               for i, (n_i, a, r) in enumerate(zip(lengths, adv.tolist(), rewards.tolist()))]
+    samples = [
+        Sample([1, 2], [3, 4, 5], list(range(7, 7 + n_i)), float(a), float(r), False, i // group)
+        for i, (n_i, a, r) in enumerate(zip(lengths, adv.tolist(), rewards.tolist()))
+    ]
     r = max(lengths)
     ls = -5 * torch.rand(n, r, generator=g)
     lt = -5 * torch.rand(n, r, generator=g)
-    h = math.log(V) * torch.rand(n, r, generator=g) ** 3   # mostly confident, a few high-entropy spikes
+    h = math.log(V) * torch.rand(n, r, generator=g) ** 3  # mostly confident, a few high-entropy spikes
     kl = torch.rand(n, r, generator=g)
     ref = ls - 0.1 * torch.rand(n, r, generator=g)
-    old = ls + torch.rand(n, r, generator=g) - 0.5   # a second PPO epoch: some ratios are clipped
+    old = ls + torch.rand(n, r, generator=g) - 0.5  # a second PPO epoch: some ratios are clipped
     return samples, rewards, TokenStats(ls, lt, h, None, kl), ref, old
 
 
@@ -103,10 +127,22 @@ def _logged(cfg: LossConfig, samples, rewards, stats: TokenStats, ref, old, mbs_
     records, loss = [], 0.0
     for mb in mbs:
         rows = slice(mb.index * mbs_size, (mb.index + 1) * mbs_size)
-        part = TokenStats(stats.student_logprob[rows], stats.teacher_logprob[rows], stats.teacher_entropy[rows],
-                          None, stats.kl[rows] if divergence_kind(cfg) else None)
-        lo, rec = micro_batch_loss(part, mb, cfg, denominator=denominator, vocab_size=V,
-                                   ref_logprobs={mb.index: ref[rows]}, old_logprobs={mb.index: old[rows]})
+        part = TokenStats(
+            stats.student_logprob[rows],
+            stats.teacher_logprob[rows],
+            stats.teacher_entropy[rows],
+            None,
+            stats.kl[rows] if divergence_kind(cfg) else None,
+        )
+        lo, rec = micro_batch_loss(
+            part,
+            mb,
+            cfg,
+            denominator=denominator,
+            vocab_size=V,
+            ref_logprobs={mb.index: ref[rows]},
+            old_logprobs={mb.index: old[rows]},
+        )
         records.append(rec)
         loss += float(lo)
     _, stats_adv = group_advantages(rewards, 4, return_metrics=True)
@@ -115,12 +151,21 @@ def _logged(cfg: LossConfig, samples, rewards, stats: TokenStats, ref, old, mbs_
     return reduce_metrics([records]), loss
 
 
-CONFIGS = [dict(name="grpo"), dict(name="rlsd"), dict(name="egrsd", gate=GateConfig(kind="linear")), dict(name="cl_egrsd"),
-           dict(name="opsd"), dict(name="opsd", opsd=OpsdConfig(signal="reverse_kl")), dict(name="egrsd", kl_coef=0.5),
-           dict(name="cl_egrsd", aggregation="seq_mean_token_mean")]
+CONFIGS = [
+    dict(name="grpo"),
+    dict(name="rlsd"),
+    dict(name="egrsd", gate=GateConfig(kind="linear")),
+    dict(name="cl_egrsd"),
+    dict(name="opsd"),
+    dict(name="opsd", opsd=OpsdConfig(signal="reverse_kl")),
+    dict(name="egrsd", kl_coef=0.5),
+    dict(name="cl_egrsd", aggregation="seq_mean_token_mean"),
+]
 
 
-@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(str(getattr(v, "kind", getattr(v, "signal", v))) for v in kw.values()))
+@pytest.mark.parametrize(
+    "kw", CONFIGS, ids=lambda kw: "-".join(str(getattr(v, "kind", getattr(v, "signal", v))) for v in kw.values())
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_micro_batch_size_does_not_change_logged_values(kw, seed):
     cfg = LossConfig(**kw)
@@ -143,30 +188,30 @@ def test_micro_batch_size_does_not_change_logged_values(kw, seed):
             assert one[k] == pytest.approx(whole[k], abs=tol, rel=0), k
             assert four[k] == pytest.approx(whole[k], abs=tol, rel=0), k
     assert loss1 == pytest.approx(loss4, abs=tol, rel=0) and one["loss"] == pytest.approx(loss1, abs=tol, rel=0)
-    assert one["tokens"] == n   # the step's token count, not a per-micro-batch one
+    assert one["tokens"] == n  # the step's token count, not a per-micro-batch one
     if cfg.name == "cl_egrsd":
-        assert one["spike_count"] > 0   # the count is exercised, not 0 = 0
+        assert one["spike_count"] > 0  # the count is exercised, not 0 = 0
     if not divergence_kind(cfg):
         assert 0 < one["ppo_clip_frac"] < 1
 
 
 # ---------------------------------------------------------------- the update's decisions
 def test_nonfinite_guard_agrees_across_ranks():
-    fine = lambda v: v                     # noqa: E731 - every other rank finite
-    other_bad = lambda v: max(v, 1.0)      # noqa: E731 - some other rank had a nan
+    fine = lambda v: v  # noqa: E731 - every other rank finite
+    other_bad = lambda v: max(v, 1.0)  # noqa: E731 - some other rank had a nan
     assert not nonfinite_anywhere(0.3, -0.1, fine)
     assert nonfinite_anywhere(float("nan"), 0.0, fine)
     assert nonfinite_anywhere(0.3, float("inf"), fine)
-    assert nonfinite_anywhere(0.3, -0.1, other_bad)   # finite here, skipped anyway: the replicas stay equal
+    assert nonfinite_anywhere(0.3, -0.1, other_bad)  # finite here, skipped anyway: the replicas stay equal
     seen = []
     nonfinite_anywhere(0.3, 0.0, lambda v: seen.append(v) or v)
-    assert seen == [0.0]                   # one collective per call, with this rank's flag
+    assert seen == [0.0]  # one collective per call, with this rank's flag
 
 
 def test_pass_ordering():
     assert interleaved(pp_size=1, ppo_epochs=1)
-    assert not interleaved(pp_size=2, ppo_epochs=1)     # PP: every micro-batch's teacher output at once
-    assert not interleaved(pp_size=1, ppo_epochs=2)     # epochs reuse the teacher outputs
+    assert not interleaved(pp_size=2, ppo_epochs=1)  # PP: every micro-batch's teacher output at once
+    assert not interleaved(pp_size=1, ppo_epochs=2)  # epochs reuse the teacher outputs
 
 
 def test_local_denominator():
@@ -211,8 +256,12 @@ def test_merge_orders_by_index_and_sums_timeouts():
 def test_to_samples_pairs_each_rollout_with_its_problems_prompts():
     out = Rollouts([_rollout(k) for k in range(4)], 0)
     samples = to_samples(out, [[10], [11]], [[20], [21]], [0.5, -0.5, 1.0, -1.0])
-    assert [(s.student_prompt, s.teacher_prompt, s.group) for s in samples] == \
-        [([10], [20], 0), ([10], [20], 0), ([11], [21], 1), ([11], [21], 1)]
+    assert [(s.student_prompt, s.teacher_prompt, s.group) for s in samples] == [
+        ([10], [20], 0),
+        ([10], [20], 0),
+        ([11], [21], 1),
+        ([11], [21], 1),
+    ]
     assert [s.advantage for s in samples] == [0.5, -0.5, 1.0, -1.0]
     assert samples[3].truncated and samples[3].response == [3, 4] and samples[2].reward == 0.5
 
@@ -221,21 +270,38 @@ def test_to_samples_pairs_each_rollout_with_its_problems_prompts():
 def test_ratio_weight_reads_the_behaviour_logprob():
     """PPO epochs > 1: rho (and so Ahat) comes from the old log-probs, not the current ones."""
     from egrsd_megatron.losses import token_advantages
+
     cfg = LossConfig(name="egrsd")
     samples, _, stats, _, old = _batch(0)
     mb = make_micro_batches(samples, 8)[0]
     _, rec = micro_batch_loss(stats, mb, cfg, denominator=mb.num_tokens, vocab_size=V, old_logprobs={0: old})
-    _, want = token_advantages(mb.advantages, old, stats.teacher_logprob, stats.teacher_entropy, mb.mask, cfg,
-                               vocab_size=V, return_metrics=True)
-    _, current = token_advantages(mb.advantages, stats.student_logprob, stats.teacher_logprob,
-                                  stats.teacher_entropy, mb.mask, cfg, vocab_size=V, return_metrics=True)
+    _, want = token_advantages(
+        mb.advantages,
+        old,
+        stats.teacher_logprob,
+        stats.teacher_entropy,
+        mb.mask,
+        cfg,
+        vocab_size=V,
+        return_metrics=True,
+    )
+    _, current = token_advantages(
+        mb.advantages,
+        stats.student_logprob,
+        stats.teacher_logprob,
+        stats.teacher_entropy,
+        mb.mask,
+        cfg,
+        vocab_size=V,
+        return_metrics=True,
+    )
     assert rec.values["ratio_weight_mean"] == want["ratio_weight_mean"] != current["ratio_weight_mean"]
 
 
 def test_engine_mismatch_metrics():
     samples, _, stats, _, _ = _batch(1)
     delta = torch.linspace(0, 0.3, len(samples))
-    for s, d in zip(samples, delta.tolist()):   # the engine's log-probs are the trainer's, shifted per row
+    for s, d in zip(samples, delta.tolist()):  # the engine's log-probs are the trainer's, shifted per row
         s.engine_logprobs = [float(x) + d for x in stats.student_logprob[samples.index(s), : len(s.response)]]
     mb = make_micro_batches(samples, 8)[0]
     _, rec = micro_batch_loss(stats, mb, LossConfig(name="grpo"), denominator=mb.num_tokens, vocab_size=V)
@@ -245,5 +311,9 @@ def test_engine_mismatch_metrics():
     assert rec.values["logprob_diff_max"] == pytest.approx(0.3, abs=2e-6)
     assert rec.values["prob_ratio_error"] == pytest.approx(float(torch.expm1(per_token).mean()), abs=3e-6)
     bare = make_micro_batches([dataclasses.replace(s, engine_logprobs=[]) for s in samples], 8)[0]
-    assert "logprob_diff_mean" not in micro_batch_loss(stats, bare, LossConfig(name="grpo"),
-                                                       denominator=bare.num_tokens, vocab_size=V)[1].values
+    assert (
+        "logprob_diff_mean"
+        not in micro_batch_loss(stats, bare, LossConfig(name="grpo"), denominator=bare.num_tokens, vocab_size=V)[
+            1
+        ].values
+    )

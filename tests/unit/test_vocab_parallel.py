@@ -6,6 +6,7 @@ no probability), entropies / KL / JSD from the probabilities, gradients by float
 Tolerance ("1e-5 relative"): |ours - ref| <= rtol * max(1, |ref|) per value; gradients per row,
 |ours - ref| <= rtol * max(1, max_row |ref|) (a gradient element is computed to the row's scale).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,16 +33,16 @@ def make_case(seed: int, n: int, v_total: int, vocab_size: int, dtype: torch.dty
     inf_cols = [1, 4, min(vocab_size - 2, 9)]
     zs[0, inf_cols] = -math.inf
     zt[0, inf_cols] = -math.inf
-    zs[1, :] = 3.0                                   # student uniform
+    zs[1, :] = 3.0  # student uniform
     zs[2, :] = -7.5
-    zt[2, :] = 11.0                                  # both uniform: KL = JSD = 0, H = log V
+    zt[2, :] = 11.0  # both uniform: KL = JSD = 0, H = log V
     zs[3] = torch.randn(v_total, generator=g) * 1e4  # student nearly one-hot, huge logits
     zt[4] = torch.randn(v_total, generator=g) * 1e4
     zs[5] = torch.randn(v_total, generator=g) * 1e4
     zt[5] = zs[5] + torch.randn(v_total, generator=g) * 0.5  # huge logits, nearby distributions
-    zs[6] = 1e4 + torch.randn(v_total, generator=g) * 3      # spread distributions far from 0: m + log Z
-    zt[6] = -2e4 + torch.randn(v_total, generator=g) * 3     # in fp32 would lose ~1e-3 of log p
-    zs[:, vocab_size:] = 1e30                        # padding must never be read
+    zs[6] = 1e4 + torch.randn(v_total, generator=g) * 3  # spread distributions far from 0: m + log Z
+    zt[6] = -2e4 + torch.randn(v_total, generator=g) * 3  # in fp32 would lose ~1e-3 of log p
+    zs[:, vocab_size:] = 1e30  # padding must never be read
     zt[:, vocab_size:] = -1e30
     y = torch.randint(0, vocab_size, (n,), generator=g)
     y[0] = 0
@@ -52,13 +53,20 @@ def make_case(seed: int, n: int, v_total: int, vocab_size: int, dtype: torch.dty
 
 
 # ------------------------------------------------------------------------------------------- reference
-def _xlogy(p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def _xlogy(p: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 - the log-prob, as in the formulas
     return (p * l).sum()
 
 
-def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, vocab_size: int,
-                    kl, temperature: float = 1.0, entropy_temperature: Optional[float] = None
-                    ) -> Dict[str, np.ndarray]:
+def reference_stats(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    vocab_size: int,
+    kl,
+    temperature: float = 1.0,
+    entropy_temperature: Optional[float] = None,
+) -> Dict[str, np.ndarray]:
     """float64 values of every statistic and d(sum w0 lS + w1 HS + w2 KL)/d zS, row by row, every
     distribution softmax(z / temperature) (the teacher entropy at entropy_temperature when given); the
     gradient is autograd through the division, with respect to the raw logits."""
@@ -77,8 +85,13 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
         lh = torch.log_softmax(zt64[i, cols] / t_h, -1)
         ps, pt = ls.exp(), lt.exp()
         tgt = int((cols == int(y[i])).nonzero()[0])
-        vals = {"ls": ls[tgt], "lt": lt[tgt], "ht": -_xlogy(lh.exp(), lh), "hs": -_xlogy(ps, ls),
-                "kl": torch.zeros((), dtype=torch.float64)}
+        vals = {
+            "ls": ls[tgt],
+            "lt": lt[tgt],
+            "ht": -_xlogy(lh.exp(), lh),
+            "hs": -_xlogy(ps, ls),
+            "kl": torch.zeros((), dtype=torch.float64),
+        }
         if kl == "reverse":
             vals["kl"] = _xlogy(ps, ls - lt)
         elif kl == "forward":
@@ -97,26 +110,51 @@ def reference_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torc
     return out
 
 
-def run_token_stats(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kl, group=None,
-                    vocab_size: Optional[int] = None, chunk_size: int = 16, block_elems: Optional[int] = None,
-                    **temperatures) -> dict:
+def run_token_stats(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    kl,
+    group=None,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = 16,
+    block_elems: Optional[int] = None,
+    **temperatures,
+) -> dict:
     """token_stats with student entropy, and the gradient of the same weighted sum as the reference.
     temperatures: token_stats' temperature / entropy_temperature (absent: the defaults)."""
     zs = zs.detach().clone().requires_grad_(True)
-    st = token_stats(zs, zt, y, group=group, vocab_size=vocab_size, chunk_size=chunk_size,
-                     student_entropy=True, kl=kl, block_elems=block_elems, **temperatures)
+    st = token_stats(
+        zs,
+        zt,
+        y,
+        group=group,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        student_entropy=True,
+        kl=kl,
+        block_elems=block_elems,
+        **temperatures,
+    )
     loss = (w[0] * st.student_logprob).sum() + (w[1] * st.student_entropy).sum()
     if kl is not None:
         loss = loss + (w[2] * st.kl).sum()
     loss.backward()
-    out = {"ls": st.student_logprob, "lt": st.teacher_logprob, "ht": st.teacher_entropy,
-           "hs": st.student_entropy, "grad": zs.grad}
+    out = {
+        "ls": st.student_logprob,
+        "lt": st.teacher_logprob,
+        "ht": st.teacher_entropy,
+        "hs": st.student_entropy,
+        "grad": zs.grad,
+    }
     out["kl"] = st.kl if kl is not None else torch.zeros_like(st.student_logprob)
     return {k: v.detach().double().numpy() for k, v in out.items()}
 
 
-def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: str,
-                   grad_atol_rows: Optional[np.ndarray] = None) -> None:
+def assert_matches(
+    ours: dict, ref: dict, rtol: float, grad_rtol: float, what: str, grad_atol_rows: Optional[np.ndarray] = None
+) -> None:
     for k in ("ls", "lt", "ht", "hs", "kl"):
         err = np.abs(ours[k] - ref[k]) / np.maximum(1.0, np.abs(ref[k]))
         assert np.all(np.isfinite(ours[k])), f"{what}: {k} not finite: {ours[k]}"
@@ -127,15 +165,18 @@ def assert_matches(ours: dict, ref: dict, rtol: float, grad_rtol: float, what: s
         gerr = np.maximum(gerr - grad_atol_rows[:, None], 0.0)
     gerr = gerr / scale
     assert np.all(np.isfinite(ours["grad"])), f"{what}: gradient not finite"
-    assert gerr.max() <= grad_rtol, f"{what}: grad rel err {gerr.max():.3g} at {np.unravel_index(gerr.argmax(), gerr.shape)}"
+    assert gerr.max() <= grad_rtol, (
+        f"{what}: grad rel err {gerr.max():.3g} at {np.unravel_index(gerr.argmax(), gerr.shape)}"
+    )
 
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 TEMPERATURES = [0.7, 1.3]
 
 
-def assert_within_derived(ours: dict, ref: dict, w: torch.Tensor, vocab_size: int, temperature: float,
-                          what: str) -> None:
+def assert_within_derived(
+    ours: dict, ref: dict, w: torch.Tensor, vocab_size: int, temperature: float, what: str
+) -> None:
     """Check against the float64 reference with a per-row tolerance DERIVED from fp32 rounding.
 
     Every statistic of row i is a sum over the row's V real columns of terms built from d_v = (z_v - m) / T
@@ -169,8 +210,7 @@ def test_fp32_matches_float64_reference(kl) -> None:
     # N = 45, chunk 16 (not a divisor), blocks of 5 rows: several chunks, several blocks per chunk.
     c = make_case(0, 45, 64, 57)
     ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], c["vocab_size"], kl)
-    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16,
-                           block_elems=5 * 57)
+    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16, block_elems=5 * 57)
     assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"kl={kl}")
     assert np.all(ours["grad"][:, 57:] == 0.0), "padded columns must get zero gradient"
     # The hard rows really are what they claim (the test would be weaker if not).
@@ -193,8 +233,9 @@ def test_temperature_matches_float64_reference(kl, temperature) -> None:
     # rows (-inf entries, uniform rows, |z| ~ 1e4), several chunks and blocks.
     c = make_case(0, 45, 64, 57)
     ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl, temperature=temperature)
-    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16,
-                           block_elems=5 * 57, temperature=temperature)
+    ours = run_token_stats(
+        c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=57, chunk_size=16, block_elems=5 * 57, temperature=temperature
+    )
     assert_within_derived(ours, ref, c["w"], 57, temperature, f"T={temperature} kl={kl}")
     assert np.all(ours["grad"][:, 57:] == 0.0), "padded columns must get zero gradient"
     # The temperature really changes the answer (the test would be vacuous if T were ignored).
@@ -208,10 +249,19 @@ def test_teacher_entropy_at_its_own_temperature(kl, temperature) -> None:
     # The gate's knob: H of softmax(zT / 1) while every other statistic (the JSD's internal HT included)
     # stays at T.
     c = make_case(10, 30, 64, 60)
-    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 60, kl, temperature=temperature,
-                          entropy_temperature=1.0)
-    ours = run_token_stats(c["zs"], c["zt"], c["y"], c["w"], kl, vocab_size=60, chunk_size=7,
-                           block_elems=3 * 60, temperature=temperature, entropy_temperature=1.0)
+    ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 60, kl, temperature=temperature, entropy_temperature=1.0)
+    ours = run_token_stats(
+        c["zs"],
+        c["zt"],
+        c["y"],
+        c["w"],
+        kl,
+        vocab_size=60,
+        chunk_size=7,
+        block_elems=3 * 60,
+        temperature=temperature,
+        entropy_temperature=1.0,
+    )
     assert_within_derived(ours, ref, c["w"], 60, temperature, f"T={temperature} T_H=1 kl={kl}")
     at_t = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 60, kl, temperature=temperature)
     assert np.abs(at_t["ht"] - ref["ht"]).max() > 0.05, "T_H = 1 must differ from T_H = T on this case"
@@ -239,16 +289,22 @@ def test_temperature_one_is_bitwise_the_pre_temperature_kernel(tmp_path) -> None
     import importlib.util
     import subprocess
     import sys
+
     base = "b0f4342"
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(__file__).parent))
+    root = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("pathlib").Path(__file__).parent),
+    )
     if root.returncode != 0:
         pytest.skip("not a git checkout: the pre-temperature kernel cannot be loaded")
     pkg = tmp_path / "old_ops"
     pkg.mkdir()
     for f in ("__init__.py", "vocab_parallel.py", "vocab_parallel_fn.py"):
-        src = subprocess.run(["git", "show", f"{base}:egrsd_megatron/ops/{f}"], capture_output=True, text=True,
-                             cwd=root.stdout.strip())
+        src = subprocess.run(
+            ["git", "show", f"{base}:egrsd_megatron/ops/{f}"], capture_output=True, text=True, cwd=root.stdout.strip()
+        )
         if src.returncode != 0:
             pytest.skip(f"commit {base} is not in this repository's history")
         (pkg / f).write_text(src.stdout)
@@ -263,8 +319,17 @@ def test_temperature_one_is_bitwise_the_pre_temperature_kernel(tmp_path) -> None
 
     def run(fn, c, kl, ent, **kw):
         zs = c["zs"].clone().requires_grad_(True)
-        st = fn(zs, c["zt"], c["y"], vocab_size=c["vocab_size"], chunk_size=16, block_elems=5 * 64,
-                student_entropy=ent, kl=kl, **kw)
+        st = fn(
+            zs,
+            c["zt"],
+            c["y"],
+            vocab_size=c["vocab_size"],
+            chunk_size=16,
+            block_elems=5 * 64,
+            student_entropy=ent,
+            kl=kl,
+            **kw,
+        )
         loss = (c["w"][0] * st.student_logprob).sum()
         loss = loss + ((c["w"][1] * st.student_entropy).sum() if ent else 0) + ((c["w"][2] * st.kl).sum() if kl else 0)
         loss.backward()
@@ -274,8 +339,9 @@ def test_temperature_one_is_bitwise_the_pre_temperature_kernel(tmp_path) -> None
         c = make_case(0, 45, 64, 57, dtype)
         for kl in KL_MODES:
             for ent in (False, True):
-                for a, b in zip(run(old, c, kl, ent), run(token_stats, c, kl, ent, temperature=1.0,
-                                                           entropy_temperature=1.0)):
+                for a, b in zip(
+                    run(old, c, kl, ent), run(token_stats, c, kl, ent, temperature=1.0, entropy_temperature=1.0)
+                ):
                     assert (a is None) == (b is None)
                     if a is not None:  # NaN-safe bitwise equality (row 0's -inf entries)
                         assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)), (dtype, kl, ent)
@@ -312,7 +378,7 @@ def test_backward_saves_only_inputs_and_per_token_stats() -> None:
         saved: List[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            saved.append(t)
+            saved.append(t)  # noqa: B023 - called inside this iteration
             return t
 
         zs = c["zs"].clone().requires_grad_(True)
@@ -404,13 +470,21 @@ def test_non_finite_logits_name_first_bad_token(bad) -> None:
 
 
 # ------------------------------------------------------------------------------------ property check
-from hypothesis import given, settings, strategies as hs  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=hs.integers(1, 12), v=hs.integers(2, 24), pad=hs.integers(0, 5), chunk=hs.integers(1, 6),
-       rows=hs.integers(1, 4), kl=hs.sampled_from(KL_MODES), seed=hs.integers(0, 10_000),
-       scale=hs.sampled_from([0.1, 3.0, 50.0]))
+@given(
+    n=hs.integers(1, 12),
+    v=hs.integers(2, 24),
+    pad=hs.integers(0, 5),
+    chunk=hs.integers(1, 6),
+    rows=hs.integers(1, 4),
+    kl=hs.sampled_from(KL_MODES),
+    seed=hs.integers(0, 10_000),
+    scale=hs.sampled_from([0.1, 3.0, 50.0]),
+)
 def test_random_shapes_chunks_and_blocks(n, v, pad, chunk, rows, kl, seed, scale) -> None:
     g = torch.Generator().manual_seed(seed)
     zs = torch.randn(n, v + pad, generator=g) * scale
