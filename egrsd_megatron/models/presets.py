@@ -6,6 +6,7 @@ Qwen3 sizes are the published config.json values (../../docs/environment.md): he
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict
 
@@ -55,38 +56,13 @@ PRESETS: Dict[str, ModelArch] = {
         max_position_embeddings=512,
         family="qwen3",
     ),
-    # qwen3_tiny with room for the byte-level tokenizer (261 ids): tiny end-to-end training runs.
-    "qwen3_tiny_chat": ModelArch(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        ffn_hidden_size=128,
-        vocab_size=320,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        qk_norm=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=1024,
-        family="qwen3",
-    ),
-    "llama_tiny": ModelArch(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        ffn_hidden_size=128,
-        vocab_size=200,
-        rope_theta=1e5,
-        rms_norm_eps=1e-5,
-        qk_norm=False,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
-        family="llama",
-    ),
 }
+# qwen3_tiny with room for the byte-level tokenizer (261 ids): tiny end-to-end training runs.
+PRESETS["qwen3_tiny_chat"] = dataclasses.replace(PRESETS["qwen3_tiny"], vocab_size=320, max_position_embeddings=1024)
+# The same shapes in the Llama family: no QK-norm, tied embeddings.
+PRESETS["llama_tiny"] = dataclasses.replace(
+    PRESETS["qwen3_tiny"], rope_theta=1e5, rms_norm_eps=1e-5, qk_norm=False, tie_word_embeddings=True, family="llama"
+)
 
 
 def resolve_arch(model_cfg: ModelConfig) -> ModelArch:
