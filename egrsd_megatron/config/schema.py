@@ -353,6 +353,9 @@ class LossConfig:
 class TeacherConfig:
     mode: str = "frozen"  # frozen | live | sync
     sync_every: int = 10  # steps between copies in sync mode
+    # A loss that reads no teacher input (grpo) runs no teacher pass. True: run it anyway, only to log the
+    # teacher-entropy metrics (teacher_entropy_mean / _p90, spike_count); the loss does not change.
+    log_entropy: bool = False
 
     def validate(self) -> None:
         _check(

@@ -11,7 +11,7 @@ from egrsd_megatron.losses.factors import TokenFactors, TokenInputs
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
 from egrsd_megatron.losses.lookahead import lookahead_entropy
 from egrsd_megatron.losses.policy_loss import policy_loss
-from egrsd_megatron.losses.registry import FAMILY, LossSpec, divergence_kind, loss_spec
+from egrsd_megatron.losses.registry import FAMILY, LossSpec, divergence_kind, loss_spec, reads_teacher
 from egrsd_megatron.losses.token_weights import token_advantages
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LossSpec",
     "loss_spec",
     "divergence_kind",
+    "reads_teacher",
     "TokenInputs",
     "TokenFactors",
 ]

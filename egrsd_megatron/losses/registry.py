@@ -127,3 +127,10 @@ def divergence_kind(cfg: LossConfig) -> Divergence:
     `divergence(cfg)` (None, "reverse" or ("jsd", beta)). None also means the teacher's per-token
     statistics suffice, so its full logits need not be kept."""
     return loss_spec(cfg.name).divergence(cfg)
+
+
+def reads_teacher(cfg: LossConfig) -> bool:
+    """Whether the loss of `cfg` reads any teacher input (log-probs, entropy or a divergence). When it reads
+    none (grpo), the trainer runs no teacher pass at all (unless teacher.log_entropy asks for its metrics)."""
+    spec = loss_spec(cfg.name)
+    return spec.teacher_logprob(cfg) or spec.teacher_entropy or spec.divergence(cfg) is not None

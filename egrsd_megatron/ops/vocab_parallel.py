@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .vocab_parallel_fn import FnSpec, NonFiniteLogitsError, TokenStatsFunction
 
-__all__ = ["TokenStats", "token_stats", "NonFiniteLogitsError", "DEFAULT_BLOCK_ELEMS"]
+__all__ = ["TokenStats", "OneStats", "token_stats", "token_stats_one", "NonFiniteLogitsError", "DEFAULT_BLOCK_ELEMS"]
 
 # Elements of one fp32 work block (rows x V_local; at least one row), three such buffers per call.
 # CPU: ~1 MiB per buffer, so the several passes over a block hit the L2 cache (measured ~1.5-2x faster
@@ -48,13 +48,23 @@ KLSpec = Union[None, str, Tuple[str, float]]
 
 @dataclass
 class TokenStats:
-    """Per-token statistics, each fp32 and shaped like `targets`."""
+    """Per-token statistics, each fp32 and shaped like `targets` (the teacher's None when a caller scored
+    no teacher: the trainer's student-only case)."""
 
     student_logprob: torch.Tensor
-    teacher_logprob: torch.Tensor
-    teacher_entropy: torch.Tensor
+    teacher_logprob: Optional[torch.Tensor]
+    teacher_entropy: Optional[torch.Tensor]
     student_entropy: Optional[torch.Tensor] = None
     kl: Optional[torch.Tensor] = None
+
+
+@dataclass
+class OneStats:
+    """`token_stats_one`'s output, fp32 and shaped like `targets`: log p(y) (gradient to the logits) and
+    H(p) (no gradient; None when not asked)."""
+
+    logprob: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
 
 
 def _parse_kl(kl: KLSpec) -> Tuple[Optional[str], float]:
@@ -165,46 +175,23 @@ def token_stats(
     Gradients flow to student_logits through student_logprob, student_entropy and kl; never to teacher_logits.
     """
     _validate(student_logits, teacher_logits, targets)
-    if block_elems is None:
-        block_elems = DEFAULT_BLOCK_ELEMS.get(student_logits.device.type, DEFAULT_BLOCK_ELEMS["cuda"])
-    if chunk_size < 1 or block_elems < 1:
-        raise ValueError(f"chunk_size={chunk_size} and block_elems={block_elems} must be >= 1")
     mode, beta = _parse_kl(kl)
-    inv_t = _inverse_temperature("temperature", temperature)
-    inv_h = None
-    if entropy_temperature is not None and float(entropy_temperature) != float(temperature):
-        inv_h = _inverse_temperature("entropy_temperature", entropy_temperature)
-    tp, rank = _group_layout(group)
-    v_local = student_logits.shape[-1]
-    if vocab_size is None:
-        vocab_size = v_local * tp
-    if not 1 <= vocab_size <= v_local * tp:
-        raise ValueError(
-            f"vocab_size={vocab_size} does not fit the vocabulary slice: student_logits has "
-            f"V_local={v_local} columns on each of {tp} rank(s) of the group, covering "
-            f"{v_local * tp} ids; pass the group the logits were split over and the true vocab_size"
-        )
-    lead = targets.shape
-    s2 = student_logits.reshape(-1, v_local)
-    t2 = teacher_logits.reshape(-1, v_local)
-    y = targets.reshape(-1).long()
-    _check_targets(y, vocab_size)
-    vocab_start = rank * v_local
-    valid = max(0, min(v_local, vocab_size - vocab_start))
-    chunk = int(chunk_size)
-    spec = FnSpec(
-        group=group,
-        vocab_start=vocab_start,
-        valid=valid,
-        chunk=chunk,
-        block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
+    spec, s2, y = _spec(
+        student_logits,
+        targets,
+        group,
+        vocab_size,
+        chunk_size,
+        block_elems,
+        temperature,
+        entropy_temperature,
+        check_finite,
         student_entropy=bool(student_entropy),
         kl=mode,
         beta=beta,
-        check_finite=bool(check_finite),
-        inv_t=inv_t,
-        entropy_inv_t=inv_h,
     )
+    lead = targets.shape
+    t2 = teacher_logits.reshape(-1, s2.shape[-1])
     if y.numel() == 0:
         z = lambda: s2.new_zeros(lead, dtype=torch.float32) + 0.0 * s2.sum()  # noqa: E731 - keeps the graph
         return TokenStats(z(), z().detach(), z().detach(), z() if student_entropy else None, z() if mode else None)
@@ -216,3 +203,100 @@ def token_stats(
         student_entropy=hs.view(lead) if student_entropy else None,
         kl=klv.view(lead) if mode else None,
     )
+
+
+def token_stats_one(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+    entropy: bool = True,
+    chunk_size: int = 1024,
+    check_finite: bool = True,
+    block_elems: Optional[int] = None,
+    temperature: float = 1.0,
+    entropy_temperature: Optional[float] = None,
+) -> OneStats:
+    """The one-distribution mode of `token_stats`: log p(y) and H(p) of ONE set of logits, p = softmax(z / T).
+
+    For the passes that score one model: the reduced teacher pass (log pT and H_T), the reference pass
+    (log p_ref) and the student when no teacher is read (log pS with its gradient). Same arguments and
+    layout as `token_stats`; `entropy` (H at `entropy_temperature`, None: at T; no gradient) may be left out
+    when only the log-prob is needed. Per chunk: one all-reduce MAX of [1, n] and one all-reduce SUM of
+    [2, n] (log-prob only) to [4, n] (entropy at its own T_H) -- the same two collectives as the fused
+    call, half the local work and half the payload. log p(y) and its gradient are bitwise what
+    token_stats(z, z.detach(), y) gives for student_logprob (the same operations in the same order).
+    """
+    _validate(logits, logits, targets)
+    spec, z2, y = _spec(
+        logits,
+        targets,
+        group,
+        vocab_size,
+        chunk_size,
+        block_elems,
+        temperature,
+        entropy_temperature if entropy else None,
+        check_finite,
+        single=True,
+        single_entropy=bool(entropy),
+    )
+    lead = targets.shape
+    if y.numel() == 0:
+        zero = z2.new_zeros(lead, dtype=torch.float32)
+        return OneStats(zero + 0.0 * z2.sum(), zero.clone() if entropy else None)
+    ls, _, h, _, _ = TokenStatsFunction.apply(z2, z2.detach(), y, spec)
+    return OneStats(ls.view(lead), h.view(lead) if entropy else None)
+
+
+def _spec(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    group: Optional[dist.ProcessGroup],
+    vocab_size: Optional[int],
+    chunk_size: int,
+    block_elems: Optional[int],
+    temperature: float,
+    entropy_temperature: Optional[float],
+    check_finite: bool,
+    **mode,
+) -> Tuple[FnSpec, torch.Tensor, torch.Tensor]:
+    """(FnSpec, logits as [N, V_local], targets as [N] long) after the layout checks shared by both modes."""
+    if block_elems is None:
+        block_elems = DEFAULT_BLOCK_ELEMS.get(logits.device.type, DEFAULT_BLOCK_ELEMS["cuda"])
+    if chunk_size < 1 or block_elems < 1:
+        raise ValueError(f"chunk_size={chunk_size} and block_elems={block_elems} must be >= 1")
+    inv_t = _inverse_temperature("temperature", temperature)
+    inv_h = None
+    if entropy_temperature is not None and float(entropy_temperature) != float(temperature):
+        inv_h = _inverse_temperature("entropy_temperature", entropy_temperature)
+    tp, rank = _group_layout(group)
+    v_local = logits.shape[-1]
+    if vocab_size is None:
+        vocab_size = v_local * tp
+    if not 1 <= vocab_size <= v_local * tp:
+        raise ValueError(
+            f"vocab_size={vocab_size} does not fit the vocabulary slice: student_logits has "
+            f"V_local={v_local} columns on each of {tp} rank(s) of the group, covering "
+            f"{v_local * tp} ids; pass the group the logits were split over and the true vocab_size"
+        )
+    y = targets.reshape(-1).long()
+    _check_targets(y, vocab_size)
+    vocab_start = rank * v_local
+    valid = max(0, min(v_local, vocab_size - vocab_start))
+    chunk = int(chunk_size)
+    full = dict(student_entropy=False, kl=None, beta=0.0)
+    full.update(mode)
+    spec = FnSpec(
+        group=group,
+        vocab_start=vocab_start,
+        valid=valid,
+        chunk=chunk,
+        block_rows=max(1, min(chunk, block_elems // max(valid, 1))),
+        check_finite=bool(check_finite),
+        inv_t=inv_t,
+        entropy_inv_t=inv_h,
+        **full,
+    )
+    return spec, logits.reshape(-1, v_local), y

@@ -71,6 +71,10 @@ class FnSpec:
     inv_t: float = 1.0  # 1 / T: every statistic is of softmax(z / T)
     # 1 / T_H for the teacher entropy output; None: T_H = T (same sums, no extra work).
     entropy_inv_t: Optional[float] = None
+    # One-distribution mode (`token_stats_one`): only the student input is read; outputs log p(y) (with
+    # gradient) and, when `single_entropy`, H(p) at T_H (no gradient). No teacher half is computed.
+    single: bool = False
+    single_entropy: bool = False
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> None:
@@ -101,13 +105,14 @@ def _gather_owned(d: torch.Tensor, local: torch.Tensor, owned: torch.Tensor) -> 
     return torch.where(owned, v, torch.zeros_like(v))
 
 
-def _check_max(mx: torch.Tensor, offset: int) -> None:
-    """mx: [2, n] global maxima (NaN was mapped to +inf before the MAX, so every rank sees it)."""
+def _check_max(mx: torch.Tensor, offset: int, names: Tuple[str, ...] = ("student_logits", "teacher_logits")) -> None:
+    """mx: [k, n] global maxima of the inputs `names` (NaN was mapped to +inf before the MAX, so every rank
+    sees it)."""
     bad = ~torch.isfinite(mx)
     if not bool(bad.any()):
         return
     which, col = (int(i) for i in bad.nonzero()[0])
-    name = ("student_logits", "teacher_logits")[which]
+    name = names[which]
     token = offset + col
     if mx[which, col] > 0:
         raise NonFiniteLogitsError(
@@ -234,6 +239,59 @@ def _forward_chunk(
     return out
 
 
+def _forward_chunk_single(z: torch.Tensor, y: torch.Tensor, offset: int, spec: FnSpec, buf: _Buffers) -> dict:
+    """One distribution: log p(y) and (if spec.single_entropy) H(p at T_H) of one chunk; z: [n, valid].
+
+    The student half of `_forward_chunk` with the same operations in the same order (so log p(y) is bitwise
+    what token_stats(z, z', y) returns for it), the teacher entropy's sums taken from the same d:
+    collective 1 is a [1, n] MAX, collective 2 a [2-4, n] SUM (Z, d_y, and A or Z_H, A_H for the entropy).
+    """
+    n, valid, group = z.shape[0], spec.valid, spec.group
+    dev = z.device
+    mx = z.amax(-1).float()[None] if valid > 0 else torch.full((1, n), -math.inf, device=dev)
+    if spec.check_finite:
+        mx = torch.where(torch.isnan(mx), torch.full_like(mx, math.inf), mx)
+    _all_reduce(mx, dist.ReduceOp.MAX, group)
+    if spec.check_finite:
+        _check_max(mx, offset, ("logits",))
+    m = mx[0]
+    inv_t = spec.inv_t
+    scaled = inv_t != 1.0
+    sep_h = spec.single_entropy and spec.entropy_inv_t is not None
+    names = ["z", "y"] + (["zh", "ah"] if sep_h else ["a"] if spec.single_entropy else [])
+    row = {k: i for i, k in enumerate(names)}
+    sums = torch.zeros(len(names), n, dtype=torch.float32, device=dev)
+    local, owned = _target_index(y, spec)
+    if valid > 0:
+        for r0, r1 in _spans(n, spec.block_rows):
+            r = r1 - r0
+            d = buf.s[:r].copy_(z[r0:r1]).sub_(m[r0:r1, None])
+            e = buf.e[:r]
+            if sep_h:  # H at T_H from the unscaled d, as _forward_chunk does for the teacher
+                dh = buf.t[:r].copy_(d).clamp_(min=_NEG)
+                torch.mul(dh, spec.entropy_inv_t, out=e).exp_()
+                sums[row["zh"], r0:r1] = e.sum(-1)
+                sums[row["ah"], r0:r1] = _rowdot(e, dh).mul_(spec.entropy_inv_t)
+            if scaled:
+                d.mul_(inv_t)
+            sums[row["y"], r0:r1] = _gather_owned(d, local[r0:r1], owned[r0:r1])
+            if spec.single_entropy and not sep_h:
+                d.clamp_(min=_NEG)  # d enters a product with e below (0 * _NEG = 0)
+            torch.exp(d, out=e)
+            sums[row["z"], r0:r1] = e.sum(-1)
+            if spec.single_entropy and not sep_h:
+                sums[row["a"], r0:r1] = _rowdot(e, d)
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    g = {k: sums[i] for k, i in row.items()}
+    log_z = g["z"].log()
+    out = {"ls": g["y"] - log_z, "m_s": m, "logz_s": log_z}
+    if sep_h:
+        out["h"] = g["zh"].log() - g["ah"] / g["zh"]
+    elif spec.single_entropy:
+        out["h"] = log_z - g["a"] / g["z"]
+    return out
+
+
 def _log_probs(
     out: torch.Tensor, z: torch.Tensor, m: torch.Tensor, log_z: torch.Tensor, inv_t: float = 1.0
 ) -> torch.Tensor:
@@ -283,6 +341,33 @@ def _add_onehot(p: torch.Tensor, owned: torch.Tensor, local: torch.Tensor, g: to
 _SAVED = ("m_s", "logz_s", "m_t", "logz_t", "hs", "kl", "kl_sm")
 
 
+def _forward_single(ctx, z: torch.Tensor, targets: torch.Tensor, spec: FnSpec, empty) -> Tuple[torch.Tensor, ...]:
+    """TokenStatsFunction.forward in the one-distribution mode: (log p(y), empty, H or empty, empty, empty).
+
+    Saves what the log-prob-only backward reads (the logits, m and log Z per token); the backward below is
+    shared, and with no entropy or KL gradient it is the same arithmetic as the two-distribution call's."""
+    buf = _Buffers(
+        min(spec.block_rows, max(z.shape[0], 1)),
+        spec.valid,
+        z.device,
+        need_teacher=spec.single_entropy and spec.entropy_inv_t is not None,
+    )
+    zv = z[:, : spec.valid]
+    pieces = [
+        _forward_chunk_single(zv[c0:c1], targets[c0:c1], c0, spec, buf) for c0, c1 in _spans(z.shape[0], spec.chunk)
+    ]
+    del buf
+    cat = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    h = cat["h"] if spec.single_entropy else empty()
+    saved = [cat[k] if k in cat else empty() for k in _SAVED]
+    ctx.save_for_backward(z, None, targets, *saved)
+    ctx.spec = spec
+    rest = (empty(), h, empty(), empty())
+    ctx.mark_non_differentiable(*rest)
+    ctx.set_materialize_grads(False)
+    return (cat["ls"],) + rest
+
+
 class TokenStatsFunction(torch.autograd.Function):
     """Inputs are 2-D [N, V_local]; outputs five fp32 [N] tensors (unrequested ones are empty [0])."""
 
@@ -295,6 +380,9 @@ class TokenStatsFunction(torch.autograd.Function):
         spec: FnSpec,
     ) -> Tuple[torch.Tensor, ...]:
         n_tok, dev = student.shape[0], student.device
+        empty = lambda: torch.empty(0, dtype=torch.float32, device=dev)  # noqa: E731 - distinct objects
+        if spec.single:
+            return _forward_single(ctx, student, targets, spec, empty)
         zs_all, zt_all = student[:, : spec.valid], teacher[:, : spec.valid]
         buf = _Buffers(min(spec.block_rows, max(n_tok, 1)), spec.valid, dev)
         pieces: List[dict] = []
@@ -302,7 +390,6 @@ class TokenStatsFunction(torch.autograd.Function):
             pieces.append(_forward_chunk(zs_all[c0:c1], zt_all[c0:c1], targets[c0:c1], c0, spec, buf))
         del buf
         cat = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        empty = lambda: torch.empty(0, dtype=torch.float32, device=dev)  # noqa: E731 - distinct objects
         hs = cat["hs"] if spec.student_entropy else empty()
         kl = cat["kl"] if spec.kl else empty()
         saved = [cat[k] if k in cat else empty() for k in _SAVED]

@@ -7,10 +7,13 @@
 1b. Reference pass (only when loss.kl_coef > 0; forward only): the STUDENT sequences through the
    reference policy (the initial weights) -> per-token log-probs of the response, kept per micro-batch
    ([b, R] floats: the vocabulary is reduced right away, so this costs no logits memory).
-   (The teacher and reference passes are forward-only passes of one function, `_forward_scores`.)
+   (The teacher and reference passes are forward-only passes of one function, `_forward_scores`; reduced,
+   they score their one set of logits with the one-distribution `token_stats_one`.)
 2. Student pass (forward + backward): student sequences -> response logits -> ONE fused `token_stats`
    call with the teacher logits (student log-prob with grad, teacher log-prob, teacher entropy, and the
-   KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens.
+   KL for OPSD) -> token advantages -> `policy_loss` divided by the GLOBAL number of valid tokens. With a
+   reduced teacher pass, or none at all (a loss that reads no teacher input: grpo), the student's log-prob
+   comes from `token_stats_one` instead.
 
 Every statistic is of the distribution the rollout engine sampled from, softmax(z / T) with T =
 rollout.temperature (`Scoring`; docs/method.md "Sampling temperature"), fused into `token_stats`' chunks.
@@ -37,7 +40,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..config.schema import LossConfig
 from ..losses import divergence_kind, policy_loss, token_advantages
 from ..models import causal_mask
-from ..ops.vocab_parallel import NonFiniteLogitsError, TokenStats, token_stats
+from ..ops.vocab_parallel import NonFiniteLogitsError, OneStats, TokenStats, token_stats, token_stats_one
 from .batch import MicroBatch, gather_positions
 from .metrics import Record
 
@@ -104,6 +107,23 @@ class Scoring:
             log.warning("skipping this step: %s", e)
             return None
 
+    def one(self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool) -> Optional[OneStats]:
+        """token_stats_one of one set of logits (log-prob; the entropy at `entropy_temperature` when asked),
+        or None when a logit is NaN/+inf (on every TP rank alike)."""
+        try:
+            return token_stats_one(
+                logits,
+                targets,
+                group=self.tp_group,
+                vocab_size=self.vocab_size,
+                entropy=entropy,
+                temperature=self.temperature,
+                entropy_temperature=self.entropy_temperature,
+            )
+        except NonFiniteLogitsError as e:
+            log.warning("skipping this step: %s", e)
+            return None
+
 
 def scoring_for(cfg: Any, vocab_size: int, tp_group: Any) -> Scoring:
     """The step's `Scoring` from an ExperimentConfig: rollout.temperature and loss.gate.entropy_at."""
@@ -111,21 +131,30 @@ def scoring_for(cfg: Any, vocab_size: int, tp_group: Any) -> Scoring:
     return Scoring(vocab_size, tp_group, float(cfg.rollout.temperature), entropy_t)
 
 
+Kept = Union[torch.Tensor, OneStats, None]
+
+
 @torch.no_grad()
 def _forward_scores(
-    model: torch.nn.Module, micro_batches: List[MicroBatch], ids_attr: str, pos_attr: str, reduce: Optional[Scoring]
-) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
+    model: torch.nn.Module,
+    micro_batches: List[MicroBatch],
+    ids_attr: str,
+    pos_attr: str,
+    reduce: Optional[Scoring],
+    entropy: bool = True,
+) -> Dict[int, Kept]:
     """Forward-only pass; per micro-batch (last stage) the logits at the response positions [b, R, V_local],
-    or with `reduce` only their per-token statistics (TokenStats of the logits against themselves: the
-    log-prob of each response token and the entropy, [b, R] each, no logits kept; None for non-finite logits)."""
-    kept: Dict[int, Union[torch.Tensor, TokenStats, None]] = {}
+    or with `reduce` only their per-token statistics (the one-distribution `token_stats_one`: the log-prob
+    of each response token and, with `entropy`, the entropy, [b, R] each, no logits kept; None for
+    non-finite logits)."""
+    kept: Dict[int, Kept] = {}
 
     def keep(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, getattr(mb, pos_attr)).detach()
         if reduce is None:
             kept[mb.index] = resp
         else:
-            kept[mb.index] = reduce.stats(resp, resp, mb.targets.to(logits.device))
+            kept[mb.index] = reduce.one(resp, mb.targets.to(logits.device), entropy=entropy)
         return torch.zeros((), device=logits.device), torch.tensor(mb.num_tokens), {}
 
     was_training = model.training
@@ -141,14 +170,15 @@ def _forward_scores(
 
 def teacher_pass(
     teacher: torch.nn.Module, micro_batches: List[MicroBatch], reduce: Optional[Scoring] = None
-) -> Dict[int, Union[torch.Tensor, TokenStats, None]]:
+) -> Dict[int, Kept]:
     """{micro-batch index: teacher logits at the response positions [b, R, V_local]} (last stage).
 
     reduce=Scoring: keep only the teacher's per-token log-prob and entropy instead, for when
     every micro-batch's teacher output must be held at once (PP > 1, PPO epochs > 1) and the loss needs no
     divergence between the full distributions (all but OPSD's reverse_kl/jsd signals). That is [b, R]
     floats instead of [b, R, V/TP] (e.g. 64 rollouts x 4096 tokens x 19k columns in bf16 = 10 GB for Qwen3
-    at TP=8), for 2 more collectives per chunk than the fused student+teacher call.
+    at TP=8), for 2 more collectives per chunk than the fused student+teacher call (the teacher's and the
+    student's one-distribution calls, 2 each, instead of the fused call's 2).
     """
     return _forward_scores(teacher, micro_batches, "teacher_ids", "teacher_resp_pos", reduce)
 
@@ -161,8 +191,8 @@ def reference_pass(
     The student's own context (no privileged information): the k3 term of method.md compares the policy
     with its starting point, not with the teacher. Reduced over the vocabulary right away by `token_stats`.
     """
-    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", scoring)
-    return {k: (v.student_logprob if v is not None else None) for k, v in stats.items()}  # type: ignore[union-attr]
+    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", scoring, entropy=False)
+    return {k: (v.logprob if v is not None else None) for k, v in stats.items()}  # type: ignore[union-attr]
 
 
 def micro_batch_loss(
@@ -232,7 +262,7 @@ def nonfinite_loss(logits: torch.Tensor, mb: MicroBatch) -> Tuple[torch.Tensor, 
 def student_pass(
     model: torch.nn.Module,
     micro_batches: List[MicroBatch],
-    teacher_logits: Dict[int, Union[torch.Tensor, TokenStats, None]],
+    teacher_logits: Optional[Dict[int, Kept]],
     loss_cfg: LossConfig,
     *,
     denominator: float,
@@ -247,19 +277,22 @@ def student_pass(
     on-policy (old = current, detached), the usual single-epoch case. Fills `old_logprobs` when given
     an empty dict. `denominator`: the global number of valid tokens (loss.aggregation=token_mean) or of
     sequences (seq_mean_token_mean) over all data-parallel ranks and micro-batches. `ref_logprobs`: the
-    reference pass's output, required when loss.kl_coef > 0.
+    reference pass's output, required when loss.kl_coef > 0. `teacher_logits` None: no teacher pass ran
+    (a loss that reads no teacher input, losses.reads_teacher): the student's log-prob alone, from the
+    one-distribution `token_stats_one`.
     """
     kl_mode = divergence_kind(loss_cfg)
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         resp = gather_positions(logits, mb.student_resp_pos)
         targets = mb.targets.to(logits.device)
-        teacher = teacher_logits[mb.index]
+        teacher = teacher_logits[mb.index] if teacher_logits is not None else None
         stats: Optional[TokenStats] = None
-        if isinstance(teacher, TokenStats):  # reduced by teacher_pass: the student half only
-            own = scoring.stats(resp, resp.detach(), targets)
+        if teacher_logits is None or isinstance(teacher, OneStats):  # no teacher / reduced: the student alone
+            own = scoring.one(resp, targets, entropy=False)
             if own is not None:
-                stats = TokenStats(own.student_logprob, teacher.teacher_logprob, teacher.teacher_entropy, None, None)
+                lt, ht = (teacher.logprob, teacher.entropy) if teacher is not None else (None, None)
+                stats = TokenStats(own.logprob, lt, ht, None, None)
         elif teacher is not None:
             stats = scoring.stats(resp, teacher, targets, kl=kl_mode)
         ref_missing = ref_logprobs is not None and ref_logprobs.get(mb.index, 0) is None

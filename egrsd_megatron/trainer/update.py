@@ -6,7 +6,9 @@ micro-batch). Without pipeline parallelism and with one PPO epoch each micro-bat
 right before its student pass ("interleaved"), so one micro-batch of them is alive at a time. Otherwise
 every micro-batch's teacher output is needed at once: then only its per-token log-prob and entropy are
 kept, unless the loss compares the full distributions (OPSD reverse_kl / jsd). The reference pass (loss.kl_coef
-> 0) keeps [b, R] log-probs per micro-batch, so it runs for all micro-batches up front.
+> 0) keeps [b, R] log-probs per micro-batch, so it runs for all micro-batches up front. A loss that reads
+no teacher input (grpo; losses.reads_teacher) runs no teacher pass at all, unless teacher.log_entropy asks
+for the teacher-entropy metrics (`teacher_pass_needed`).
 
 Non-finite guard: when the gradient norm or the loss is not finite on ANY rank, every rank skips the
 optimizer step (the decision is all-reduced, so the replicas never diverge) and the step counts as skipped.
@@ -23,7 +25,7 @@ import torch
 
 from ..config import ExperimentConfig, LossConfig
 from ..distributed.grads import clip_grads, finalize_grads, zero_grads
-from ..losses import divergence_kind
+from ..losses import divergence_kind, reads_teacher
 from .batch import MicroBatch, Sample
 from .metrics import Record
 from .passes import Scoring, reference_pass, student_pass, teacher_pass
@@ -42,6 +44,12 @@ def interleaved(pp_size: int, ppo_epochs: int) -> bool:
     return pp_size == 1 and ppo_epochs == 1
 
 
+def teacher_pass_needed(loss_cfg: LossConfig, log_entropy: bool) -> bool:
+    """Whether the step runs a teacher pass: the loss reads a teacher input, or teacher.log_entropy asks for
+    the teacher-entropy metrics of a loss that reads none (they never enter its loss)."""
+    return reads_teacher(loss_cfg) or log_entropy
+
+
 def local_denominator(samples: Sequence[Sample], aggregation: str) -> int:
     """This rank's share of the loss denominator: sequences (seq_mean_token_mean) or valid tokens (token_mean)."""
     return len(samples) if aggregation == "seq_mean_token_mean" else sum(len(s.response) for s in samples)
@@ -56,7 +64,7 @@ def nonfinite_anywhere(grad_norm: float, loss: float, all_reduce_max: Callable[[
 def run_update(
     cfg: ExperimentConfig,
     model: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: Optional[torch.nn.Module],
     reference: Optional[torch.nn.Module],
     optimizer,
     scheduler,
@@ -74,10 +82,12 @@ def run_update(
     loss_cfg = loss_cfg or cfg.loss
     timings: Dict[str, float] = {}
     interleave = interleaved(pp_size, cfg.train.ppo_epochs)
+    if not teacher_pass_needed(loss_cfg, cfg.teacher.log_entropy):
+        teacher = None  # no teacher pass: the student pass scores the student alone
     t_teacher = 0.0
     t2 = time.monotonic()
     teacher_logits: Dict[int, object] = {}
-    if not interleave:  # every micro-batch's teacher output at once: reduced unless the loss needs them whole
+    if not interleave and teacher is not None:  # all teacher outputs at once: reduced unless the loss needs them whole
         reduce = None if divergence_kind(loss_cfg) else scoring
         teacher_logits = teacher_pass(teacher, mbs, reduce=reduce)
         t_teacher = time.monotonic() - t2
@@ -118,13 +128,16 @@ def run_update(
 def _student_passes(
     loss_cfg: LossConfig,
     model: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: Optional[torch.nn.Module],
     mbs: List[MicroBatch],
     teacher_logits: Optional[Dict[int, object]],
     pass_args: dict,
 ) -> Tuple[List[Record], float]:
     """One PPO epoch's student passes -> (records, seconds in teacher passes). teacher_logits=None: interleaved,
-    each micro-batch's teacher pass right before its student pass (one micro-batch of teacher logits alive)."""
+    each micro-batch's teacher pass right before its student pass (one micro-batch of teacher logits alive).
+    teacher=None: no teacher pass at all."""
+    if teacher is None:
+        return student_pass(model, mbs, None, loss_cfg, **pass_args), 0.0
     if teacher_logits is not None:
         return student_pass(model, mbs, teacher_logits, loss_cfg, **pass_args), 0.0
     records: List[Record] = []

@@ -16,14 +16,17 @@ import torch
 from egrsd_megatron.testing.spawn import run_distributed
 from tests.unit.test_vocab_parallel import (
     KL_MODES,
+    ONE_MODES,
     RTOL_BF16_GRAD,
     RTOL_FP32,
     TEMPERATURES,
     assert_matches,
+    assert_one_within_derived,
     assert_within_derived,
     make_case,
     reference_stats,
     run_token_stats,
+    run_token_stats_one,
 )
 
 # name -> (seed, n, v_total, vocab_size, dtype, kl, chunk_size, rows per work block)
@@ -123,11 +126,36 @@ def _worker(rank: int, world: int) -> dict:
     for kl in KL_MODES:
         x = zs.clone().requires_grad_(True)
         st, fwd = _count_collectives(
-            lambda: token_stats(x, zt, c["y"], group=group, vocab_size=57, chunk_size=16, student_entropy=True, kl=kl)  # noqa: B023 - called inside this iteration
+            lambda x=x, kl=kl: token_stats(
+                x, zt, c["y"], group=group, vocab_size=57, chunk_size=16, student_entropy=True, kl=kl
+            )
         )
         loss = st.student_logprob.sum() + st.student_entropy.sum() + (st.kl.sum() if kl else 0)
         _, bwd = _count_collectives(loss.backward)
         out["counts"][str(kl)] = (fwd, bwd)
+    # The one-distribution mode (token_stats_one): values, gradient slices and its own collective count.
+    from egrsd_megatron.ops.vocab_parallel import token_stats_one
+
+    out["one"], out["one_counts"] = {}, {}
+    for t, t_h in ONE_MODES:
+        out["one"][str((t, t_h))] = run_token_stats_one(
+            zs,
+            c["y"],
+            c["w"],
+            group=group,
+            vocab_size=57,
+            chunk_size=16,
+            block_elems=5 * vl,
+            temperature=t,
+            entropy_temperature=t_h,
+        )
+    for ent in (False, True):
+        x = zs.clone().requires_grad_(True)
+        st, fwd = _count_collectives(
+            lambda x=x, ent=ent: token_stats_one(x, c["y"], group=group, vocab_size=57, chunk_size=16, entropy=ent)
+        )
+        _, bwd = _count_collectives(st.logprob.sum().backward)
+        out["one_counts"][ent] = (fwd, bwd)
     # A subgroup as the TP group (TP=2 inside the world): ranks use their rank in the group.
     if world == 4:
         subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -187,6 +215,18 @@ def _check_world(world: int) -> None:
             want = {"all_reduce.MAX": chunks, "all_reduce.SUM": chunks * (2 if kl and kl[0] == "jsd" else 1)}
             assert fwd == want, f"TP={world} rank {rank} kl={kl}: forward collectives {fwd}, want {want}"
             assert bwd == {}, f"TP={world} rank {rank} kl={kl}: backward ran collectives {bwd}"
+    c, _, _, _ = _case("fp32-None")
+    for t, t_h in ONE_MODES:
+        for rank, res in enumerate(results):
+            ours = dict(res["one"][str((t, t_h))])
+            ours["grad"] = np.concatenate([r["one"][str((t, t_h))]["grad"] for r in results], axis=1)
+            assert_one_within_derived(
+                ours, c["zs"], c["y"], c["w"], 57, t, t_h, f"TP={world} rank {rank} one {t} {t_h}"
+            )
+    for rank, res in enumerate(results):
+        for ent, (fwd, bwd) in res["one_counts"].items():
+            want = {"all_reduce.MAX": chunks, "all_reduce.SUM": chunks}
+            assert fwd == want and bwd == {}, f"TP={world} rank {rank} one entropy={ent}: {fwd}, {bwd}, want {want}"
     if world == 4:
         c, kl, _, _ = _case("fp32-reverse")
         ref = reference_stats(c["zs"], c["zt"], c["y"], c["w"], 57, kl)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from egrsd_megatron.ops.vocab_parallel import NonFiniteLogitsError, TokenStats, token_stats
+from egrsd_megatron.ops.vocab_parallel import NonFiniteLogitsError, TokenStats, token_stats, token_stats_one
 
 KL_MODES = [None, "reverse", "forward", ("jsd", 0.3)]
 RTOL_FP32 = 1e-5
@@ -501,3 +501,117 @@ def test_random_shapes_chunks_and_blocks(n, v, pad, chunk, rows, kl, seed, scale
     cond = (lps + lpt).max(-1).values.numpy() + np.abs(ref["kl"]) + np.abs(ref["hs"])
     atol = 2 * 6e-8 * np.abs(w.numpy()).sum(0) * cond
     assert_matches(ours, ref, RTOL_FP32, RTOL_FP32, f"n={n} v={v} pad={pad} chunk={chunk} kl={kl}", atol)
+
+
+# ------------------------------------------------------------------------- one-distribution mode
+ONE_MODES = [(1.0, None), (0.7, None), (0.7, 1.0), (1.3, 1.0)]  # (temperature, entropy_temperature)
+
+
+def run_token_stats_one(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, group=None, **kw) -> dict:
+    """token_stats_one's log-prob and entropy, and d(sum w0 log p(y))/dz (the entropy has no gradient)."""
+    x = z.detach().clone().requires_grad_(True)
+    st = token_stats_one(x, y, group=group, **kw)
+    (w[0] * st.logprob).sum().backward()
+    return {
+        "ls": st.logprob.detach().double().numpy(),
+        "ht": st.entropy.detach().double().numpy(),
+        "grad": x.grad.double().numpy(),
+    }
+
+
+def assert_one_within_derived(
+    ours: dict,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    entropy_temperature,
+    what: str,
+) -> None:
+    """Against float64 full-vocabulary math with assert_within_derived's tolerance (4 eps32 V M_i, the same
+    sums of the same terms): the reference of one distribution is reference_stats(z, z) with the
+    entropy and KL weights zeroed, so its gradient is that of w0 log p(y) alone."""
+    w1 = w.clone()
+    w1[1:] = 0.0
+    ref = reference_stats(
+        z, z, y, w1, vocab_size, None, temperature=temperature, entropy_temperature=entropy_temperature
+    )
+    full = {
+        "ls": ours["ls"],
+        "lt": ours["ls"],
+        "ht": ours["ht"],
+        "hs": ref["hs"],
+        "kl": ref["kl"],
+        "grad": ours["grad"],
+    }  # hs, kl: not outputs of this mode (copied, so they compare as equal)
+    assert_within_derived(full, ref, w1, vocab_size, temperature, what)
+    assert np.all(ours["grad"][:, vocab_size:] == 0.0), "padded columns must get zero gradient"
+
+
+@pytest.mark.parametrize("temperature,entropy_temperature", ONE_MODES)
+def test_one_distribution_matches_float64_reference(temperature, entropy_temperature) -> None:
+    # The hard rows of make_case (-inf entries, uniform rows, |z| ~ 1e4), padded columns, several chunks/blocks.
+    c = make_case(12, 45, 64, 57)
+    ours = run_token_stats_one(
+        c["zs"],
+        c["y"],
+        c["w"],
+        vocab_size=57,
+        chunk_size=16,
+        block_elems=5 * 57,
+        temperature=temperature,
+        entropy_temperature=entropy_temperature,
+    )
+    assert_one_within_derived(
+        ours,
+        c["zs"],
+        c["y"],
+        c["w"],
+        57,
+        temperature,
+        entropy_temperature,
+        f"one T={temperature} T_H={entropy_temperature}",
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature,entropy_temperature", ONE_MODES)
+def test_one_distribution_is_bitwise_the_reduced_two_distribution_call(temperature, entropy_temperature, dtype) -> None:
+    # What the trainer used before: token_stats(z, z.detach(), y). The one-distribution mode runs the same
+    # operations for log p(y), its gradient and the entropy, so the trainer's numbers do not move at all.
+    c = make_case(13, 37, 64, 60, dtype=dtype)
+    kw = dict(
+        vocab_size=60,
+        chunk_size=8,
+        block_elems=3 * 60,
+        temperature=temperature,
+        entropy_temperature=entropy_temperature,
+    )
+    a = c["zs"].clone().requires_grad_(True)
+    b = c["zs"].clone().requires_grad_(True)
+    two = token_stats(a, b.detach(), c["y"], **kw)
+    one = token_stats_one(b, c["y"], **kw)
+    assert torch.equal(one.logprob, two.student_logprob)
+    assert torch.equal(one.entropy, two.teacher_entropy)
+    (c["w"][0] * two.student_logprob).sum().backward()
+    (c["w"][0] * one.logprob).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    only_lp = token_stats_one(c["zs"], c["y"], entropy=False, **kw)
+    assert only_lp.entropy is None and torch.equal(only_lp.logprob, one.logprob)
+
+
+def test_one_distribution_shapes_errors_and_empty() -> None:
+    c = make_case(14, 12, 16, 16)
+    z3, y3 = c["zs"].view(3, 4, 16), c["y"].view(3, 4)
+    st = token_stats_one(z3, y3, temperature=0.7)
+    assert st.logprob.shape == st.entropy.shape == (3, 4)
+    assert not st.entropy.requires_grad
+    empty = token_stats_one(torch.zeros(0, 16, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    assert empty.logprob.shape == (0,) and empty.logprob.requires_grad
+    bad = c["zs"].clone()
+    bad[5, 3] = math.nan
+    with pytest.raises(NonFiniteLogitsError, match=r"logits holds a NaN .* token index 5 "):
+        token_stats_one(bad, c["y"])
+    with pytest.raises(ValueError, match=r"targets\[2\]"):
+        token_stats_one(c["zs"], torch.tensor([0, 1, 99] + [0] * 9))
