@@ -12,7 +12,7 @@ training config, then evaluates the base and every trained model on the same hel
       scene: {synth: {n: 50, seed: 3, phrasing: scene}}
     methods: [grpo, rlsd, egrsd, cl_egrsd, opsd]
     seeds: [1]                     # default seeds of every method
-    method:                        # per-method seeds and training overrides
+    per_method:                    # per-method seeds and training overrides
       grpo: {seeds: [1, 2]}
       opsd: {overrides: [optim.lr=1.0e-5]}
     eval: {max_new_tokens: 128, temperature: 0.0, reward: final_number}
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -133,18 +133,18 @@ class ExperimentSpec:
     benchmarks: Dict[str, DataSource] = field(default_factory=dict)
     methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: List[int] = field(default_factory=lambda: [1])
-    method: Dict[str, MethodSpec] = field(default_factory=dict)
+    per_method: Dict[str, MethodSpec] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
     out_dir: str = "runs/experiment"
 
     # ------------------------------------------------------------------ derived
     def seeds_of(self, method: str) -> List[int]:
-        m = self.method.get(method)
+        m = self.per_method.get(method)
         return list(m.seeds) if m is not None and m.seeds is not None else list(self.seeds)
 
     def overrides_of(self, method: str) -> List[str]:
-        m = self.method.get(method)
+        m = self.per_method.get(method)
         return list(m.overrides) if m is not None else []
 
     def runs(self) -> List[tuple]:
@@ -160,11 +160,11 @@ class ExperimentSpec:
             _check(m in FAMILY, "methods", f"unknown method {m!r}; expected names of loss.name: {', '.join(FAMILY)}")
         _check(len(set(self.methods)) == len(self.methods), "methods", "a method is listed twice")
         _check(BASE_LABEL not in self.methods, "methods", f"'{BASE_LABEL}' names the untrained model")
-        for m in self.method:
-            _check(m in self.methods, f"method.{m}", f"{m} is not in 'methods' ({', '.join(self.methods)})")
+        for m in self.per_method:
+            _check(m in self.methods, f"per_method.{m}", f"{m} is not in 'methods' ({', '.join(self.methods)})")
         for m in self.methods:
             seeds = self.seeds_of(m)
-            where = f"method.{m}.seeds" if m in self.method and self.method[m].seeds is not None else "seeds"
+            where = f"per_method.{m}.seeds" if m in self.per_method and self.per_method[m].seeds is not None else "seeds"
             _check(bool(seeds), where, "list at least one seed")
             _check(len(set(seeds)) == len(seeds), where, f"a seed is listed twice: {seeds}")
             _check(all(isinstance(s, int) and s >= 0 for s in seeds), where, f"seeds are integers >= 0, got {seeds}")
@@ -181,15 +181,31 @@ class ExperimentSpec:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _check_all_keys(data: dict, where: str) -> None:
-    """config.loader._check_keys, plus the values of the Dict[str, dataclass] fields (benchmarks, method)."""
-    _check_keys(data, ExperimentSpec, where)
-    hints = get_type_hints(ExperimentSpec)
-    for key in ("benchmarks", "method"):
-        value_type = hints[key].__args__[1]
-        for name, value in (data.get(key) or {}).items():
-            if value is not None:
-                _check_keys(value, value_type, where, f"{key}.{name}.")
+def _dataclass_in(tp: Any) -> Optional[type]:
+    """The dataclass inside a field type: X or Optional[X]; None otherwise."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if get_origin(tp) is Union and len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _check_tree(data: Any, cls: type, where: str, prefix: str = "") -> None:
+    """config.loader._check_keys at every level, through Optional[dataclass] and Dict[str, dataclass] fields
+    too (benchmarks.<name>.synth, per_method.<name>), so an unknown key anywhere names its full path."""
+    _check_keys(data, cls, where, prefix)
+    for key, tp in get_type_hints(cls).items():
+        value = data.get(key)
+        if value is None:
+            continue
+        inner = _dataclass_in(tp)
+        if inner is not None and not dataclasses.is_dataclass(tp):   # Optional[X]: _check_keys skipped it
+            _check_tree(value, inner, where, f"{prefix}{key}.")
+        elif get_origin(tp) is dict and _dataclass_in(get_args(tp)[1]) is not None and isinstance(value, dict):
+            for name, item in value.items():
+                if item is not None:
+                    _check_tree(item, _dataclass_in(get_args(tp)[1]), where, f"{prefix}{key}.{name}.")
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            _check_tree(value, tp, where, f"{prefix}{key}.")
 
 
 def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentSpec:
@@ -203,10 +219,10 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"{full}: an experiment file must be a mapping, got {type(data).__name__}")
     cfg = OmegaConf.structured(ExperimentSpec)
-    _check_all_keys(data, full)
+    _check_tree(data, ExperimentSpec, full)
     cfg = _merge(cfg, data, full)
     over = _parse_overrides(overrides)
-    _check_all_keys(over, "command line")
+    _check_tree(over, ExperimentSpec, "command line")
     cfg = _merge(cfg, over, "command line")
     try:
         spec: ExperimentSpec = OmegaConf.to_object(cfg)
@@ -233,7 +249,7 @@ def check_training_configs(spec: ExperimentSpec) -> None:
             load_config(train_cfg, train_overrides(spec, m, spec.seeds_of(m)[0]))
         except ConfigError as e:
             raise ConfigError(f"training config of method {m} ({spec.train_config} + train_overrides + "
-                              f"method.{m}.overrides): {e}") from None
+                              f"per_method.{m}.overrides): {e}") from None
 
 
 def to_plain(spec: ExperimentSpec) -> dict:
