@@ -90,7 +90,8 @@ def _scene(rng: random.Random) -> Tuple[str, Op]:
         text = rng.choice([
             f"{a} chairs are set out in {b} equal rows. How many chairs are in each row?",
             f"A ribbon {a} metres long is cut into {b} equal pieces. How long is each piece, in metres?",
-            f"{a} stickers are packed into {b} envelopes with the same number in each. How many stickers go in one envelope?"])
+            f"{a} stickers are packed into {b} envelopes with the same number in each. "
+            f"How many stickers go in one envelope?"])
     return text, op
 
 

@@ -19,9 +19,12 @@ from .runner import run_name
 from .schema import ExperimentSpec
 
 # (metrics.jsonl key, panel title, scale); a key no run logged is left out.
-CURVE_KEYS = (("accuracy", "training reward (accuracy, %)", 100.0), ("response_length", "response length (tokens)", 1.0),
-              ("gate_mean", "gate mean", 1.0), ("gate_floor_frac", "fraction of tokens at the gate floor", 1.0),
-              ("teacher_entropy_mean", "teacher entropy (nats)", 1.0), ("spike_count", "lookahead-forgiven spikes", 1.0))
+CURVE_KEYS = (("accuracy", "training reward (accuracy, %)", 100.0),
+              ("response_length", "response length (tokens)", 1.0),
+              ("gate_mean", "gate mean", 1.0),
+              ("gate_floor_frac", "fraction of tokens at the gate floor", 1.0),
+              ("teacher_entropy_mean", "teacher entropy (nats)", 1.0),
+              ("spike_count", "lookahead-forgiven spikes", 1.0))
 
 
 def plot_experiment_frontier(summary: Dict[str, Any], out: str) -> str:

@@ -10,8 +10,10 @@ Output folder (<out_dir>):
     runs/<method>_s<seed>/           each training run (train.out_dir): metrics.jsonl, samples.jsonl,
                                      checkpoints/, run.json (its overrides; status started | done)
     eval/<model>/<benchmark>.jsonl   per-problem outcomes, one line per problem:
-                                     {problem_id, problem_index, correct, length, truncated, samples}
-                                     (correct/truncated: fraction of the k samples, length: their mean tokens)
+                                     {problem_id, problem_index, correct, verifier_correct, length,
+                                     truncated, samples} (correct/truncated: fraction of the k samples, a
+                                     truncated one counted wrong unless eval.truncated_is_wrong=false;
+                                     length: their mean tokens)
     eval/<model>/raw/                the eval runner's folder (per-sample records; resumable on its own)
     summary.json, summary.md, frontier.png, curves.png
 
@@ -206,7 +208,8 @@ class Experiment:
                  prompt_cfg=self.eval_prompt(), progress=False)
         for b in todo:
             recs = read_samples(os.path.join(raw, f"{b}.samples.jsonl"))
-            write_outcomes(os.path.join(edir, f"{b}.jsonl"), recs, self.path("data", "eval", f"{b}.jsonl"), e.k)
+            write_outcomes(os.path.join(edir, f"{b}.jsonl"), recs, self.path("data", "eval", f"{b}.jsonl"), e.k,
+                           truncated_is_wrong=e.truncated_is_wrong)
         self.timings[f"eval {label}"] = self.timings.get(f"eval {label}", 0.0) + time.monotonic() - t
         print(f"=== eval {label}: {time.monotonic() - t:.0f} s", flush=True)
 
@@ -253,8 +256,11 @@ def _problem_ids(bench_file: str) -> List[Any]:
     return ids
 
 
-def write_outcomes(path: str, records: Dict[Tuple[int, int], Dict[str, Any]], bench_file: str, k: int) -> None:
-    """Per-problem outcomes from the eval runner's per-sample records (k samples per problem)."""
+def write_outcomes(path: str, records: Dict[Tuple[int, int], Dict[str, Any]], bench_file: str, k: int,
+                   truncated_is_wrong: bool = True) -> None:
+    """Per-problem outcomes from the eval runner's per-sample records (k samples per problem). `correct` is
+    the fraction of samples judged correct (a truncated one never is, with truncated_is_wrong);
+    `verifier_correct` the fraction the verifier accepted, truncated or not."""
     ids = _problem_ids(bench_file)
     by_problem: Dict[int, List[Dict[str, Any]]] = {}
     for (p, _s), r in sorted(records.items()):
@@ -266,8 +272,9 @@ def write_outcomes(path: str, records: Dict[Tuple[int, int], Dict[str, Any]], be
     lines = []
     for i in range(len(ids)):
         rs = by_problem[i][:k]
-        lines.append(json.dumps({"problem_id": ids[i], "problem_index": i,
-                                 "correct": sum(bool(r["correct"]) for r in rs) / k,
+        ok = [bool(r["correct"]) and not (truncated_is_wrong and bool(r["truncated"])) for r in rs]
+        lines.append(json.dumps({"problem_id": ids[i], "problem_index": i, "correct": sum(ok) / k,
+                                 "verifier_correct": sum(bool(r["correct"]) for r in rs) / k,
                                  "length": sum(int(r["num_tokens"]) for r in rs) / k,
                                  "truncated": sum(bool(r["truncated"]) for r in rs) / k, "samples": k}))
     atomic_write_text(path, "\n".join(lines) + "\n")

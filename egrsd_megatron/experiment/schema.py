@@ -104,6 +104,10 @@ class EvalSpec:
     reward: str = "final_number"
     seed: int = 0
     engine: str = "hf"                  # hf | vllm | auto
+    # A response cut at max_new_tokens counts as wrong even when the verifier accepts its text (the
+    # final-number reward reads the last number, which a cut response often holds by chance), as
+    # reward.truncated_reward=0 does in training. false: trust the verifier on truncated responses too.
+    truncated_is_wrong: bool = True
 
     def validate(self) -> None:
         for k in ("k", "max_new_tokens", "batch_size"):
@@ -164,7 +168,8 @@ class ExperimentSpec:
             _check(m in self.methods, f"per_method.{m}", f"{m} is not in 'methods' ({', '.join(self.methods)})")
         for m in self.methods:
             seeds = self.seeds_of(m)
-            where = f"per_method.{m}.seeds" if m in self.per_method and self.per_method[m].seeds is not None else "seeds"
+            own = m in self.per_method and self.per_method[m].seeds is not None
+            where = f"per_method.{m}.seeds" if own else "seeds"
             _check(bool(seeds), where, "list at least one seed")
             _check(len(set(seeds)) == len(seeds), where, f"a seed is listed twice: {seeds}")
             _check(all(isinstance(s, int) and s >= 0 for s in seeds), where, f"seeds are integers >= 0, got {seeds}")

@@ -77,7 +77,8 @@ def build_summary(out_dir: str, spec: ExperimentSpec) -> Dict[str, Any]:
     for panel in panels:
         results[panel] = {}
         for g, labels in groups.items():
-            row: Dict[str, Any] = {"models": labels, "num_problems": int(sum(len(s) for s in strata(labels, panel, "correct")))}
+            n = int(sum(len(s) for s in strata(labels, panel, "correct")))
+            row: Dict[str, Any] = {"models": labels, "num_problems": n}
             for name, fld in METRICS:
                 row[name] = bootstrap_interval(strata(labels, panel, fld), **ci).to_dict()
             row["truncation_rate"] = float(np.mean([s.mean() for s in strata(labels, panel, "truncated")]))

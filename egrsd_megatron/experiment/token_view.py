@@ -41,7 +41,8 @@ class SamplesError(ValueError):
 
 def read_samples_file(path: str) -> List[Dict[str, Any]]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no samples file (the trainer writes samples.jsonl every train.sample_every steps)")
+        raise FileNotFoundError(f"{path}: no samples file (the trainer writes samples.jsonl every "
+                                f"train.sample_every steps)")
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):

@@ -5,8 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from egrsd_megatron.experiment.stats import (bootstrap_interval, bootstrap_means, paired_difference, pool_seeds,
-                                             seed_spread)
+from egrsd_megatron.experiment.stats import (
+    bootstrap_interval,
+    bootstrap_means,
+    paired_difference,
+    pool_seeds,
+    seed_spread,
+)
 
 Z975 = 1.959963984540054           # standard normal 97.5% quantile
 PHI_Z975 = math.exp(-Z975 ** 2 / 2) / math.sqrt(2 * math.pi)   # its density

@@ -101,11 +101,14 @@ def test_outcomes_from_sample_records(tmp_path):
                              for i in range(2)))
     recs = {(p, s): {"correct": (p + s) % 2 == 0, "num_tokens": 10 * (s + 1), "truncated": s == 1}
             for p in range(2) for s in range(2)}
+    # problem 0: s0 correct, s1 wrong+truncated; problem 1: s0 wrong, s1 correct but truncated
     write_outcomes(str(tmp_path / "o.jsonl"), recs, str(bench), k=2)
     out = read_outcomes(str(tmp_path / "o.jsonl"))
-    assert out == [{"problem_id": 0, "problem_index": 0, "correct": 0.5, "length": 15.0, "truncated": 0.5, "samples": 2},
-                   {"problem_id": "x7", "problem_index": 1, "correct": 0.5, "length": 15.0, "truncated": 0.5,
-                    "samples": 2}]
+    common = {"length": 15.0, "truncated": 0.5, "verifier_correct": 0.5, "samples": 2}
+    assert out == [{"problem_id": 0, "problem_index": 0, "correct": 0.5, **common},
+                   {"problem_id": "x7", "problem_index": 1, "correct": 0.0, **common}]   # truncated: not correct
+    write_outcomes(str(tmp_path / "o.jsonl"), recs, str(bench), k=2, truncated_is_wrong=False)
+    assert [r["correct"] for r in read_outcomes(str(tmp_path / "o.jsonl"))] == [0.5, 0.5]
     del recs[(1, 1)]
     with pytest.raises(RuntimeError, match="fewer than 2 samples"):
         write_outcomes(str(tmp_path / "o2.jsonl"), recs, str(bench), k=2)
