@@ -1,7 +1,7 @@
 """`egrsd inspect`: one sampled rollout's tokens coloured by teacher entropy, gate weight and lookahead lift.
 
-Reads the per-token fields of a samples.jsonl record (the trainer writes them every train.sample_every
-steps; R = number of response tokens, t = 0..R-1 indexes the response):
+Reads the per-token fields of a samples.jsonl record (eval/token_fields.py owns them; the trainer writes
+them every train.sample_every steps; R = number of response tokens, t = 0..R-1 indexes the response):
 
     tokens             [str]    R  token t's text, decoded on its own (their concatenation is the response)
     teacher_entropy    [float]  R  H_t, the teacher's entropy (nats) of its distribution over token t
@@ -25,10 +25,10 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..eval.token_fields import OPTIONAL_FIELDS as OPTIONAL
+from ..eval.token_fields import REQUIRED_FIELDS as REQUIRED
 from ..utils import atomic_write_text
 
-REQUIRED = ("tokens", "teacher_entropy", "gate")
-OPTIONAL = ("lookahead_entropy", "gate_lookahead")
 CHARS_PER_LINE = 110
 FONT_PT = 8.5
 # DejaVu Sans Mono (shipped with matplotlib): every glyph advances 0.602 em.

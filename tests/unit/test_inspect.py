@@ -73,3 +73,24 @@ def test_inspect_errors_and_layout(tmp_path):
         inspect_rollout(str(path), str(tmp_path / "x"), step=9)
     cells = layout(["ab", "cd\n", "e", "x" * 5, "y" * 9], width=5)   # fits exactly, breaks, wraps, cut
     assert cells == [(0, 0, "ab"), (0, 2, "cd\u21b5"), (1, 0, "e"), (2, 0, "xxxxx"), (3, 0, "yyyyy")]
+
+
+def test_per_token_fields_match_the_loss_functions():
+    from egrsd_megatron.data.byte_tokenizer import byte_tokenizer
+    from egrsd_megatron.eval.token_fields import per_token_fields
+    tok = byte_tokenizer()
+    ids = tok.encode("So 3 * 4 = 12.", add_special_tokens=False)
+    ent = [0.1 * (i % 3) for i in range(len(ids))]
+    ent[4] = 3.0
+    cfg = LossConfig(name="cl_egrsd")
+    f = per_token_fields(tok, ids, ent, cfg, vocab_size=len(tok))
+    h = torch.tensor([ent], dtype=torch.float64)
+    m = torch.ones_like(h, dtype=torch.bool)
+    hcl = lookahead_entropy(h, m, cfg.window, cfg.stat)
+    assert "".join(f["tokens"]) == "So 3 * 4 = 12."
+    np.testing.assert_allclose(f["gate"], entropy_gate(h, cfg)[0].numpy(), atol=5e-5)      # 4 decimals kept
+    np.testing.assert_allclose(f["gate_lookahead"], entropy_gate(hcl, cfg)[0].numpy(), atol=5e-5)
+    np.testing.assert_allclose(f["lookahead_entropy"], hcl[0].numpy(), atol=5e-5)
+    assert f["gate_lookahead"][4] > f["gate"][4] + 0.5          # the spike at t=4 is forgiven
+    with pytest.raises(ValueError, match="entropies for"):
+        per_token_fields(tok, ids, ent[:-1], cfg, vocab_size=len(tok))
