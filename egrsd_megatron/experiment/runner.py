@@ -66,7 +66,7 @@ class Experiment:
         return [(BASE_LABEL, None, None)] + [(run_name(m, s), m, s) for m, s in self.spec.runs()]
 
     # ------------------------------------------------------------------ data
-    def _materialise(self, src: DataSource, out: str) -> str:
+    def _materialise(self, src: DataSource, out: str, redo_hint: str) -> str:
         """Write `src` to `out` (generated problems, or a copy of the file); an existing `out` must match."""
         if src.synth is not None:
             s = src.synth
@@ -84,16 +84,18 @@ class Experiment:
             with open(out) as f:
                 if f.read() != text:
                     raise ConfigError(f"{out} holds other problems than the experiment file now describes; results "
-                                      f"computed on it would not be comparable: delete {self.out} (or use another "
-                                      f"out_dir) to start over, or restore the source")
+                                      f"computed on it would not be comparable: {redo_hint}, or restore the source")
             return out
         atomic_write_text(out, text)
         return out
 
     def prepare_data(self) -> None:
-        self._materialise(self.spec.train_data, self.path("data", "train.jsonl"))
+        self._materialise(self.spec.train_data, self.path("data", "train.jsonl"),
+                          f"every run trained on it: use another out_dir (or delete {self.out})")
         for name, src in self.spec.benchmarks.items():
-            self._materialise(src, self.path("data", "eval", f"{name}.jsonl"))
+            self._materialise(src, self.path("data", "eval", f"{name}.jsonl"),
+                              f"to re-evaluate every model on the new {name}, delete {self.path('data', 'eval', name)}"
+                              f".jsonl and, in every eval/<model>/ folder, {name}.jsonl and raw/{name}.*")
 
     # ------------------------------------------------------------------ base model
     def base_hf_dir(self) -> str:
@@ -178,7 +180,9 @@ class Experiment:
         return os.path.join(self.run_dir(method, seed), "checkpoints")
 
     def eval_fingerprint(self, model: str) -> Dict[str, Any]:
-        return {"model": model, "eval": asdict(self.spec.eval), "prompt": asdict(self.eval_prompt())}
+        """What determines a model's outcomes (batch size and engine do not: every row has its own seed)."""
+        ev = {k: v for k, v in asdict(self.spec.eval).items() if k not in ("batch_size", "engine")}
+        return {"model": model, "eval": ev, "prompt": asdict(self.eval_prompt())}
 
     def evaluate(self, label: str, model: str, benchmarks: List[str]) -> None:
         edir = self.path("eval", label)

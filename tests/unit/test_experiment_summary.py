@@ -144,3 +144,33 @@ def test_experiment_file_loads_and_orders_runs(tmp_path):
 def test_experiment_file_errors_name_the_key(tmp_path, extra, over, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment(_yaml(tmp_path, GOOD + extra), over)
+
+
+def test_runner_refuses_to_mix_settings(tmp_path):
+    """Finished work done with other settings is an error naming what to delete; nothing is launched."""
+    from egrsd_megatron.experiment.runner import Experiment
+    spec = load_experiment(_yaml(tmp_path, GOOD + "methods: [grpo]\n"))
+    exp = Experiment(spec, str(tmp_path / "out"))
+    exp.prepare_data()
+    hf = exp.base_hf_dir()
+    rdir = tmp_path / "out" / "runs" / "grpo_s1"
+    os.makedirs(rdir)
+    record = {"overrides": [*exp.run_overrides("grpo", 1, hf)[:-1], "train.resume=none"], "config": exp.train_config,
+              "status": "done"}
+    (rdir / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        exp.train("grpo", 1, hf)
+    record["overrides"] = exp.run_overrides("grpo", 1, hf)
+    (rdir / "run.json").write_text(json.dumps(record))
+    exp.train("grpo", 1, hf)                     # done with the same settings: returns without launching
+    # A benchmark whose problems changed under a finished evaluation.
+    spec2 = load_experiment(_yaml(tmp_path, GOOD.replace("n: 4, seed: 2", "n: 5, seed: 2") + "methods: [grpo]\n"))
+    with pytest.raises(ConfigError, match=r"delete .*data/eval/b\.jsonl.*raw/b\.\*"):
+        Experiment(spec2, str(tmp_path / "out")).prepare_data()
+    # Evaluation settings changed after an evaluation.
+    (tmp_path / "out" / "eval" / "base").mkdir(parents=True)
+    fp = exp.eval_fingerprint("m")
+    fp["eval"]["max_new_tokens"] += 1
+    (tmp_path / "out" / "eval" / "base" / "settings.json").write_text(json.dumps(fp))
+    with pytest.raises(ConfigError, match="other settings .*eval"):
+        exp.evaluate("base", "m", ["b"])
