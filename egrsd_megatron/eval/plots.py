@@ -32,7 +32,7 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     return sorted(idx, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def _pyplot():
+def pyplot():
     # Imported on first plot: matplotlib.use("Agg") must run before pyplot is imported (headless: never needs a
     # display), and importing it at module level would select a backend for whoever imports eval.
     import matplotlib
@@ -43,7 +43,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, out: str) -> None:
+def save(fig: Any, out: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format=os.path.splitext(out)[1].lstrip(".") or "png", dpi=DPI)
     atomic_write_bytes(out, buf.getvalue())
@@ -103,7 +103,7 @@ def frontier_table(
 
 def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequence[str]] = None) -> str:
     names, panels = frontier_table(result_dirs, labels)
-    plt = _pyplot()
+    plt = pyplot()
     n = len(panels)
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -149,7 +149,7 @@ def plot_frontier(result_dirs: Sequence[str], out: str, labels: Optional[Sequenc
     fig.legend(handles, lbls, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Accuracy vs response length (up-left is better)", fontsize=12)
     fig.tight_layout(rect=(0, legend_in / (PANEL_H * rows), 1, 0.95))
-    _save(fig, out)
+    save(fig, out)
     plt.close(fig)
     return out
 
@@ -186,7 +186,7 @@ def plot_curves(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[str
         raise InputError(f"--labels: got {len(labels)} labels for {len(run_dirs)} run folders")
     curves = [load_curve(d) for d in run_dirs]
     names = list(labels) if labels else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(PANEL_W * 2, PANEL_H), squeeze=True)
     for name, c in zip(names, curves):
         a1.plot(c["step"], [100 * v for v in c["accuracy"]], label=name, linewidth=1.4)
@@ -200,6 +200,6 @@ def plot_curves(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out)
+    save(fig, out)
     plt.close(fig)
     return out

@@ -34,6 +34,7 @@ from ..checkpoint.formats import load_checkpoint as load_model_checkpoint
 from ..checkpoint.hf_mapping import load_hf_weights
 from ..checkpoint.train_state import find_latest, load_train_state, save_train_state
 from ..config import ConfigError, ExperimentConfig, load_config, to_dict
+from ..config.schema import LossConfig
 from ..data import PromptBuilder, PromptSampler, load_problems, load_tokenizer
 from ..distributed import init_distributed, teardown
 from ..distributed.grads import attach_fp32_grad_accumulators
@@ -50,6 +51,7 @@ from .metrics import Record, reduce_metrics, rollout_record
 from .optim import build_optimizer, build_scheduler
 from .passes import scoring_for
 from .rollouts import Rollouts, collect_rollouts, refit, to_samples
+from .sample_fields import per_token_fields, sample_entropies
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from .teacher import Teacher, frozen_copy
 from .update import UpdateResult, local_denominator, run_update
@@ -243,7 +245,7 @@ class Trainer:
         if cfg.loss.ratio.lam_end is not None:
             metrics["lam"] = loss_cfg.ratio.lam
         if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
-            self._log_samples(problems, rollouts, samples)
+            self._log_samples(problems, rollouts, samples, update.records, loss_cfg)
         return metrics
 
     def _loss_at_step(self):
@@ -312,21 +314,24 @@ class Trainer:
             "nonfinite_skipped_total": float(self.counters["nonfinite_skipped"]),
         }
 
-    def _log_samples(self, problems: list, rollouts: Rollouts, samples: List[Sample]) -> None:
-        self.logger.log_samples(
-            self.step,
-            [
-                {
-                    "prompt": problems[r.problem].problem,
-                    "response": r.text,
-                    "reward": r.reward,
-                    "advantage": s.advantage,
-                    "truncated": r.truncated,
-                    "answer": problems[r.problem].answer,
-                }
-                for r, s in zip(rollouts.items, samples)
-            ],
-        )
+    def _log_samples(
+        self, problems: list, rollouts: Rollouts, samples: List[Sample], records: List[Record], loss_cfg: LossConfig
+    ) -> None:
+        entropies = sample_entropies(records, [len(s.response) for s in samples])
+        rows = []
+        for i, (r, s) in enumerate(zip(rollouts.items, samples)):
+            row = {
+                "prompt": problems[r.problem].problem,
+                "response": r.text,
+                "reward": r.reward,
+                "advantage": s.advantage,
+                "truncated": r.truncated,
+                "answer": problems[r.problem].answer,
+            }
+            if entropies is not None:
+                row.update(per_token_fields(self.tokenizer, s.response, entropies[i], loss_cfg, self.arch.vocab_size))
+            rows.append(row)
+        self.logger.log_samples(self.step, rows)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> Optional[Dict[str, float]]:
