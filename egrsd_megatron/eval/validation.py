@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from tqdm import tqdm
-
 from ..rewards import score_batch
 from ..rollout import RolloutEngine, SamplingParams, stable_seed
+from ..utils.progress import Progress
 from .metrics import compute_metrics
 
 Record = Dict[str, Any]
@@ -60,13 +59,7 @@ def evaluate_problems(
     records: Dict[Tuple[int, int], Record] = dict(done)
     bar = None
     if progress:
-        bar = tqdm(
-            total=len(problems) * k,
-            initial=len(problems) * k - len(todo),
-            desc=benchmark,
-            unit="sample",
-            dynamic_ncols=True,
-        )
+        bar = Progress(len(problems) * k, initial=len(problems) * k - len(todo), desc=benchmark, unit="sample")
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]

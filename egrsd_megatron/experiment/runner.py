@@ -264,7 +264,6 @@ class Experiment:
             settings,
             batch_size=e.batch_size,
             prompt_cfg=self.eval_prompt(),
-            progress=False,
         )
         for b in todo:
             recs = read_samples(os.path.join(raw, f"{b}.samples.jsonl"))

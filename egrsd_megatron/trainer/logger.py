@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, List
 
@@ -21,11 +20,7 @@ from tqdm import tqdm
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..eval.validation import validation_scalars
 from ..utils import atomic_write_text
-
-
-def interactive() -> bool:
-    """True when both stdout and stderr are terminals (a progress bar can redraw in place)."""
-    return sys.stdout.isatty() and sys.stderr.isatty()
+from ..utils.progress import interactive
 
 
 def _truncate_after(path: str, step: int) -> None:
