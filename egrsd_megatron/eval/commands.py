@@ -95,7 +95,7 @@ def _eval_defaults(args: argparse.Namespace) -> Tuple[Any, Any]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .runner import EvalSettings, default_engine_name, run_eval
+    from .runner import EvalSettings, run_eval
 
     ev, prompt_cfg = _eval_defaults(args)
     if not ev.benchmarks:
@@ -106,17 +106,13 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
-    settings = EvalSettings(
+    settings = EvalSettings.from_section(
+        ev,
+        engine=args.engine,
         model=os.path.abspath(args.model),
         label=args.label or os.path.basename(os.path.normpath(args.model)),
-        k=ev.k,
-        temperature=ev.temperature,
-        top_p=ev.top_p,
-        top_k=ev.top_k,
-        max_new_tokens=ev.max_new_tokens,
         seed=args.seed,
         reward=args.reward,
-        engine=default_engine_name() if args.engine == "auto" else args.engine,
         tokenizer=args.tokenizer,
         limit=args.limit,
     )

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin")
 
 
+SAMPLING_KEYS = ("k", "temperature", "top_p", "top_k", "max_new_tokens")
+
+
 @dataclass
 class EvalSettings:
     """Everything that determines the samples; stored with the results, checked on resume."""
@@ -58,6 +61,13 @@ class EvalSettings:
     tokenizer: Optional[str] = None
     limit: Optional[int] = None
     chat: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_section(cls, section: Any, *, engine: str, **rest: Any) -> "EvalSettings":
+        """Settings taking the sampling keys (SAMPLING_KEYS) from an `eval` section (the training config's
+        EvalConfig or an experiment's EvalSpec); engine "auto" becomes default_engine_name()."""
+        sampling = {k: getattr(section, k) for k in SAMPLING_KEYS}
+        return cls(**sampling, engine=default_engine_name() if engine == "auto" else engine, **rest)
 
     def sample_defining(self) -> Dict[str, Any]:
         d = asdict(self)

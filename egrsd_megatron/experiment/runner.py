@@ -238,21 +238,10 @@ class Experiment:
             return
         os.makedirs(edir, exist_ok=True)
         atomic_write_json(fp_path, fp)
-        from ..eval.runner import EvalSettings, default_engine_name, read_samples, run_eval
+        from ..eval.runner import EvalSettings, read_samples, run_eval
 
         e = self.spec.eval
-        settings = EvalSettings(
-            model=model,
-            label=label,
-            k=e.k,
-            temperature=e.temperature,
-            top_p=e.top_p,
-            top_k=e.top_k,
-            max_new_tokens=e.max_new_tokens,
-            seed=e.seed,
-            reward=e.reward,
-            engine=default_engine_name() if e.engine == "auto" else e.engine,
-        )
+        settings = EvalSettings.from_section(e, engine=e.engine, model=model, label=label, seed=e.seed, reward=e.reward)
         print(f"\n=== eval {label} on {', '.join(todo)}", flush=True)
         t = time.monotonic()
         raw = os.path.join(edir, "raw")
