@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from egrsd_megatron.testing.tolerance import FP32_U, adam_update_change, fp32_rel_tol, transformer_terms
-from tests.distributed.test_trainer import VARIANTS
+from tests.distributed.test_trainer import VARIANTS, tiny_overrides, write_data
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 GROUPS, G, MAX_NEW = 4, 4, 12  # 16 sequences; responses of at most MAX_NEW tokens
@@ -89,7 +89,12 @@ def _step_loss(records) -> float:
     return reduce_metrics([g for g in gathered if g is not None])["loss"]
 
 
-def run_variant(cfg, model, initial, build, samples, dp_rank: int, dp: int, layout: str) -> dict:
+def run_variant(
+    cfg, model, initial, build, samples, dp_rank: int, dp: int, layout: str, local_norm: bool = False
+) -> dict:
+    """2 steps of `run_update` from `initial` with `layout`'s micro-batches. `local_norm`: the negative
+    control, each micro-batch's loss divided by its own token count (policy_loss's default) instead of the
+    global one: the classic packing bug, whose loss depends on the grouping."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -134,7 +139,7 @@ def run_variant(cfg, model, initial, build, samples, dp_rank: int, dp: int, layo
             opt,
             sched,
             mbs,
-            denominator=float(local_denominator(samples, cfg.loss.aggregation)),  # the global batch's
+            denominator=None if local_norm else float(local_denominator(samples, cfg.loss.aggregation)),
             scoring=scoring,
             pp_size=pp,
             all_reduce_max=all_reduce_max,
@@ -148,7 +153,9 @@ def run_variant(cfg, model, initial, build, samples, dp_rank: int, dp: int, layo
     return out
 
 
-def worker(rank: int, world: int, hf_dir: str, layouts=tuple(LAYOUTS), names=tuple(VARIANTS)) -> dict:
+def worker(
+    rank: int, world: int, hf_dir: str, layouts=tuple(LAYOUTS), names=tuple(VARIANTS), trainer_data=None
+) -> dict:
     from egrsd_megatron.checkpoint.hf_mapping import load_hf_weights
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.grads import attach_fp32_grad_accumulators
@@ -175,17 +182,50 @@ def worker(rank: int, world: int, hf_dir: str, layouts=tuple(LAYOUTS), names=tup
                 out[f"tp{tp}pp{pp}/{name}/{layout}/dp{info.dp_rank}"] = run_variant(
                     cfg, model, initial, build, samples, info.dp_rank, dp, layout
                 )
+            if name == "cl_egrsd":
+                out[f"tp{tp}pp{pp}/{name}/local_norm/dp{info.dp_rank}"] = run_variant(
+                    cfg, model, initial, build, samples, info.dp_rank, dp, "packed", local_norm=True
+                )
+    if trainer_data is not None:  # the loop's own wiring (Trainer._micro_batches): TP=1 x DP2
+        for layout, extra in (("padded", {}), ("packed", {"parallel.max_tokens_per_micro_batch": 1024})):
+            out_dir = os.path.join(os.path.dirname(trainer_data), f"trainer_{layout}")
+            out[f"trainer/{layout}"] = train_rows(tiny_overrides(trainer_data, out_dir, **{**TRAINER_RUN, **extra}))
     return out
+
+
+TRAINER_RUN = {"loss.name": "cl_egrsd", "optim.eps": 1e-4}
+
+
+def train_rows(overrides: list) -> dict:
+    """Run the Trainer; its metrics.jsonl rows by key (rank 0 writes them; every rank reads them after)."""
+    import json
+
+    import torch.distributed as dist
+
+    from egrsd_megatron.config import load_config
+    from egrsd_megatron.trainer.loop import Trainer
+
+    cfg = load_config(None, overrides)
+    assert Trainer(cfg).run() == 0
+    dist.barrier()
+    with open(os.path.join(cfg.train.out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {k: [r[k] for r in rows] for k in ("loss", "grad_norm", "lr", "response_length", "accuracy")}
 
 
 @functools.lru_cache(maxsize=1)
 def results() -> dict:
     from egrsd_megatron.testing.spawn import run_distributed
-    from egrsd_megatron.testing.tiny import save_random_hf_model
+    from egrsd_megatron.testing.tiny import save_random_hf_model, save_tiny_hf_model
 
     root = tempfile.mkdtemp(prefix="egrsd_packing_trainer_")
     hf_dir = save_random_hf_model(_arch(), os.path.join(root, "hf"), seed=3, randomize_norms=True)
-    return run_distributed(worker, 2, hf_dir, timeout=900)[0]
+    data = write_data(os.path.join(root, "train.jsonl"))
+    save_tiny_hf_model(os.path.join(root, "tiny_hf"))  # tiny_overrides' model, written once before the spawn
+    merged: dict = {}
+    for per_rank in run_distributed(worker, 2, hf_dir, tuple(LAYOUTS), tuple(VARIANTS), data, timeout=900):
+        merged.update(per_rank)  # keys carry the DP rank; TP/PP peers of one DP rank report the same numbers
+    return merged
 
 
 def tolerances(cfg, ref: dict, n_tok: int, max_len: int, computed: int) -> tuple:
@@ -278,3 +318,34 @@ def test_packing_really_packs_and_assignments_differ():
     # PP=2 pads every pack to its budget (the fixed buffer shape); PP=1 packs carry no padding segment.
     pp2 = res["tp1pp2/cl_egrsd/packed/dp0"]
     assert pp2["computed_tokens"] == BUDGETS["packed"] * pp2["micro_batches"]
+
+
+@pytest.mark.slow
+def test_negative_control_local_normalisation_is_caught():
+    """Dividing each micro-batch's loss by its own token count makes the loss depend on the grouping: the
+    test's tolerance must catch it by far (x100)."""
+    res = results()
+    cfg = _config("unused", VARIANTS["cl_egrsd"], 1, 1)
+    samples = make_samples(_arch().vocab_size, True)
+    ref = res["tp1pp1/cl_egrsd/padded/dp0"]
+    atol, _ = tolerances(cfg, ref, sum(len(s.response) for s in samples), 30, ref["computed_tokens"])
+    wrong = res["tp1pp1/cl_egrsd/local_norm/dp0"]
+    assert abs(wrong["loss"][0] - ref["loss"][0]) > 100 * atol[0], (wrong["loss"], ref["loss"], atol)
+
+
+@pytest.mark.slow
+def test_trainer_packed_equals_padded():
+    """The training loop with parallel.max_tokens_per_micro_batch (samples gathered over DP2 and balanced)
+    logs the same losses and grad norms as with micro_batch_size, to `tolerances` of its own batch."""
+    res = results()
+    ref, got = res["trainer/padded"], res["trainer/packed"]
+    # Same weights and per-rollout seeds: the same rollouts (the comparison is of the update alone).
+    assert ref["response_length"] == got["response_length"] and ref["accuracy"] == got["accuracy"]
+    cfg = _config("unused", {**VARIANTS["cl_egrsd"], **TRAINER_RUN}, 1, 1)
+    n_tok = min(2 * G * r for r in ref["response_length"])  # train.prompts_per_step=2 x G x the mean length
+    max_len = _arch().max_position_embeddings  # a bound on every sequence (the step's own lengths are not logged)
+    atol, rtol = tolerances(cfg, ref, int(n_tok), max_len, 2 * G * max_len)
+    assert any(abs(x) > 1e-6 for x in ref["loss"]), ref
+    for step in range(STEPS):
+        assert abs(got["loss"][step] - ref["loss"][step]) <= atol[step], (step, got, ref, atol)
+        assert abs(got["grad_norm"][step] - ref["grad_norm"][step]) <= rtol[step] * ref["grad_norm"][step]
