@@ -108,9 +108,10 @@ class Scoring:
     entropy_temperature: Optional[float] = None
 
     def stats(
-        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kl: Any = None
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kl: Any = None, inplace: bool = False
     ) -> Optional[TokenStats]:
-        """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike)."""
+        """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike).
+        `inplace`: the backward writes the gradient into `student`'s storage (token_stats' inplace_backward)."""
         try:
             return token_stats(
                 student,
@@ -121,14 +122,17 @@ class Scoring:
                 kl=kl,
                 temperature=self.temperature,
                 entropy_temperature=self.entropy_temperature,
+                inplace_backward=inplace,
             )
         except NonFiniteLogitsError as e:
             log.warning("skipping this step: %s", e)
             return None
 
-    def one(self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool) -> Optional[OneStats]:
+    def one(
+        self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool, inplace: bool = False
+    ) -> Optional[OneStats]:
         """token_stats_one of one set of logits (log-prob; the entropy at `entropy_temperature` when asked),
-        or None when a logit is NaN/+inf (on every TP rank alike)."""
+        or None when a logit is NaN/+inf (on every TP rank alike). `inplace`: as `stats`'."""
         try:
             return token_stats_one(
                 logits,
@@ -138,6 +142,7 @@ class Scoring:
                 entropy=entropy,
                 temperature=self.temperature,
                 entropy_temperature=self.entropy_temperature,
+                inplace_backward=inplace,
             )
         except NonFiniteLogitsError as e:
             log.warning("skipping this step: %s", e)
@@ -301,17 +306,19 @@ def student_pass(
     kl_mode = divergence_kind(loss_cfg)
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        # A fresh gather that only token_stats reads: its backward writes the gradient into resp's storage
+        # (inplace), so the response logits and their gradient are never held at once.
         resp = gather_positions(logits, mb.student_resp_pos)
         targets = mb.targets.to(logits.device)
         teacher = teacher_logits[mb.index] if teacher_logits is not None else None
         stats: Optional[TokenStats] = None
         if teacher_logits is None or isinstance(teacher, OneStats):  # no teacher / reduced: the student alone
-            own = scoring.one(resp, targets, entropy=False)
+            own = scoring.one(resp, targets, entropy=False, inplace=not forward_only)
             if own is not None:
                 lt, ht = (teacher.logprob, teacher.entropy) if teacher is not None else (None, None)
                 stats = TokenStats(own.logprob, lt, ht, None, None)
         elif teacher is not None:
-            stats = scoring.stats(resp, teacher, targets, kl=kl_mode)
+            stats = scoring.stats(resp, teacher, targets, kl=kl_mode, inplace=not forward_only)
         ref_missing = ref_logprobs is not None and ref_logprobs.get(mb.index, 0) is None
         if stats is None or ref_missing:  # a non-finite logit in this or an earlier pass
             loss, record = nonfinite_loss(resp, mb)
