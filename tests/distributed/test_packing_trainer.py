@@ -1,7 +1,7 @@
 """Issue 16: the trainer's passes with packed micro-batches (parallel.max_tokens_per_micro_batch).
 
 One spawn of 2 gloo ranks runs TP=1 (x DP2: the balancer moves sequences between the ranks), TP=2 and PP=2
-(every pack padded to the budget: PP's fixed buffer shape). For every loss variant of test_trainer.VARIANTS
+(every pack padded to the longest: PP's fixed buffer shape). For every loss variant of test_trainer.VARIANTS
 (every loss name, the k3 KL to the reference, OPSD's JSD, two PPO epochs) it runs `run_update` (teacher,
 reference and student passes, optimizer) for 2 steps on the same 16 sequences three times from the same
 weights: padded (parallel.micro_batch_size=4, each DP rank its own 8 sequences), packed under a budget of
@@ -118,9 +118,7 @@ def run_variant(
     else:
         budget = BUDGETS[layout]
         with_teacher = teacher_pass_needed(cfg.loss, cfg.teacher.log_entropy)
-        mbs = packed_micro_batches(
-            samples, budget, dp_rank, dp, pad_to=budget if pp > 1 else None, teacher=with_teacher
-        )
+        mbs = packed_micro_batches(samples, budget, dp_rank, dp, fixed_shape=pp > 1, teacher=with_teacher)
     scoring = scoring_for(cfg, _arch().vocab_size, ps.get_tensor_model_parallel_group())
 
     def all_reduce_max(v: float) -> float:
@@ -150,6 +148,7 @@ def run_variant(
     out["micro_batches"] = len(mbs)
     out["sequences_per_mb"] = [int(mb.mask.shape[0]) for mb in mbs]
     out["computed_tokens"] = sum(mb.computed_tokens("student") for mb in mbs)
+    out["student_lengths"] = sorted({int(mb.student_ids.shape[1]) for mb in mbs})
     return out
 
 
@@ -315,9 +314,10 @@ def test_packing_really_packs_and_assignments_differ():
         assert main["micro_batches"] < alt["micro_batches"], (layout, main, alt)
     dp = [res[f"tp1pp1/cl_egrsd/packed/dp{r}"]["sequences_per_mb"] for r in (0, 1)]
     assert sum(map(sum, dp)) == GROUPS * G and all(dp), dp
-    # PP=2 pads every pack to its budget (the fixed buffer shape); PP=1 packs carry no padding segment.
-    pp2 = res["tp1pp2/cl_egrsd/packed/dp0"]
-    assert pp2["computed_tokens"] == BUDGETS["packed"] * pp2["micro_batches"]
+    # PP=2 pads every pack to one length <= the budget (the fixed buffer shape); PP=1 packs have their own.
+    pp2, pp1 = res["tp1pp2/cl_egrsd/packed/dp0"], res["tp1pp1/cl_egrsd/packed/dp0"]
+    assert len(pp2["student_lengths"]) == 1 and pp2["student_lengths"][0] <= BUDGETS["packed"]
+    assert pp2["student_lengths"][0] == max(pp1["student_lengths"]) and len(pp1["student_lengths"]) > 1
 
 
 @pytest.mark.slow

@@ -44,13 +44,19 @@ def _samples(n: int = 10, seed: int = 0):
     return out
 
 
-@pytest.mark.parametrize("pad_to", [None, 24])
-def test_packs_cover_every_sample_once_and_align_student_and_teacher(pad_to):
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_packs_cover_every_sample_once_and_align_student_and_teacher(fixed_shape):
     samples = _samples()
     seen = []
     for rank in range(2):
         bins = plan_micro_batches(sequence_lengths(samples), 2, 24)[rank]
-        mbs = packed_micro_batches(samples, 24, rank, 2, pad_to=pad_to)
+        mbs = packed_micro_batches(samples, 24, rank, 2, fixed_shape=fixed_shape)
+        for side in ("student", "teacher"):
+            lengths = [getattr(mb, f"{side}_ids").shape[1] for mb in mbs]
+            content = [sum(getattr(mb, f"{side}_pack").lengths) for mb in mbs]
+            # fixed_shape (PP > 1): one length per pass, the longest pack's; else each pack its own content
+            assert lengths == ([max(content)] * len(mbs) if fixed_shape else content), (side, lengths, content)
+            assert max(lengths) <= 24
         assert len(mbs) == len(bins) and [mb.index for mb in mbs] == list(range(len(mbs)))
         for mb, b in zip(mbs, bins):
             seen += b
@@ -61,7 +67,7 @@ def test_packs_cover_every_sample_once_and_align_student_and_teacher(pad_to):
                 ids, pos = getattr(mb, f"{side}_ids")[0], getattr(mb, f"{side}_resp_pos")
                 # the logits at pos score token pos + 1: the response token itself
                 assert torch.equal(ids[pos + 1][mb.mask], mb.targets[mb.mask])
-                assert mb.computed_tokens(side) == (pad_to or ids.numel())
+                assert mb.computed_tokens(side) == ids.numel()
             for r, i in enumerate(b):
                 n = len(samples[i].response)
                 assert mb.targets[r, :n].tolist() == samples[i].response and int(mb.mask[r].sum()) == n
