@@ -40,6 +40,7 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config.schema import LossConfig
@@ -61,11 +62,14 @@ def _run_schedule(
 
     Padded: [b, L] ids with the explicit causal mask, L the same for every micro-batch. Packed: [1, T] ids,
     no mask, PackedSeqParams (THD, cu_seqlens; RoPE positions restart per sequence); T is the same for
-    every micro-batch when they are padded to the budget (PP > 1: the schedule's fixed buffer shape), else
-    each pack's own (PP = 1 sends nothing between stages)."""
+    every micro-batch at PP > 1 (the schedule's fixed buffer shape: batch.packed_micro_batches(fixed_shape)),
+    else each pack's own (PP = 1 sends nothing between stages)."""
     device = next(model.parameters()).device
     ids0 = getattr(micro_batches[0], f"{side}_ids")
-    seq_len = max(getattr(mb, f"{side}_ids").shape[1] for mb in micro_batches)
+    lengths = {getattr(mb, f"{side}_ids").shape[1] for mb in micro_batches}
+    if len(lengths) > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(f"{side} micro-batches of lengths {sorted(lengths)}: pipeline parallelism needs one length")
+    seq_len = max(lengths)
     mask = None if micro_batches[0].packed else causal_mask(seq_len, device)
     pos = torch.arange(seq_len, device=device)[None]
 
