@@ -3,9 +3,9 @@
 One spawn of 2 gloo ranks runs TP=1 (x DP2: the balancer moves sequences between the ranks), TP=2 and PP=2
 (every pack padded to the longest: PP's fixed buffer shape). For every loss variant of test_trainer.VARIANTS
 (every loss name, the k3 KL to the reference, OPSD's JSD, two PPO epochs) it runs `run_update` (teacher,
-reference and student passes, optimizer) for 2 steps on the same 16 sequences three times from the same
-weights: padded (parallel.micro_batch_size=4, each DP rank its own 8 sequences), packed under a budget of
-64 tokens and packed under 32 (another assignment to ranks and micro-batches). The per-step losses and
+reference and student passes, optimizer) for 2 steps on the same 16 sequences from the same weights:
+padded (parallel.micro_batch_size=4, each DP rank its own 8 sequences), packed under a budget of 64 tokens
+and (`layouts_of`) packed under 32 (another assignment to ranks and micro-batches). The per-step losses and
 grad norms must agree to the tolerance derived in `tolerances`. The sequences mimic rollouts: many short
 responses and a spike at the truncation length, teacher prompts longer than the student's.
 """
@@ -28,6 +28,16 @@ from tests.distributed.test_trainer import VARIANTS, tiny_overrides, write_data
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 GROUPS, G, MAX_NEW = 4, 4, 12  # 16 sequences; responses of at most MAX_NEW tokens
 BUDGETS = {"packed": 64, "packed_alt": 32}  # the longest sequence (teacher prompt + response) is 30 tokens
+# The second assignment (packed_alt) for every variant at TP=1 x DP2 (where it also moves sequences between
+# ranks), for these at TP=2 and PP=2 (cost; tests/unit/test_packed_batches.py covers every loss config).
+ALT_EVERYWHERE = ("cl_egrsd", "opsd_jsd")
+
+
+def layouts_of(name: str, layout: str) -> tuple:
+    alt = layout == "tp1pp1" or name in ALT_EVERYWHERE
+    return ("padded", "packed", "packed_alt") if alt else ("padded", "packed")
+
+
 STEPS = 2
 
 
@@ -177,7 +187,7 @@ def worker(
         for name in names:
             cfg = _config(hf_dir, VARIANTS[name], tp, pp)
             samples = make_samples(arch.vocab_size, cfg.loss.spec.uses_reward)
-            for layout in ("padded", *BUDGETS):
+            for layout in layouts_of(name, f"tp{tp}pp{pp}"):
                 out[f"tp{tp}pp{pp}/{name}/{layout}/dp{info.dp_rank}"] = run_variant(
                     cfg, model, initial, build, samples, info.dp_rank, dp, layout
                 )
@@ -283,7 +293,7 @@ def _check_layout(layout: str) -> Dict[str, float]:
         assert all(g > 1e-6 for g in ref["grad_norm"]), (name, ref["grad_norm"])
         computed = max(r["computed_tokens"] for k, r in res.items() if k.startswith(f"{layout}/{name}/"))
         atol, rtol = tolerances(cfg, ref, n_tok, max_len, computed)
-        for other in BUDGETS:
+        for other in layouts_of(name, layout)[1:]:
             got = res[f"{layout}/{name}/{other}/dp0"]
             for step in range(STEPS):
                 d_loss = abs(got["loss"][step] - ref["loss"][step])
