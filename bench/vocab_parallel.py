@@ -7,13 +7,19 @@
                    (log-prob as NeMo-RL's DistributedLogprob, entropy as verl's _VocabParallelEntropy;
                    written here from their published structure).
   (c) megatron_ce  megatron.core.tensor_parallel.vocab_parallel_cross_entropy on the student alone.
+  (d) fused_inplace  (a) with inplace_backward=True (issue 16, "Logits memory"): the gradient is written into
+                   the logits' own storage. Its input plays the model's output: a fresh copy per step (made
+                   before the clock, like (c)'s fp32 case) handed in through an identity whose backward
+                   drops the gradient, as the model's output layer consumes it; (a)'s input is a leaf that
+                   accumulates a .grad, the same one extra [N, V_local] tensor the default backward allocates.
 
 Per (TP, N, V, dtype): forward+backward wall time (median over reps, slowest rank) and peak resident memory
 above the inputs (VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS before the step;
 glibc is told to mmap every large block so freed memory really leaves the process). Each TP runs in its
 own spawned gloo process group. Sizes whose estimated footprint exceeds --mem-budget-gib (summed over the
 ranks) are skipped per variant and recorded with the reason. Targets (ratios measured in one run):
-(a) <= 0.5 x (b) in time, (a) <= 0.25 x (b) in peak memory, (a) <= 2.0 x (c) in time.
+(a) <= 0.5 x (b) in time, (a) <= 0.25 x (b) in peak memory, (a) <= 2.0 x (c) in time; (d) reported as its
+peak memory and time over (a)'s.
 
     .venv/bin/python bench/vocab_parallel.py --out bench_vocab_parallel.json
 """
@@ -36,7 +42,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-VARIANTS = ("fused", "unfused", "megatron_ce")
+VARIANTS = ("fused", "unfused", "megatron_ce", "fused_inplace")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GiB = float(1 << 30)
 
@@ -97,6 +103,19 @@ class UnfusedEntropy(torch.autograd.Function):
         return softmax * (sst - logits) * grad_output.unsqueeze(-1), None
 
 
+class _ModelOutput(torch.autograd.Function):
+    """Identity standing in for the model's output layer: the logits as a non-leaf tensor (a view, no copy)
+    whose gradient flows into `anchor` and is dropped there, as the output layer's backward consumes it."""
+
+    @staticmethod
+    def forward(ctx, logits, anchor):
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, torch.zeros(())
+
+
 # ------------------------------------------------------------------------------------ measurement
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -120,6 +139,8 @@ def estimate_bytes(variant: str, n: int, v_local: int, dtype_bytes: int) -> int:
     e = n * v_local
     inputs = 2 * e * dtype_bytes
     if variant == "fused":
+        return inputs + e * dtype_bytes + 3 * (1 << 22) * 4 + (64 << 20)
+    if variant == "fused_inplace":  # + the fresh copy of the student logits it consumes
         return inputs + e * dtype_bytes + 3 * (1 << 22) * 4 + (64 << 20)
     if variant == "unfused":  # saved softmax + fp32 temporaries (measured ~5 e*4 above the inputs)
         return inputs + 6 * e * 4
@@ -163,6 +184,22 @@ def _step_fn(
             return st.student_logprob.detach(), st.teacher_entropy
 
         return step, None
+    if variant == "fused_inplace":
+        fresh: Dict[str, torch.Tensor] = {}
+        anchor = torch.zeros((), requires_grad=True)
+
+        def prepare():
+            fresh["x"] = student.detach().clone()
+
+        def step():
+            x = _ModelOutput.apply(fresh.pop("x"), anchor)
+            st = token_stats(
+                x, teacher, y, group=group, vocab_size=v, chunk_size=chunk, inplace_backward=True, **(temps or {})
+            )
+            st.student_logprob.sum().backward()
+            return st.student_logprob.detach(), st.teacher_entropy
+
+        return step, prepare
     if variant == "unfused":
         x = student.requires_grad_(True)
 
@@ -259,6 +296,8 @@ def _worker(rank: int, world: int, grid: List[tuple], opts: dict) -> List[dict]:
                 }
             # The variants must compute the same log-probs (else the comparison is meaningless).
             ref = outputs["unfused"] if "unfused" in outputs else outputs.get("megatron_ce")
+            if "fused" in outputs and "fused_inplace" in outputs:  # the same arithmetic: bitwise
+                row["inplace_equal"] = bool(torch.equal(outputs["fused"][0], outputs["fused_inplace"][0]))
             if "fused" in outputs and ref is not None:
                 row["max_abs_diff_logprob"] = float((outputs["fused"][0] - ref[0]).abs().max())
                 if "unfused" in outputs:
@@ -287,11 +326,16 @@ def _merge(per_rank: List[List[dict]]) -> List[dict]:
                     "peak_gib": max(x["peak_gib"] for x in vs),
                     "times_s_rank0": vs[0]["times_s"],
                 }
-        for key in ("max_abs_diff_logprob", "max_abs_diff_entropy"):
+        for key in ("max_abs_diff_logprob", "max_abs_diff_entropy", "inplace_equal"):
             if key in rows[0]:
                 base[key] = max(r[key] for r in rows)
-        a, b, c = (base["variants"][k] for k in VARIANTS)
+        a, b, c, d = (base["variants"][k] for k in VARIANTS)
         ratios = {}
+        if "time_s" in a and "time_s" in d:
+            ratios["time_d_over_a"] = d["time_s"] / a["time_s"]
+            ratios["mem_d_over_a"] = d["peak_gib"] / a["peak_gib"]
+        if "time_s" in d and "time_s" in b:
+            ratios["mem_d_over_b"] = d["peak_gib"] / b["peak_gib"]
         if "time_s" in a and "time_s" in b:
             ratios["time_a_over_b"] = a["time_s"] / b["time_s"]
             ratios["mem_a_over_b"] = a["peak_gib"] / b["peak_gib"]
@@ -309,18 +353,21 @@ def _fmt(v: dict, key: str, spec: str) -> str:
 def print_table(rows: List[dict]) -> None:
     hdr = (
         f"{'TP':>2} {'N':>5} {'V':>6} {'dtype':>5} | {'a s':>7} {'b s':>7} {'c s':>7} | {'a GiB':>6} "
-        f"{'b GiB':>6} {'c GiB':>6} | {'t a/b':>6} {'m a/b':>6} {'t a/c':>6}"
+        f"{'b GiB':>6} {'c GiB':>6} | {'t a/b':>6} {'m a/b':>6} {'t a/c':>6} | {'d GiB':>6} {'m d/a':>6} "
+        f"{'t d/a':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        a, b, c = (r["variants"][k] for k in VARIANTS)
+        a, b, c, d = (r["variants"][k] for k in VARIANTS)
         q = r["ratios"]
         print(
             f"{r['tp']:>2} {r['n']:>5} {r['v']:>6} {r['dtype']:>5} | {_fmt(a, 'time_s', '7.3f')} "
             f"{_fmt(b, 'time_s', '7.3f')} {_fmt(c, 'time_s', '7.3f')} | {_fmt(a, 'peak_gib', '6.3f')} "
             f"{_fmt(b, 'peak_gib', '6.3f')} {_fmt(c, 'peak_gib', '6.3f')} | "
-            f"{_fmt(q, 'time_a_over_b', '6.3f')} {_fmt(q, 'mem_a_over_b', '6.3f')} {_fmt(q, 'time_a_over_c', '6.3f')}"
+            f"{_fmt(q, 'time_a_over_b', '6.3f')} {_fmt(q, 'mem_a_over_b', '6.3f')} "
+            f"{_fmt(q, 'time_a_over_c', '6.3f')} | "
+            f"{_fmt(d, 'peak_gib', '6.3f')} {_fmt(q, 'mem_d_over_a', '6.3f')} {_fmt(q, 'time_d_over_a', '6.3f')}"
         )
     print("targets: t a/b <= 0.5, m a/b <= 0.25, t a/c <= 2.0 ('skip': over the memory budget, see JSON)")
 

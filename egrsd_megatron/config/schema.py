@@ -37,6 +37,16 @@ def check_literals(obj: Any, prefix: str) -> None:
         _check(value in choices, f"{prefix}.{name}", f"got {value!r}; expected one of {', '.join(map(str, choices))}")
 
 
+def knob(default: Any, help: str) -> Any:
+    """A config field with its one-line help (kept in the field's metadata, so tools and tests can read it)."""
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section (a dataclass field built by `cls()`), with its one-line help."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     # A preset name (qwen3_0.6b ... qwen3_32b, qwen3_tiny, llama_tiny) or "hf" (read `hf_path`/config.json).
@@ -98,12 +108,28 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size (data parallel = world / (tp * pp))
-    micro_batch_size: int = 4  # sequences per micro-batch in the training forward/backward
+    micro_batch_size: int = 4  # sequences per micro-batch in the training forward/backward (padded path)
     distributed_optimizer: bool = False  # ZeRO-1: AdamW states sharded over the data-parallel group
+    max_tokens_per_micro_batch: Optional[int] = knob(
+        None,
+        "sequence packing (docs/packing.md): pack whole sequences into micro-batches of at most this many tokens, "
+        "balanced over DP ranks (micro_batch_size is then unused); >= the longest prompt + response; 0/null: off",
+    )
 
     def validate(self) -> None:
         for k in ("tp", "pp", "micro_batch_size"):
             _check(getattr(self, k) >= 1, f"parallel.{k}", f"must be >= 1, got {getattr(self, k)}")
+        budget = self.max_tokens_per_micro_batch
+        _check(
+            budget is None or budget >= 0,
+            "parallel.max_tokens_per_micro_batch",
+            f"must be >= 1 (or 0/null: no packing), got {budget}",
+        )
+
+    @property
+    def packing(self) -> bool:
+        """Whether the trainer packs sequences into token-budget micro-batches."""
+        return bool(self.max_tokens_per_micro_batch)
 
 
 @dataclass
@@ -203,16 +229,6 @@ class RolloutConfig:
             "rollout.vllm_dtype",
             f"got {self.vllm_dtype!r}; expected bfloat16, float16 or float32",
         )
-
-
-def knob(default: Any, help: str) -> Any:
-    """A config field with its one-line help (kept in the field's metadata, so tools and tests can read it)."""
-    return field(default=default, metadata={"help": help})
-
-
-def section(cls: type, help: str) -> Any:
-    """A nested config section (a dataclass field built by `cls()`), with its one-line help."""
-    return field(default_factory=cls, metadata={"help": help})
 
 
 @dataclass
@@ -438,6 +454,19 @@ class ExperimentConfig:
             section = getattr(self, name)
             if hasattr(section, "validate"):
                 section.validate()
+        # A batch quantile of the gate is taken over each micro-batch's tokens, so it would depend on how the
+        # sequences are packed; packing promises a loss independent of the assignment.
+        _check(
+            not (
+                self.parallel.packing
+                and self.loss.spec.gate
+                and self.loss.gate.kind == "linear"
+                and self.loss.gate.h_ref.startswith("quantile")
+            ),
+            "parallel.max_tokens_per_micro_batch",
+            f"packing is not supported with loss.gate.h_ref={self.loss.gate.h_ref} (a per-micro-batch quantile "
+            f"would depend on the packing): use loss.gate.h_ref=log_vocab, loss.gate.kind=exp, or no packing",
+        )
         if self.loss.spec.uses_reward:
             _check(
                 self.rollout.group_size >= 2,

@@ -6,6 +6,7 @@ numbers and the key in its message:
   FFN by TP, layers by PP (KV groups / heads are padded) (ModelArch.check_parallel)
   train.prompts_per_step divisible by DP
   parallel.micro_batch_size divides the rollouts per DP rank = train.prompts_per_step / DP x rollout.group_size
+    (unless parallel.max_tokens_per_micro_batch packs them instead; its budget is checked per step, by length)
 The world size a process runs in is read in one place: `distributed.runtime.world_size()`.
 """
 
@@ -48,7 +49,7 @@ def check_parallel_layout(
             f"DP={dp} (= world size {world_desc or world} / (TP {tp} x PP {pp}))"
         )
     per_rank = prompts // dp * cfg.rollout.group_size
-    if per_rank % mb:
+    if per_rank % mb and not cfg.parallel.packing:  # packing (max_tokens_per_micro_batch) ignores micro_batch_size
         raise ConfigError(
             f"parallel.micro_batch_size={mb} does not divide the {per_rank} rollouts per "
             f"data-parallel rank (train.prompts_per_step {prompts} / DP {dp} x "

@@ -156,13 +156,15 @@ def token_stats(
     block_elems: Optional[int] = None,
     temperature: float = 1.0,
     entropy_temperature: Optional[float] = None,
+    inplace_backward: bool = False,
 ) -> TokenStats:
     """Fused full-vocabulary token statistics from vocabulary-parallel logits.
 
     student_logits, teacher_logits: [N, V_local] or [B, T, V_local], this rank's contiguous vocabulary slice
-      (bf16 or fp32; fp32 math per block; never modified). targets: global token ids shaped like the leading
-      dims. group: the tensor-parallel group (None: one process, full vocabulary). vocab_size: true vocabulary
-      size; columns at or beyond it (Megatron padding) are excluded everywhere (default: V_local x TP).
+      (bf16 or fp32; fp32 math per block; never modified unless inplace_backward). targets: global token ids
+      shaped like the leading dims. group: the tensor-parallel group (None: one process, full vocabulary).
+      vocab_size: true vocabulary size; columns at or beyond it (Megatron padding) are excluded everywhere
+      (default: V_local x TP).
     chunk_size: tokens per collective round (2 all-reduces each, 3 for JSD). block_elems: fp32 elements of one
       work buffer (rows x V_local), which bounds the extra memory. check_finite: raise NonFiniteLogitsError on a
       NaN / +inf logit or an all -inf token (costs one host sync per chunk). block_elems None: the
@@ -173,8 +175,12 @@ def token_stats(
       else, the JSD's internal teacher entropy included, stays at T.
     Reduced use with one set of logits, token_stats(z, z.detach(), y, temperature=T): log pi_T(y) and H(pi_T).
     Gradients flow to student_logits through student_logprob, student_entropy and kl; never to teacher_logits.
+    inplace_backward: the backward writes the gradient into student_logits' own storage (no second
+      [N, V_local] tensor; values bitwise those of the default). Only for logits nothing reads after the
+      backward (e.g. a fresh gather of the model's output); student_logits must not be a leaf tensor.
     """
     _validate(student_logits, teacher_logits, targets)
+    _check_inplace(student_logits, inplace_backward)
     mode, beta = _parse_kl(kl)
     spec, s2, y = _spec(
         student_logits,
@@ -189,6 +195,7 @@ def token_stats(
         student_entropy=bool(student_entropy),
         kl=mode,
         beta=beta,
+        inplace_grad=bool(inplace_backward),
     )
     lead = targets.shape
     t2 = teacher_logits.reshape(-1, s2.shape[-1])
@@ -217,6 +224,7 @@ def token_stats_one(
     block_elems: Optional[int] = None,
     temperature: float = 1.0,
     entropy_temperature: Optional[float] = None,
+    inplace_backward: bool = False,
 ) -> OneStats:
     """The one-distribution mode of `token_stats`: log p(y) and H(p) of ONE set of logits, p = softmax(z / T).
 
@@ -227,8 +235,10 @@ def token_stats_one(
     [2, n] (log-prob only) to [4, n] (entropy at its own T_H) -- the same two collectives as the fused
     call, half the local work and half the payload. log p(y) and its gradient are bitwise what
     token_stats(z, z.detach(), y) gives for student_logprob (the same operations in the same order).
+    `inplace_backward`: as token_stats' (the gradient into `logits`' own storage).
     """
     _validate(logits, logits, targets)
+    _check_inplace(logits, inplace_backward)
     spec, z2, y = _spec(
         logits,
         targets,
@@ -241,6 +251,7 @@ def token_stats_one(
         check_finite,
         single=True,
         single_entropy=bool(entropy),
+        inplace_grad=bool(inplace_backward),
     )
     lead = targets.shape
     if y.numel() == 0:
@@ -248,6 +259,16 @@ def token_stats_one(
         return OneStats(zero + 0.0 * z2.sum(), zero.clone() if entropy else None)
     ls, _, h, _, _ = TokenStatsFunction.apply(z2, z2.detach(), y, spec)
     return OneStats(ls.view(lead), h.view(lead) if entropy else None)
+
+
+def _check_inplace(logits: torch.Tensor, inplace: bool) -> None:
+    """inplace_backward overwrites the logits with their gradient: refused for a leaf (a parameter-like
+    tensor would hold its own gradient, and autograd would hand that storage out as .grad)."""
+    if inplace and logits.requires_grad and logits.is_leaf:
+        raise ValueError(
+            "token_stats(inplace_backward=True): the logits are a leaf tensor; pass the model's output (or "
+            "a gather of it), whose storage nothing else reads after the backward, or inplace_backward=False"
+        )
 
 
 def _spec(

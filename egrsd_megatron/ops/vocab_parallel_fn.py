@@ -29,6 +29,11 @@ block and applies, for upstream weights g,
 written as  grad = pS * (a log pS + b X + c) [- g_fwd pT] [+ g_lp onehot]  with X = log pT or log M.
 These are derivatives in u = z / T; d/dz = (1 / T) d/du, applied by scaling the upstream weights g by 1 / T.
 
+Memory (`inplace_grad`, token_stats(inplace_backward=True)): the backward writes the gradient into the
+saved student logits themselves, row block by row block, so the step never holds the logits and their
+gradient at once. The caller must not read the logits after the backward (the trainer's student pass gathers
+them into a fresh tensor that only this call holds).
+
 Memory: fp32 work happens in row blocks of at most `block_rows` x `valid` elements: three such buffers
 (student, teacher, one shared exp/scratch) are allocated once per call and reused; the inputs are
 read in their own dtype (bf16 stays bf16) and upcast one block at a time. The backward saves only the input
@@ -75,6 +80,9 @@ class FnSpec:
     # gradient) and, when `single_entropy`, H(p) at T_H (no gradient). No teacher half is computed.
     single: bool = False
     single_entropy: bool = False
+    # The backward writes the gradient into the student logits' own storage (as Megatron's vocab-parallel
+    # cross-entropy reuses its saved buffer): no second [N, V_local] tensor while the logits are saved.
+    inplace_grad: bool = False
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> None:
@@ -411,7 +419,10 @@ class TokenStatsFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (g_ls is None and g_hs is None and g_kl is None):
             return (None,) + none
         n_tok, v_local = student.shape
-        grad = torch.empty_like(student)
+        # In place: every row block below reads its student (and teacher) rows before it writes their
+        # gradient, and no block reads another's rows, so the saved logits can take the gradient (the
+        # padded columns, zeroed first, are never read).
+        grad = student if spec.inplace_grad else torch.empty_like(student)
         if spec.valid < v_local:
             grad[:, spec.valid :].zero_()  # padded columns carry no probability, hence no gradient
         if spec.valid == 0:

@@ -1,10 +1,17 @@
-"""Turn scored rollouts into padded micro-batches for the teacher and student passes.
+"""Turn scored rollouts into micro-batches for the teacher and student passes: padded, or packed.
 
 Sample i: student sequence s_i = student_prompt_i + response_i, teacher sequence t_i = teacher_prompt_i
 + response_i (the SAME response ids). Logits at position p predict token p + 1, so response token j
 is scored by student logits at len(student_prompt_i) - 1 + j and teacher logits at
 len(teacher_prompt_i) - 1 + j. Sequences are right-padded (a causal model never lets a pad influence an
 earlier position), and the response positions are gathered into aligned [B, R_max, V_local] logits.
+
+Packed (`parallel.max_tokens_per_micro_batch`, docs/packing.md): data/balance.py assigns the step's
+sequences to data-parallel ranks and to micro-batches of at most that many tokens, and each micro-batch is
+ONE row [1, T] per pass (data/packing.py: `Pack`, Megatron's THD layout with cu_seqlens), built from the
+SAME bins for student and teacher so the rows of `targets`, `mask`, `advantages` align. The response
+positions then point into the pack and the gathered logits have the same [n, R, V_local] layout as padded,
+so everything after the gather (token_stats, advantages, losses) is shared by both paths.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+
+from ..data.balance import plan_micro_batches
+from ..data.packing import Pack, pack_sequences
 
 
 @dataclass
@@ -38,10 +48,27 @@ class MicroBatch:
     mask: torch.Tensor  # [b, R] bool: valid response tokens
     advantages: torch.Tensor  # [b] float32
     engine_logprobs: Optional[torch.Tensor] = None  # [b, R] float32 (0 where masked); None: the engine gave none
+    # Packed (b = 1 row of ids; the b of the other fields is the number n of sequences in the pack):
+    student_pack: Optional[Pack] = None  # position_ids, cu_seqlens, max_seqlen of student_ids
+    teacher_pack: Optional[Pack] = None  # of teacher_ids (None also when no teacher pass was planned)
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def packed(self) -> bool:
+        return self.student_pack is not None
+
+    @property
+    def segment_ids(self) -> Optional[torch.Tensor]:
+        """[n, R]: the sequence each response slot belongs to (packed), for the lookahead's boundary; None
+        when padded (each row is one sequence there, which is the lookahead's default)."""
+        return self.student_pack.segment_ids if self.student_pack is not None else None
+
+    def computed_tokens(self, side: str) -> int:
+        """Token positions the `side` ("student" | "teacher") pass computes, padding included."""
+        return int(getattr(self, f"{side}_ids").numel())
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, value: int = 0) -> torch.Tensor:
@@ -99,6 +126,89 @@ def _engine_logprobs(chunk: Sequence[Sample], r: int) -> Optional[torch.Tensor]:
 
 
 def gather_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits [b, L, V], positions [b, R] -> [b, R, V] (the logits that score each response token)."""
+    """logits [b, L, V], positions [b, R] -> [b, R, V] (the logits that score each response token).
+
+    A pack (logits [1, T, V], positions [n, R] into the pack) gives [n, R, V] the same way: one row
+    indexed by all n sequences' positions (for b = n = 1 both readings are the same gather)."""
+    if logits.shape[0] == 1:
+        return logits[0][positions.to(logits.device)]
     idx = positions.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return torch.gather(logits, 1, idx)
+
+
+def sequence_lengths(samples: Sequence[Sample], teacher: bool = True) -> List[int]:
+    """The balancer's length of each sample: max(student, teacher) tokens, so one plan fits both passes'
+    budgets (student only when no teacher pass runs)."""
+    return [max(len(s.student_prompt), len(s.teacher_prompt) if teacher else 0) + len(s.response) for s in samples]
+
+
+def make_packed_micro_batches(
+    samples: Sequence[Sample],
+    bins: Sequence[Sequence[int]],
+    fixed_shape: bool = False,
+    pad_id: int = 0,
+    teacher: bool = True,
+) -> List[MicroBatch]:
+    """One packed MicroBatch per bin (indices into `samples`, data/balance.py); row r is samples[bin[r]].
+
+    `fixed_shape` (pipeline parallelism: the schedule sends fixed-shape activations): every student pack is
+    padded to the longest student pack of `bins`, every teacher pack to the longest teacher pack (each pass
+    is its own schedule, so the two lengths may differ; both are within the budget the bins were planned
+    for). Padding to the longest pack rather than to the budget: the bench's PP padding drops from 31% to 19%
+    of the computed tokens (bench/train_step.py --packing). `teacher=False`: no teacher packs (no teacher
+    pass will run; the budget then holds the student sequences only)."""
+
+    def sides(b: Sequence[int], side: str):
+        rows = [samples[i] for i in b]
+        return [getattr(s, f"{side}_prompt") + s.response for s in rows], [
+            len(getattr(s, f"{side}_prompt")) for s in rows
+        ]
+
+    def longest(side: str) -> Optional[int]:
+        return max(sum(map(len, sides(b, side)[0])) for b in bins) if fixed_shape and bins else None
+
+    pad_s, pad_t = longest("student"), longest("teacher") if teacher else None
+    out = []
+    for k, b in enumerate(bins):
+        rows = [samples[i] for i in b]
+        sp = pack_sequences(*sides(b, "student"), pad_s, pad_id)
+        tp = pack_sequences(*sides(b, "teacher"), pad_t, pad_id) if teacher else None
+        out.append(
+            MicroBatch(
+                index=k,
+                student_ids=sp.input_ids,
+                teacher_ids=tp.input_ids if tp is not None else sp.input_ids[:, :0],
+                student_resp_pos=sp.resp_pos,
+                teacher_resp_pos=tp.resp_pos if tp is not None else sp.resp_pos[:, :0],
+                targets=sp.targets,
+                mask=sp.mask,
+                advantages=torch.tensor([s.advantage for s in rows], dtype=torch.float32),
+                engine_logprobs=_engine_logprobs(rows, sp.mask.shape[1]),
+                student_pack=sp,
+                teacher_pack=tp,
+            )
+        )
+    return out
+
+
+def packed_micro_batches(
+    samples: Sequence[Sample],
+    max_tokens: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    *,
+    fixed_shape: bool = False,
+    pad_id: int = 0,
+    teacher: bool = True,
+) -> List[MicroBatch]:
+    """This data-parallel rank's packed micro-batches of the step's GLOBAL `samples` (the same list, in the
+    same order, on every DP rank): data/balance.py's plan (Karmarkar-Karp over the ranks, first-fit
+    decreasing under `max_tokens`) is a pure function of the lengths, so every rank computes the same plan
+    and keeps its own part. The loss does not depend on the plan: advantages are per sample (computed per
+    group before this), and the loss denominator is the global token or sequence count. `fixed_shape`:
+    PP > 1 (see make_packed_micro_batches; each DP rank's pipeline has its own shape)."""
+    plan = plan_micro_batches(sequence_lengths(samples, teacher), dp_size, max_tokens)
+    mine = plan[dp_rank]
+    if not mine:  # KK leaves a part empty only with fewer sequences than parts
+        raise ValueError(f"packed_micro_batches: {len(samples)} sequences leave DP rank {dp_rank} of {dp_size} none")
+    return make_packed_micro_batches(samples, mine, fixed_shape, pad_id, teacher)

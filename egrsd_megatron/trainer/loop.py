@@ -45,7 +45,7 @@ from ..models import build_model, resolve_arch
 from ..models.layout import check_training_config as check_config
 from ..rollout import SamplingParams, make_engine
 from ..rollout.sampling import check_training_sampling
-from .batch import Sample, make_micro_batches
+from .batch import MicroBatch, Sample, make_micro_batches, packed_micro_batches
 from .logger import StepLogger
 from .metrics import Record, reduce_metrics, rollout_record
 from .optim import build_optimizer, build_scheduler
@@ -54,7 +54,7 @@ from .rollouts import Rollouts, collect_rollouts, refit, to_samples
 from .sample_fields import per_token_fields, sample_entropies
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from .teacher import Teacher, frozen_copy
-from .update import UpdateResult, local_denominator, run_update
+from .update import UpdateResult, local_denominator, run_update, teacher_pass_needed
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
@@ -215,12 +215,12 @@ class Trainer:
 
         adv, zero_adv_group_frac = self._advantages(rollouts.rewards())
         samples = to_samples(rollouts, student_prompts, teacher_prompts, adv.tolist())
-        mbs = make_micro_batches(samples, cfg.parallel.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+        loss_cfg = self._loss_at_step()
+        mbs = self._micro_batches(samples, teacher_pass_needed(loss_cfg, cfg.teacher.log_entropy))
         # The loss is a mean over the GLOBAL batch: tokens (token_mean) or sequences (seq_mean_token_mean).
         denominator = self._all_reduce(
             [local_denominator(samples, cfg.loss.aggregation)], ps.get_data_parallel_group()
         )[0]
-        loss_cfg = self._loss_at_step()
         update = run_update(
             cfg,
             self.model,
@@ -247,6 +247,28 @@ class Trainer:
         if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
             self._log_samples(problems, rollouts, samples, update.records, loss_cfg)
         return metrics
+
+    def _micro_batches(self, samples: List[Sample], teacher: bool) -> List[MicroBatch]:
+        """This rank's micro-batches: `parallel.micro_batch_size` padded rows of its own samples, or with
+        `parallel.max_tokens_per_micro_batch` packs of the step's samples gathered over the data-parallel
+        group and balanced over its ranks (the same plan on every rank: trainer/batch.py). PP > 1 pads every
+        pack of a pass to that pass's longest pack (the pipeline schedule's fixed buffer shape)."""
+        par, pad_id = self.cfg.parallel, self.tokenizer.pad_token_id or 0
+        if not par.packing:
+            return make_micro_batches(samples, par.micro_batch_size, pad_id=pad_id)
+        group = ps.get_data_parallel_group()
+        gathered: List[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, samples, group=group)  # token ids and floats: small next to a pass
+        budget = par.max_tokens_per_micro_batch
+        return packed_micro_batches(
+            [s for part in gathered for s in part],
+            budget,
+            self.info.dp_rank,
+            self.dp,
+            fixed_shape=ps.get_pipeline_model_parallel_world_size() > 1,
+            pad_id=pad_id,
+            teacher=teacher,
+        )
 
     def _loss_at_step(self):
         """The loss knobs of this step: cfg.loss with the scheduled values (loss.ratio.lam -> lam_end) applied."""

@@ -20,6 +20,11 @@ rollout.temperature (`Scoring`; docs/method.md "Sampling temperature"), fused in
 A NaN/+inf logit (token_stats' check, raised on every tensor-parallel rank together) does not stop the job:
 the micro-batch's loss becomes NaN, so the step's non-finite guard (trainer/update.py) skips it on every rank.
 
+Micro-batches are padded or packed (trainer/batch.py; `parallel.max_tokens_per_micro_batch`): a packed one
+runs as one [1, T] row with Megatron's PackedSeqParams (`_run_schedule`), and its response logits are
+gathered into the same [n, R, V_local] layout, so the scoring and the losses below do not know the difference
+(the lookahead gets the pack's `segment_ids`).
+
 The loss functions return (loss, num_tokens, metrics) with `config.calculate_per_token_loss = True`, so
 Megatron's schedule neither divides by the token count nor by the number of micro-batches: the loss is
 already normalised globally (data-parallel ranks x micro-batches sum to the global token mean). The
@@ -35,11 +40,12 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config.schema import LossConfig
 from ..losses import divergence_kind, policy_loss, token_advantages
-from ..models import causal_mask
+from ..models import causal_mask, packed_seq_params
 from ..ops.vocab_parallel import NonFiniteLogitsError, OneStats, TokenStats, token_stats, token_stats_one
 from .batch import MicroBatch, gather_positions
 from .metrics import Record
@@ -48,19 +54,36 @@ from .metrics import Record
 def _run_schedule(
     model: torch.nn.Module,
     micro_batches: List[MicroBatch],
-    seq_len: int,
-    ids_attr: str,
+    side: str,
     loss_func: Callable,
     forward_only: bool,
 ) -> list:
+    """Megatron's forward/backward schedule over `micro_batches`' `side` ("student" | "teacher") ids.
+
+    Padded: [b, L] ids with the explicit causal mask, L the same for every micro-batch. Packed: [1, T] ids,
+    no mask, PackedSeqParams (THD, cu_seqlens; RoPE positions restart per sequence); T is the same for
+    every micro-batch at PP > 1 (the schedule's fixed buffer shape: batch.packed_micro_batches(fixed_shape)),
+    else each pack's own (PP = 1 sends nothing between stages)."""
     device = next(model.parameters()).device
-    mask = causal_mask(seq_len, device)
+    ids0 = getattr(micro_batches[0], f"{side}_ids")
+    lengths = {getattr(mb, f"{side}_ids").shape[1] for mb in micro_batches}
+    if len(lengths) > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(f"{side} micro-batches of lengths {sorted(lengths)}: pipeline parallelism needs one length")
+    seq_len = max(lengths)
+    mask = None if micro_batches[0].packed else causal_mask(seq_len, device)
     pos = torch.arange(seq_len, device=device)[None]
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
-        ids = getattr(mb, ids_attr).to(device)
-        out = chunk(ids, pos.expand(ids.shape[0], -1), mask)
+        ids = getattr(mb, f"{side}_ids").to(device)
+        pack = getattr(mb, f"{side}_pack")
+        if pack is not None:
+            params = packed_seq_params(pack.cu_seqlens, pack.max_seqlen, device)
+            out = chunk(ids, pack.position_ids.to(device), None, packed_seq_params=params)
+        elif mb.packed:
+            raise ValueError(f"micro-batch {mb.index} was packed without {side} sequences (no {side} pass planned)")
+        else:
+            out = chunk(ids, pos.expand(ids.shape[0], -1), mask)
         return out, partial(loss_func, mb)
 
     model.config.calculate_per_token_loss = True
@@ -70,7 +93,7 @@ def _run_schedule(
         model=[model],
         num_microbatches=len(micro_batches),
         seq_length=seq_len,
-        micro_batch_size=micro_batches[0].student_ids.shape[0],
+        micro_batch_size=ids0.shape[0],
         forward_only=forward_only,
     )
 
@@ -89,9 +112,10 @@ class Scoring:
     entropy_temperature: Optional[float] = None
 
     def stats(
-        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kl: Any = None
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, kl: Any = None, inplace: bool = False
     ) -> Optional[TokenStats]:
-        """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike)."""
+        """token_stats of the two sets of logits, or None when a logit is NaN/+inf (on every TP rank alike).
+        `inplace`: the backward writes the gradient into `student`'s storage (token_stats' inplace_backward)."""
         try:
             return token_stats(
                 student,
@@ -102,14 +126,17 @@ class Scoring:
                 kl=kl,
                 temperature=self.temperature,
                 entropy_temperature=self.entropy_temperature,
+                inplace_backward=inplace,
             )
         except NonFiniteLogitsError as e:
             log.warning("skipping this step: %s", e)
             return None
 
-    def one(self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool) -> Optional[OneStats]:
+    def one(
+        self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool, inplace: bool = False
+    ) -> Optional[OneStats]:
         """token_stats_one of one set of logits (log-prob; the entropy at `entropy_temperature` when asked),
-        or None when a logit is NaN/+inf (on every TP rank alike)."""
+        or None when a logit is NaN/+inf (on every TP rank alike). `inplace`: as `stats`'."""
         try:
             return token_stats_one(
                 logits,
@@ -119,6 +146,7 @@ class Scoring:
                 entropy=entropy,
                 temperature=self.temperature,
                 entropy_temperature=self.entropy_temperature,
+                inplace_backward=inplace,
             )
         except NonFiniteLogitsError as e:
             log.warning("skipping this step: %s", e)
@@ -138,8 +166,7 @@ Kept = Union[torch.Tensor, OneStats, None]
 def _forward_scores(
     model: torch.nn.Module,
     micro_batches: List[MicroBatch],
-    ids_attr: str,
-    pos_attr: str,
+    side: str,
     reduce: Optional[Scoring],
     entropy: bool = True,
 ) -> Dict[int, Kept]:
@@ -150,7 +177,7 @@ def _forward_scores(
     kept: Dict[int, Kept] = {}
 
     def keep(mb: MicroBatch, logits: torch.Tensor):
-        resp = gather_positions(logits, getattr(mb, pos_attr)).detach()
+        resp = gather_positions(logits, getattr(mb, f"{side}_resp_pos")).detach()
         if reduce is None:
             kept[mb.index] = resp
         else:
@@ -160,9 +187,7 @@ def _forward_scores(
     was_training = model.training
     model.eval()
     try:
-        _run_schedule(
-            model, micro_batches, getattr(micro_batches[0], ids_attr).shape[1], ids_attr, keep, forward_only=True
-        )
+        _run_schedule(model, micro_batches, side, keep, forward_only=True)
     finally:
         model.train(was_training)
     return kept
@@ -180,7 +205,7 @@ def teacher_pass(
     at TP=8), for 2 more collectives per chunk than the fused student+teacher call (the teacher's and the
     student's one-distribution calls, 2 each, instead of the fused call's 2).
     """
-    return _forward_scores(teacher, micro_batches, "teacher_ids", "teacher_resp_pos", reduce)
+    return _forward_scores(teacher, micro_batches, "teacher", reduce)
 
 
 def reference_pass(
@@ -191,7 +216,7 @@ def reference_pass(
     The student's own context (no privileged information): the k3 term of method.md compares the policy
     with its starting point, not with the teacher. Reduced over the vocabulary right away by `token_stats`.
     """
-    stats = _forward_scores(reference, micro_batches, "student_ids", "student_resp_pos", scoring, entropy=False)
+    stats = _forward_scores(reference, micro_batches, "student", scoring, entropy=False)
     return {k: (v.logprob if v is not None else None) for k, v in stats.items()}  # type: ignore[union-attr]
 
 
@@ -224,6 +249,7 @@ def micro_batch_loss(
         mask,
         loss_cfg,
         vocab_size=vocab_size,
+        segment_ids=mb.segment_ids,
         return_metrics=True,
     )
     extra = {"kl": stats.kl} if stats.kl is not None else {}
@@ -284,17 +310,19 @@ def student_pass(
     kl_mode = divergence_kind(loss_cfg)
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        # A fresh gather that only token_stats reads: its backward writes the gradient into resp's storage
+        # (inplace), so the response logits and their gradient are never held at once.
         resp = gather_positions(logits, mb.student_resp_pos)
         targets = mb.targets.to(logits.device)
         teacher = teacher_logits[mb.index] if teacher_logits is not None else None
         stats: Optional[TokenStats] = None
         if teacher_logits is None or isinstance(teacher, OneStats):  # no teacher / reduced: the student alone
-            own = scoring.one(resp, targets, entropy=False)
+            own = scoring.one(resp, targets, entropy=False, inplace=not forward_only)
             if own is not None:
                 lt, ht = (teacher.logprob, teacher.entropy) if teacher is not None else (None, None)
                 stats = TokenStats(own.logprob, lt, ht, None, None)
         elif teacher is not None:
-            stats = scoring.stats(resp, teacher, targets, kl=kl_mode)
+            stats = scoring.stats(resp, teacher, targets, kl=kl_mode, inplace=not forward_only)
         ref_missing = ref_logprobs is not None and ref_logprobs.get(mb.index, 0) is None
         if stats is None or ref_missing:  # a non-finite logit in this or an earlier pass
             loss, record = nonfinite_loss(resp, mb)
@@ -310,6 +338,4 @@ def student_pass(
             )
         return loss, torch.tensor(mb.num_tokens), record
 
-    return _run_schedule(
-        model, micro_batches, micro_batches[0].student_ids.shape[1], "student_ids", loss_func, forward_only=forward_only
-    )
+    return _run_schedule(model, micro_batches, "student", loss_func, forward_only=forward_only)
