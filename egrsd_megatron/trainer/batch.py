@@ -51,6 +51,9 @@ class MicroBatch:
     # Packed (b = 1 row of ids; the b of the other fields is the number n of sequences in the pack):
     student_pack: Optional[Pack] = None  # position_ids, cu_seqlens, max_seqlen of student_ids
     teacher_pack: Optional[Pack] = None  # of teacher_ids (None also when no teacher pass was planned)
+    # Row i holds sample sample_ids[i] of the list the micro-batches were made from (this rank's samples when
+    # padded, the step's DP-gathered samples when packed): how per-token outputs find their sample.
+    sample_ids: List[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +113,7 @@ def make_micro_batches(samples: List[Sample], micro_batch_size: int, pad_id: int
                 mask=mask,
                 advantages=torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
                 engine_logprobs=_engine_logprobs(chunk, r),
+                sample_ids=list(range(k, k + len(chunk))),
             )
         )
     return out
@@ -186,6 +190,7 @@ def make_packed_micro_batches(
                 engine_logprobs=_engine_logprobs(rows, sp.mask.shape[1]),
                 student_pack=sp,
                 teacher_pack=tp,
+                sample_ids=list(b),
             )
         )
     return out

@@ -245,7 +245,9 @@ class Trainer:
         if cfg.loss.ratio.lam_end is not None:
             metrics["lam"] = loss_cfg.ratio.lam
         if self.info.rank == 0 and cfg.train.sample_every and (self.step + 1) % cfg.train.sample_every == 0:
-            self._log_samples(problems, rollouts, samples, update.records, loss_cfg)
+            self._log_samples(
+                problems, rollouts, samples, sample_entropies(mbs, update.records, len(samples)), loss_cfg
+            )
         return metrics
 
     def _micro_batches(self, samples: List[Sample], teacher: bool) -> List[MicroBatch]:
@@ -337,9 +339,13 @@ class Trainer:
         }
 
     def _log_samples(
-        self, problems: list, rollouts: Rollouts, samples: List[Sample], records: List[Record], loss_cfg: LossConfig
+        self,
+        problems: list,
+        rollouts: Rollouts,
+        samples: List[Sample],
+        entropies: Dict[int, torch.Tensor],
+        loss_cfg: LossConfig,
     ) -> None:
-        entropies = sample_entropies(records, [len(s.response) for s in samples])
         rows = []
         for i, (r, s) in enumerate(zip(rollouts.items, samples)):
             row = {
@@ -350,7 +356,7 @@ class Trainer:
                 "truncated": r.truncated,
                 "answer": problems[r.problem].answer,
             }
-            if entropies is not None:
+            if i in entropies:
                 row.update(per_token_fields(self.tokenizer, s.response, entropies[i], loss_cfg, self.arch.vocab_size))
             rows.append(row)
         self.logger.log_samples(self.step, rows)

@@ -15,13 +15,14 @@ entropies (pipeline parallel size 1; with PP > 1 they live on the last stage and
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ..config.schema import LossConfig
 from ..losses.gate import entropy_gate
 from ..losses.lookahead import lookahead_entropy
+from .batch import MicroBatch
 from .metrics import Record
 
 REQUIRED_FIELDS = ("tokens", "teacher_entropy", "gate")
@@ -58,17 +59,27 @@ def per_token_fields(
     }
 
 
-def sample_entropies(records: Sequence[Record], response_lengths: Sequence[int]) -> Optional[List[torch.Tensor]]:
-    """Each sample's teacher entropies [R_i], split from the micro-batch records' per-token `teacher_entropy`.
+def sample_entropies(
+    micro_batches: Sequence[MicroBatch], records: Sequence[Record], num_samples: int
+) -> Dict[int, torch.Tensor]:
+    """{sample id: its teacher entropies [R_i]} for the samples whose entropies this rank holds.
 
-    The records come in micro-batch order and each holds its valid tokens row by row (passes.micro_batch_loss
-    keeps stats.teacher_entropy[mask]), and micro-batches hold the samples in order (batch.make_micro_batches),
-    so the concatenation splits by response length. None when this rank holds no entropies (grpo without
-    teacher.log_entropy, or not the last pipeline stage) or their count does not match.
+    `records` pair one to one with `micro_batches` (the last epoch's student passes, in order); each record
+    keeps its micro-batch's valid-token entropies row by row (passes.micro_batch_loss keeps
+    stats.teacher_entropy[mask]), so they split by the rows' valid-token counts, and row i is sample
+    mb.sample_ids[i]. Ids are positions in the list the micro-batches were made from; only ids below
+    `num_samples` (this rank's own samples: the first part of a DP-gathered list on DP rank 0) are kept.
+    Empty when this rank holds no entropies: grpo without teacher.log_entropy, or not the last pipeline stage.
     """
-    if not records or any("teacher_entropy" not in r.tokens for r in records):
-        return None
-    flat = torch.cat([r.tokens["teacher_entropy"] for r in records])
-    if flat.numel() != sum(response_lengths):
-        return None
-    return list(torch.split(flat, list(response_lengths)))
+    if len(records) != len(micro_batches) or any("teacher_entropy" not in r.tokens for r in records):
+        return {}
+    out: Dict[int, torch.Tensor] = {}
+    for mb, rec in zip(micro_batches, records):
+        counts = mb.mask.sum(dim=1).tolist()
+        h = rec.tokens["teacher_entropy"]
+        if h.numel() != sum(counts):
+            return {}
+        for sid, part in zip(mb.sample_ids, torch.split(h, counts)):
+            if sid < num_samples:
+                out[sid] = part
+    return out

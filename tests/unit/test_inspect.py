@@ -107,3 +107,30 @@ def test_per_token_fields_match_the_loss_functions():
     assert f["gate_lookahead"][4] > f["gate"][4] + 0.5  # the spike at t=4 is forgiven
     with pytest.raises(ValueError, match="entropies for"):
         per_token_fields(tok, ids, ent[:-1], cfg, vocab_size=len(tok))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed_dp2"])
+def test_sample_entropies_find_their_sample(layout):
+    """Each sample's teacher entropies reach its own samples.jsonl row whatever the micro-batch layout: the
+    records hold each micro-batch's valid tokens row by row, in the micro-batch's (packed: reordered) rows."""
+    from egrsd_megatron.trainer.batch import make_micro_batches, packed_micro_batches
+    from egrsd_megatron.trainer.metrics import Record
+    from egrsd_megatron.trainer.sample_fields import sample_entropies
+    from tests.unit.test_packed_batches import _samples
+
+    samples = _samples(10)
+    # Entropy of token j of sample i = i + j / 100: every value names its sample and position.
+    truth = {i: torch.tensor([i + j / 100 for j in range(len(s.response))]) for i, s in enumerate(samples)}
+    if layout == "padded":
+        mbs, mine = make_micro_batches(samples, 2), 10
+    else:
+        dp = 2 if layout == "packed_dp2" else 1
+        mbs, mine = packed_micro_batches(samples, 64, 0, dp), 10 // dp  # rank 0's own = the first 10 // dp
+    records = [Record({}, {"teacher_entropy": torch.cat([truth[i] for i in mb.sample_ids])}) for mb in mbs]
+    got = sample_entropies(mbs, records, mine)
+    held = {i for mb in mbs for i in mb.sample_ids if i < mine}
+    assert set(got) == held and held  # every own sample this rank scored, and nothing else
+    for i, h in got.items():
+        assert torch.equal(h, truth[i]), i
+    assert sample_entropies(mbs, records[:-1], mine) == {}  # a record missing (another stage): none
+    assert sample_entropies(mbs, [Record({}, {}) for _ in mbs], mine) == {}  # no entropies (grpo): none
