@@ -326,9 +326,11 @@ def check_fits(p: Plan) -> None:
         ),
     }
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
+    # An engine held through the training phase: vLLM's sleep mode takes it out of that phase.
+    sleep = "rollout.engine=vllm with rollout.vllm_sleep=true, " if "rollout engine weights" in p.static else ""
     raise ConfigError(
         f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
         + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
-        + ". Raise parallel.tp / parallel.pp, use parallel.distributed_optimizer, model.recompute=full, "
-        "a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
+        + f". Try {sleep}a larger parallel.tp / parallel.pp, parallel.distributed_optimizer=true, "
+        "model.recompute=full, a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
     )
