@@ -8,8 +8,11 @@
    (hybrid, delayed): forward + backward tokens/s and peak memory, loss finite, FP8 logits close to bf16 ones
    (same weights), and bf16 close to fp32 on the tiny model.
 3. MasterWeightAdamW (bf16 params, fp32 masters): masters equal fp32 AdamW bitwise; step time.
-4. The vllm rollout engine (when vllm is installed): greedy vs the hf engine, refit A -> B -> A, and
-   generation tokens/s of both engines.
+4. The vllm rollout engine (when vllm is installed) as the cluster configs run it, sleep mode on: greedy and
+   log-probs vs the hf engine (bf16), memory released by sleep (mem_get_info), wake without refit, refit
+   A -> B -> A while asleep, level-2 sleep, generation tokens/s of both engines (vllm_checks).
+5. vLLM tensor parallelism (rollout.vllm_tp=2) needs two GPUs and torchrun: bench/gpu_check_vllm_tp.py,
+   which bench/gpu_check.sh runs when two GPUs are visible.
 Prints a table and writes everything to --out (JSON). A check that fails prints FAIL and the exit code is 1;
 an FP8 case refused on a pre-Hopper GPU is recorded as "refused" (that refusal is itself the expected
 behaviour there).
@@ -279,10 +282,26 @@ def check_master_weights(numel: int) -> None:
     )
 
 
+def _free_gb() -> float:
+    """Free device memory as the driver sees it (torch.cuda.mem_get_info): vLLM's sleep-mode pool lives outside
+    torch's caching allocator, so memory_allocated would not see it released."""
+    return torch.cuda.mem_get_info()[0] / 1e9 if DEV.type == "cuda" else float("nan")
+
+
 def vllm_checks(fast: bool) -> None:
-    """The vllm rollout engine on this GPU (bf16), against the hf engine (bf16) on a tiny random Qwen3:
-    greedy agreement, refit (dummy weights -> A; A -> B -> A reproduces A exactly), and generation speed.
-    vLLM allows one engine per process, so everything goes through one engine."""
+    """The vllm rollout engine on this GPU (bf16) as the cluster configs run it (rollout.vllm_sleep=true,
+    level 1), against the hf engine (bf16, rollout.hf_dtype unset) on a tiny random Qwen3:
+    - start asleep, refit (dummy weights -> A: weights woken alone), generate (KV cache woken): greedy first
+      tokens equal the hf engine's, and the sampled tokens' log-probs within the trainer's own on-policy
+      threshold (rollout.max_logprob_diff) of the hf engine's on the common prefix;
+    - memory released by sleep (torch.cuda.mem_get_info before / after), as a fraction of the share
+      gpu_memory_utilization x total that `egrsd plan` stops counting while the trainer runs;
+    - after a level-1 sleep, generating without a refit gives the same tokens (weights back from host memory);
+    - refit A -> B -> A, each refit while asleep: B differs, A again is identical;
+    - level 2 (weights discarded): generate refuses until a refit, then A is identical again;
+    - generation tokens/s of both engines.
+    On a CPU dry run the engine runs without sleep mode (vLLM's CPU backend has none). vLLM allows one engine
+    per process, so everything goes through one engine. GPU-only, unverified until this has run on a GPU."""
     import dataclasses
     import importlib.util
     import tempfile
@@ -291,13 +310,16 @@ def vllm_checks(fast: bool) -> None:
         RESULTS["checks"].append({"name": "vllm engine", "ok": True, "detail": "skipped: vllm not installed"})
         print("SKIP vllm engine: vllm not installed", flush=True)
         return
+    from egrsd_megatron.config.schema import RolloutConfig
     from egrsd_megatron.data.byte_tokenizer import byte_tokenizer
     from egrsd_megatron.models.presets import PRESETS
     from egrsd_megatron.rollout import SamplingParams
+    from egrsd_megatron.rollout.footprint import engine_weight_dtype
     from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
     from egrsd_megatron.rollout.vllm_engine import make_vllm_engine
     from egrsd_megatron.testing.tiny import save_random_hf_model
 
+    cuda = DEV.type == "cuda"
     arch = dataclasses.replace(PRESETS["qwen3_tiny_chat"], head_dim=32)  # vLLM CPU has no head_dim 16 kernel
     root = tempfile.mkdtemp(prefix="gpu_check_vllm_")
     tok = byte_tokenizer()
@@ -305,40 +327,100 @@ def vllm_checks(fast: bool) -> None:
         save_random_hf_model(arch, os.path.join(root, x), seed=i, randomize_norms=True, tokenizer=tok)
         for i, x in enumerate("AB")
     )
-    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    ro = RolloutConfig(engine="vllm", vllm_sleep=cuda, vllm_sleep_level=1, gpu_memory_utilization=0.3)
+    # The hf engine in the dtype make_hf_engine builds on this device (rollout/footprint.py: bf16 on a GPU).
+    dtype = engine_weight_dtype(RolloutConfig(engine="hf"), DEV.type)
     hf = {x: HFEngine(build_hf_model({}, d, dtype=dtype).to(DEV), tok) for x, d in (("A", a), ("B", b))}
     prompts = [[5 + (i * 7 + j) % 200 for j in range(8 + i)] for i in range(8)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=32)
+    reset_peak()  # hand torch's cached blocks back first: vLLM sizes its share from the free memory
+    free0 = _free_gb()
     t = time.perf_counter()
-    engine = make_vllm_engine(argparse.Namespace(), arch.to_hf_config(), tok)  # dummy weights
+    engine = make_vllm_engine(ro, arch.to_hf_config(), tok)  # dummy weights; asleep at once with sleep mode
     start_s = time.perf_counter() - t
     try:
 
         def named(d):
             return build_hf_model({}, d).state_dict().items()
 
+        free_asleep_start = _free_gb()
         engine.update_weights(named(a))
-        out_a = [c.response_ids for c in engine.generate(prompts, greedy)]
-        ref_a = [c.response_ids for c in hf["A"].generate(prompts, greedy)]
+        comps_a = engine.generate(prompts, greedy)
+        out_a = [c.response_ids for c in comps_a]
+        free_awake = _free_gb()
+        ref = hf["A"].generate(prompts, greedy)
+        ref_a = [c.response_ids for c in ref]
         first = sum(x[0] == y[0] for x, y in zip(out_a, ref_a))
         prefix = [next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(out_a, ref_a)]
-        exact = DEV.type != "cuda"  # fp32 on CPU: token for token; bf16 kernels differ on a GPU
+        exact = not cuda  # fp32 on CPU: token for token; bf16 kernels differ on a GPU
         check(
             "vllm greedy vs hf engine (tiny Qwen3)",
             (prefix == [len(x) for x in out_a]) if exact else first == len(prompts),
             f"first tokens equal {first}/{len(prompts)}, mean equal prefix "
-            f"{sum(prefix) / len(prefix):.1f}/{greedy.max_new_tokens} ({dtype})",
+            f"{sum(prefix) / len(prefix):.1f}/{greedy.max_new_tokens} ({engine.dtype} vs hf {dtype})",
         )
+        # Log-probs of the same tokens (the common prefix), greedy: log softmax(z) at T = 1 in both engines.
+        diffs = [abs(u - v) for c, r, n in zip(comps_a, ref, prefix) for u, v in zip(c.logprobs[:n], r.logprobs[:n])]
+        mean_diff = sum(diffs) / max(len(diffs), 1)
+        check(
+            "vllm vs hf engine log-probs (greedy, common prefix)",
+            bool(diffs) and mean_diff <= ro.max_logprob_diff,  # no common prefix at all is a failure too
+            f"mean |diff| {mean_diff:.2e}, max {max(diffs, default=0.0):.2e} over {len(diffs)} tokens "
+            f"(threshold: rollout.max_logprob_diff={ro.max_logprob_diff}, the trainer's on-policy check)",
+        )
+        RESULTS["vllm_logprob_diff"] = {"mean": mean_diff, "max": max(diffs, default=0.0), "n": len(diffs)}
+        if engine.sleep_level is not None:
+            engine.sleep()
+            free_asleep = _free_gb()
+            total = torch.cuda.mem_get_info()[1] / 1e9
+            share = ro.gpu_memory_utilization * total
+            released = free_asleep - free_awake
+            RESULTS["vllm_sleep_memory_gb"] = {
+                "free_before_engine": free0,
+                "free_asleep_after_start": free_asleep_start,
+                "free_awake": free_awake,
+                "free_asleep": free_asleep,
+                "released": released,
+                "share": share,
+            }
+            # `egrsd plan` counts none of the share while the trainer runs: the criterion is that most of it
+            # comes back (the rest, CUDA graph pools and vLLM's context, sits in the plan's overhead allowance;
+            # the measured fraction is recorded to replace this bound with a number).
+            check(
+                "vllm sleep releases its share (mem_get_info)",
+                released >= 0.5 * share,
+                f"released {released:.2f} GB of the {share:.2f} GB share ({released / share:.0%}); "
+                f"still held asleep vs before start: {free0 - free_asleep:.2f} GB",
+            )
+            again = [c.response_ids for c in engine.generate(prompts, greedy)]  # woken, no refit
+            check("vllm level-1 sleep keeps the weights", again == out_a, f"identical after wake: {again == out_a}")
+            engine.sleep()
         engine.update_weights(named(b))
         out_b = [c.response_ids for c in engine.generate(prompts, greedy)]
         ref_b = [c.response_ids for c in hf["B"].generate(prompts, greedy)]
+        engine.sleep()
         engine.update_weights(named(a))
         again = [c.response_ids for c in engine.generate(prompts, greedy)]
         check(
-            "vllm refit A -> B -> A",
+            "vllm refit A -> B -> A" + (" (each refit while asleep)" if engine.sleep_level else ""),
             again == out_a and out_b != out_a and sum(x[0] == y[0] for x, y in zip(out_b, ref_b)) == len(prompts),
             f"A again identical: {again == out_a}; B differs from A: {out_b != out_a}",
         )
+        if engine.sleep_level is not None:
+            engine.sleep_level = 2  # the same engine, now discarding its weights when it sleeps
+            engine.sleep()
+            try:
+                engine.generate(prompts, greedy)
+                refused = False
+            except RuntimeError:
+                refused = True
+            engine.update_weights(named(a))
+            again2 = [c.response_ids for c in engine.generate(prompts, greedy)]
+            check(
+                "vllm level-2 sleep: refit restores the weights",
+                refused and again2 == out_a,
+                f"generate before refit refused: {refused}; A after refit identical: {again2 == out_a}",
+            )
         rows = [prompts[i % len(prompts)] for i in range(16 if fast else 64)]
         params = SamplingParams(temperature=1.0, max_new_tokens=64 if fast else 256, seed=0)
         for name, eng in (("vllm", engine), ("hf", hf["A"])):

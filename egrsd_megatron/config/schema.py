@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, get_args, get_orig
 
 # The loss registry is the one list of loss names; it imports config only for type hints (no cycle).
 from ..losses.registry import LossSpec, loss_spec
+from ..rollout.footprint import DTYPES
 from ..utils.errors import ConfigError
 
 
@@ -209,9 +210,20 @@ class RolloutConfig:
     # run it aborts (a stale refit, a wrong temperature or a low-precision engine: docs/method.md).
     max_logprob_diff: float = 0.05
     max_batch: int = 16  # hf engine: rows per generation sub-batch (bounds memory)
+    # hf engine's weights and KV cache; None: float32 on CPU, bfloat16 on a GPU (rollout/footprint.py, which
+    # the planner reads too)
+    hf_dtype: Optional[str] = None
     # vllm engine only (rollout/vllm_engine.py); None: the engine's default for the device.
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory (weights + KV cache); `egrsd plan` counts it
     vllm_dtype: Optional[str] = None  # bfloat16 on GPU, float32 on CPU
+    # vLLM tensor parallel size: a vLLM TP group is vllm_tp consecutive ranks generating the same rows; it
+    # must divide parallel.tp, so the group lies inside one trainer TP group (one node). > 1: GPU-only.
+    vllm_tp: int = 1
+    # vLLM sleep mode (GPU-only): the engine releases its memory while the trainer runs (level 1: weights
+    # offloaded to host memory, KV cache discarded; level 2: both discarded, the refit restores the weights)
+    # and wakes for the refit and generation. vLLM's CPU backend has none: the engine refuses it there.
+    vllm_sleep: bool = False
+    vllm_sleep_level: int = 1
     vllm_kv_cache_gb: Optional[float] = None  # fixed KV cache size (CPU default 1 GiB)
     vllm_enforce_eager: Optional[bool] = None  # no CUDA graphs / torch.compile (CPU default True)
     vllm_max_model_len: Optional[int] = None
@@ -224,10 +236,16 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_logprob_diff > 0, "rollout.max_logprob_diff", f"must be > 0, got {self.max_logprob_diff}")
         _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
+        for key in ("hf_dtype", "vllm_dtype"):
+            value = getattr(self, key)
+            _check(
+                value is None or value in DTYPES,
+                f"rollout.{key}",
+                f"got {value!r}; expected one of {', '.join(DTYPES)} (or unset: the device's default)",
+            )
+        _check(self.vllm_tp >= 1, "rollout.vllm_tp", f"must be >= 1, got {self.vllm_tp}")
         _check(
-            self.vllm_dtype in (None, "bfloat16", "float16", "float32"),
-            "rollout.vllm_dtype",
-            f"got {self.vllm_dtype!r}; expected bfloat16, float16 or float32",
+            self.vllm_sleep_level in (1, 2), "rollout.vllm_sleep_level", f"got {self.vllm_sleep_level}; expected 1 or 2"
         )
 
 
@@ -467,6 +485,13 @@ class ExperimentConfig:
             f"packing is not supported with loss.gate.h_ref={self.loss.gate.h_ref} (a per-micro-batch quantile "
             f"would depend on the packing): use loss.gate.h_ref=log_vocab, loss.gate.kind=exp, or no packing",
         )
+        if self.rollout.engine == "vllm" and self.parallel.tp % self.rollout.vllm_tp:
+            # vLLM's TP groups are blocks of vllm_tp consecutive ranks; Megatron's TP ranks are consecutive, so
+            # a block inside one trainer TP group generates for one model-parallel group (trainer/rollouts.py).
+            raise ConfigError(
+                f"config key 'rollout.vllm_tp': {self.rollout.vllm_tp} must divide parallel.tp={self.parallel.tp} "
+                f"(a vLLM tensor-parallel group must lie inside one trainer tensor-parallel group, one node)"
+            )
         if self.loss.spec.uses_reward:
             _check(
                 self.rollout.group_size >= 2,

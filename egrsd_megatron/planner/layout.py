@@ -1,7 +1,8 @@
 """The parallel layout of a planned run: TP x PP x DP over nodes x GPUs.
 
 The divisibility rules are the trainer's own (models/layout.py: check_parallel_layout), checked here
-before a job is queued; the planner adds the one rule only a cluster has: TP stays inside a node.
+before a job is queued; the planner adds the one rule only a cluster has: TP (the trainer's, and vLLM's
+rollout.vllm_tp) stays inside a node.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def make_layout(cfg: ExperimentConfig, arch: ModelArch, nodes: int, gpus_per_nod
         raise ConfigError(
             f"parallel.tp={tp} is larger than --gpus-per-node={gpus_per_node}: tensor parallelism "
             f"must stay inside one node (NVLink)"
+        )
+    vtp = cfg.rollout.vllm_tp if cfg.rollout.engine == "vllm" else 1
+    if gpus_per_node % vtp:
+        # vLLM's TP groups are blocks of consecutive ranks: one that straddles two nodes all-reduces over the network.
+        raise ConfigError(
+            f"rollout.vllm_tp={vtp} does not divide --gpus-per-node={gpus_per_node}: vLLM tensor parallelism "
+            f"must stay inside one node"
         )
     world = nodes * gpus_per_node
     lay = check_parallel_layout(cfg, arch, world, world_desc=f"{nodes} nodes x {gpus_per_node} GPUs = {world}")

@@ -16,9 +16,14 @@ static (resident the whole step):
   teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
   reference copy P_s x 2 (bf16) when loss.kl_coef > 0 and teacher.mode is not frozen (a frozen teacher
                  already holds the initial weights, which are the reference)
-  rollout engine hf: the whole model unsharded, N_params x HF_WEIGHT_COPIES x bytes(HF_ENGINE_DTYPE) = 1 x 4
-                 (fp32, as rollout/hf_engine.py builds it; the refit streams one tensor at a time);
-                 vllm: rollout_gpu_fraction x GPU memory (pre-allocated). Both from rollout/footprint.py.
+  rollout engine weights
+                 hf: the whole model unsharded, N_params x HF_WEIGHT_COPIES x bytes(engine dtype) = 1 x 2
+                 (rollout.hf_dtype, unset: bf16 on a GPU, as rollout/hf_engine.py builds it; the refit streams
+                 one tensor at a time); vllm without sleep mode: N_params x bytes(rollout.vllm_dtype, unset:
+                 bf16) / rollout.vllm_tp. All from rollout/footprint.py.
+  rollout engine KV cache
+                 vllm without sleep mode: the rest of its pre-allocated share, rollout_gpu_fraction x GPU
+                 memory - its weights (vLLM sizes its KV cache to fill the share)
   overhead       CUDA context, NCCL buffers, allocator fragmentation (a flat allowance)
 training transient (during the student pass):
   activations    per layer and token, bf16, with flash attention (no S x S scores):
@@ -37,22 +42,33 @@ training transient (during the student pass):
                  for OPSD's reverse_kl/jsd signals, its logits (n_mb x b x R x V/t x 2); the token_stats working set,
                  4 fp32 [chunk, V/t] buffers (both sides' upcast chunk and their exponentials).
 rollout transient (during generation; never at the same time as the student pass):
-  KV cache       hf: rows x S x L x 2 (K and V) x kv x bytes(HF_ENGINE_DTYPE) (4: the cache has the model's
-                 dtype), rows = min(rollout.max_batch, rollouts this GPU generates = rollouts per DP rank /
-                 (TP x PP)); vllm: inside its fraction.
-peak = static + max(training transient, rollout transient).
+  rollout engine KV cache
+                 hf: rows x S x L x 2 (K and V) x kv x bytes(engine dtype) (the cache has the model's dtype),
+                 rows = min(rollout.max_batch, rollouts this GPU generates = rollouts per DP rank / (TP x PP))
+  rollout engine weights + KV cache
+                 vllm WITH sleep mode (rollout.vllm_sleep): the two vllm terms above move here: asleep
+                 while the trainer runs, the engine holds none of its share (level 1 offloads the weights to
+                 host memory, level 2 discards them), so they are not added to the training phase.
+peak = static + max(training transient, rollout transient) = max(training phase, generation phase).
+GPU-only, unverified: how much of its share a sleeping vLLM really gives back (CUDA graph pools and its
+allocator context stay; counted inside the flat overhead); bench/gpu_check.py measures it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from ..config.schema import ConfigError, ExperimentConfig
 from ..losses.registry import divergence_kind
 from ..models.arch import ModelArch
-from ..rollout.footprint import HF_WEIGHT_COPIES, engine_weight_dtype
+from ..rollout.footprint import (
+    engine_dtype_name,
+    engine_weight_bytes,
+    engine_weight_dtype,
+    releases_memory_while_training,
+)
 from .layout import Layout, make_layout
 
 GB = 1e9  # decimal GB, as GPU memory is sold ("80 GB" H100)
@@ -82,6 +98,15 @@ class Plan:
     budget: float = 80e9
     tokens_per_step: int = 0  # sequences x padded length, over all DP ranks
     response_tokens_per_step: int = 0
+    notes: List[str] = field(default_factory=list)  # how the rollout engine was counted (printed, in the JSON)
+
+    @property
+    def training_phase(self) -> float:
+        return sum(self.static.values()) + sum(self.train_transient.values())
+
+    @property
+    def generation_phase(self) -> float:
+        return sum(self.static.values()) + sum(self.rollout_transient.values())
 
     @property
     def total(self) -> float:
@@ -157,7 +182,51 @@ def plan(
     compute_bytes = 4 if cfg.model.precision == "fp32" else 2
     act_tok_layer = activation_bytes_per_token_layer(arch, tp, S, cfg.model.recompute, settings.flash_attention)
     L_s = arch.num_layers // pp
-    engine_bytes = engine_weight_dtype(cfg.rollout, device="cuda").itemsize  # hf: fp32 (rollout/footprint.py)
+    ro = cfg.rollout
+    engine_bytes = engine_weight_dtype(ro, device="cuda").itemsize  # the engine's dtype on a GPU (footprint.py)
+    engine_weights = engine_weight_bytes(ro, arch.num_params(), device="cuda")
+    engine_static: Dict[str, float] = {}  # held the whole step
+    engine_rollout: Dict[str, float] = {}  # held only while generating
+    if ro.engine == "hf":
+        engine_static["rollout engine weights"] = engine_weights
+        rows = min(ro.max_batch, math.ceil(lay.rollouts_per_dp_rank / (tp * pp)))
+        engine_rollout["rollout engine KV cache"] = float(
+            rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine_bytes
+        )
+        notes = [
+            f"rollout engine: hf, {engine_dtype_name(ro)} weights unsharded on every GPU (held the whole step), "
+            f"KV cache for {rows} rows while generating"
+        ]
+    else:
+        share = settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB
+        if engine_weights >= share:
+            raise ConfigError(
+                f"config key 'rollout.gpu_memory_utilization': vLLM's share {share / GB:.1f} GB "
+                f"({settings.rollout_gpu_fraction} x {settings.gpu_mem_gb:g} GB) cannot hold its weights "
+                f"{engine_weights / GB:.1f} GB ({engine_dtype_name(ro)} / rollout.vllm_tp={ro.vllm_tp}) and a KV "
+                f"cache: raise it or rollout.vllm_tp"
+            )
+        terms = {"rollout engine weights": engine_weights, "rollout engine KV cache": share - engine_weights}
+        # What the rows it generates at once need (the KV heads sharded over vllm_tp): vLLM runs fewer rows
+        # at a time when its cache is smaller, so this is a speed hint, not a memory term.
+        rows = math.ceil(lay.rollouts_per_dp_rank / (tp * pp)) * ro.vllm_tp
+        need = rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine_bytes / ro.vllm_tp
+        sleeps = releases_memory_while_training(ro)
+        (engine_rollout if sleeps else engine_static).update(terms)
+        notes = [
+            f"rollout engine: vllm, {engine_dtype_name(ro)} weights / vllm_tp={ro.vllm_tp}, its share "
+            f"{settings.rollout_gpu_fraction} x {settings.gpu_mem_gb:g} GB = weights + KV cache; its {rows} rows "
+            f"of {S} tokens need {need / GB:.2f} GB of KV cache at once"
+            + ("" if need <= terms["rollout engine KV cache"] else " (more than it has: vLLM queues rows)"),
+            (
+                f"vllm sleep mode (level {ro.vllm_sleep_level}): the engine's share is released while the trainer "
+                f"runs, so peak = max(training phase, generation phase), not their sum (GPU-only, unverified: "
+                f"what vLLM keeps while asleep, CUDA graph pools, is inside the overhead allowance)"
+                if sleeps
+                else "no vllm sleep mode: the engine's share is held the whole step (static); "
+                "rollout.vllm_sleep=true releases it while the trainer runs"
+            ),
+        ]
 
     best: Optional[Plan] = None
     for stage in sorted({0, pp - 1}):
@@ -169,11 +238,7 @@ def plan(
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
             "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
             "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,
-            "rollout engine": (
-                arch.num_params() * HF_WEIGHT_COPIES * float(engine_bytes)
-                if cfg.rollout.engine == "hf"
-                else settings.rollout_gpu_fraction * settings.gpu_mem_gb * GB
-            ),
+            **engine_static,
             "overhead": settings.overhead_gb * GB,
         }
         inflight = min(pp - stage, lay.num_microbatches)  # 1F1B warm-up depth of this stage
@@ -195,12 +260,6 @@ def plan(
             else:
                 train["teacher token stats (all micro-batches)"] = float(lay.rollouts_per_dp_rank * R * 2 * 4)
             train["token_stats chunk"] = 4.0 * settings.stats_chunk * V / tp * 4
-        rollout: Dict[str, float] = {}
-        if cfg.rollout.engine == "hf":
-            rows = min(cfg.rollout.max_batch, math.ceil(lay.rollouts_per_dp_rank / (tp * pp)))
-            rollout["KV cache"] = float(
-                rows * S * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine_bytes
-            )
         p = Plan(
             layout=lay,
             arch=arch,
@@ -210,10 +269,11 @@ def plan(
             params_per_gpu=P,
             static=static,
             train_transient=train,
-            rollout_transient=rollout,
+            rollout_transient=dict(engine_rollout),
             budget=settings.gpu_mem_gb * GB,
             tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * S,
             response_tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * R,
+            notes=list(notes),
         )
         if best is None or p.total > best.total:
             best = p
@@ -244,9 +304,12 @@ def format_plan(p: Plan) -> str:
         for k, v in terms.items():
             if v:
                 lines.append(f"    {k:<36}{v / GB:>10.2f}")
-    lines.append(f"{'peak = static + max(transients)':<40}{p.total / GB:>10.2f}")
+    lines.append(f"{'training phase (static + training)':<40}{p.training_phase / GB:>10.2f}")
+    lines.append(f"{'generation phase (static + rollout)':<40}{p.generation_phase / GB:>10.2f}")
+    lines.append(f"{'peak = max(the two phases)':<40}{p.total / GB:>10.2f}")
     lines.append(f"{'budget':<40}{p.budget / GB:>10.2f}")
     lines.append("fits" if p.fits else "DOES NOT FIT")
+    lines.extend(f"note: {n}" for n in p.notes)
     return "\n".join(lines)
 
 
@@ -263,9 +326,11 @@ def check_fits(p: Plan) -> None:
         ),
     }
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
+    # An engine held through the training phase: vLLM's sleep mode takes it out of that phase.
+    sleep = "rollout.engine=vllm with rollout.vllm_sleep=true, " if "rollout engine weights" in p.static else ""
     raise ConfigError(
         f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
         + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
-        + ". Raise parallel.tp / parallel.pp, use parallel.distributed_optimizer, model.recompute=full, "
-        "a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
+        + f". Try {sleep}a larger parallel.tp / parallel.pp, parallel.distributed_optimizer=true, "
+        "model.recompute=full, a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
     )

@@ -9,6 +9,10 @@ the trainer and the evaluator never care which one runs:
   on which other rows share its batch or on sub-batching; that is what lets an interrupted evaluation
   resume and reproduce the uninterrupted file.
 - `update_weights(named_tensors)` refits the engine in place from full Hugging Face-named tensors.
+- `sleep()`: the generation phase is over; an engine that can (vllm with rollout.vllm_sleep) gives its
+  device memory back until the next `update_weights` / `generate`, which wake it. A no-op otherwise.
+- `tp_size`: how many ranks generate together (a vLLM tensor-parallel group: each member must be given the
+  same prompts and returns the same completions); 1 for an engine that generates alone.
 - Each Completion carries `logprobs[i]`, the log-prob of `response_ids[i]` under the distribution the engine
   drew it from: log softmax(filter(z / T)), i.e. after the temperature and after top-k / top-p truncation
   when those are on (renormalised over the kept tokens). Greedy (T = 0): the log-prob of the argmax token
@@ -139,6 +143,8 @@ def stable_seed(*parts: Any) -> int:
 class RolloutEngine(abc.ABC):
     """A text generator that can be refitted with new weights."""
 
+    tp_size: int = 1  # ranks that generate the same rows together (module docstring)
+
     @abc.abstractmethod
     def generate(
         self, prompts: List[List[int]], params: SamplingParams, seeds: Optional[Sequence[int]] = None
@@ -148,6 +154,9 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Copy full Hugging Face-named tensors into the engine's model (every weight must be given)."""
+
+    def sleep(self) -> None:  # noqa: B027 - optional hook: only engines with a sleep mode override it
+        """Release device memory until the next update_weights / generate (module docstring)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook: engines without resources need not override it
         """Release the model and any worker processes."""

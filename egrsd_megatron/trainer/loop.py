@@ -209,6 +209,7 @@ class Trainer:
             dp_rank=self.info.dp_rank,
             mp_group=self.mp_group,
         )
+        self.engine.sleep()  # vllm sleep mode: the engine's memory is free for the passes (else a no-op)
         if self.mp_rank == 0:  # the same count on every rank of the group: counted once
             self.counters["reward_timeouts"] += rollouts.reward_timeouts
         t_generate = time.monotonic() - t0
@@ -408,6 +409,7 @@ class Trainer:
                     # The engine holds the weights it generated with this step; refit to the updated ones.
                     refit(self.engine, self.model, self.arch)
                     val = self.validate()
+                    self.engine.sleep()
                     if val:
                         self.logger.log_eval(self.step - 1, val)
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:

@@ -106,9 +106,14 @@ def collect_rollouts(
 
     The engine must hold the current weights (`refit`)."""
     mp_rank, mp_size = dist.get_rank(mp_group), dist.get_world_size(mp_group)
-    problem_of, mine = assignment(len(problems), cfg.rollout.group_size, mp_rank, mp_size)
+    # A vLLM TP group (engine.tp_size consecutive ranks, inside this model-parallel group: config/schema.py)
+    # generates as one: every member gets the same rows; only its first member scores and contributes them.
+    tp_e = getattr(engine, "tp_size", 1)
+    problem_of, mine = assignment(len(problems), cfg.rollout.group_size, mp_rank // tp_e, mp_size // tp_e)
     seeds = rollout_seeds(cfg.train.seed, step, dp_rank, len(problem_of), mine)
     comps = engine.generate([student_prompts[problem_of[k]] for k in mine], sampling, seeds=seeds) if mine else []
+    if mp_rank % tp_e:
+        mine, comps = [], []
     rewards, timeouts = score(cfg, comps, [problems[problem_of[k]].answer for k in mine])
     local = [
         Rollout(

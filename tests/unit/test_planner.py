@@ -20,6 +20,8 @@ from egrsd_megatron.planner import GB, PlanSettings, check_fits, make_layout, pl
 
 LAYER_MATRICES = 192_937_984
 LAYER_NORMS = 8_448
+# 36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 (untied embedding and output layer) + 4096 (final norm)
+NUM_PARAMS = 8_190_735_360
 
 BASE_8B = [
     "model.preset=qwen3_8b",
@@ -62,9 +64,10 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert s["optimizer states"] == P * 12 == 24_578_125_824
     assert s["teacher copy"] == P * 2
     assert s["fp8 weight copies"] == 0
-    # hf rollout engine: the whole model in fp32, as rollout/hf_engine.py builds it (rollout/footprint.py):
-    #   36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 + 4096 = 8,190,735,360 parameters x 4 bytes.
-    assert s["rollout engine"] == 8_190_735_360 * 4 == 32_762_941_440
+    # hf rollout engine: the whole model in bf16 (rollout.hf_dtype unset: bf16 on a GPU, as
+    # rollout/hf_engine.py builds it there; rollout/footprint.py):
+    #   36 x (192,937,984 + 8,448) + 2 x 151,936 x 4096 + 4096 = 8,190,735,360 parameters x 2 bytes.
+    assert s["rollout engine weights"] == NUM_PARAMS * 2 == 16_381_470_720
     assert s["overhead"] == 4e9
     t = p.train_transient
     # Sequence 1024 + 4096 = 5120. Per token per layer: 2 x (4 x 4096 + 3 x (4096 + 1024 + 12288) / 4)
@@ -78,17 +81,20 @@ def test_qwen3_8b_tp4_dp8_by_hand():
     assert t["teacher logits (one micro-batch)"] == 622_854_144
     # token_stats: 4 x 1024 x 38,016 x 4 = 622,854,144.
     assert t["token_stats chunk"] == 622_854_144
-    # KV cache in the engine's fp32: rows = min(16, 32 / 4) = 8; 8 x 5120 x 36 x 2 x 8 x 128 x 4 bytes.
-    assert p.rollout_transient["KV cache"] == 12_079_595_520
-    static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 32_762_941_440 + 4_000_000_000
+    # KV cache in the engine's bf16: rows = min(16, 32 / 4) = 8; 8 x 5120 x 36 x 2 x 8 x 128 x 2 bytes.
+    assert p.rollout_transient["rollout engine KV cache"] == 6_039_797_760
+    static = 4_096_354_304 + 8_192_708_608 + 24_578_125_824 + 4_096_354_304 + 16_381_470_720 + 4_000_000_000
     train = 21_705_523_200 + 3_114_270_720 + 622_854_144 + 622_854_144
     assert p.total == pytest.approx(static + train)  # training transient > KV cache
-    # The same total in GB, written to 6 decimals (103,791,986,688 bytes): half a unit of the last digit.
-    assert p.total / GB == pytest.approx(103.791987, abs=5e-7)
+    assert p.training_phase == pytest.approx(static + train)
+    assert p.generation_phase == pytest.approx(static + 6_039_797_760)
+    # The same total in GB, written to 6 decimals (87,410,515,968 bytes): half a unit of the last digit.
+    assert p.total / GB == pytest.approx(87.410516, abs=5e-7)
     assert not p.fits
     with pytest.raises(
         ConfigError,
-        match=r"103\.8 GB per GPU, over the 80 GB budget; largest terms: rollout engine 32\.8 GB, optimizer",
+        match=r"87\.4 GB per GPU, over the 80 GB budget; largest terms: optimizer states 24\.6 GB, activations "
+        r"21\.7 GB, rollout engine weights 16\.4 GB",
     ):
         check_fits(p)
     # Tokens per step: 32 prompts x 8 rollouts x 5120 = 1,310,720 (response 1,048,576).
@@ -201,7 +207,8 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
     d = json.loads(out.read_text())
     assert d["layout"]["dp"] == 8 and d["fits"] is False
     # A byte count: a sum of integer-valued terms below 2^53, exact in float64 and in JSON.
-    assert d["peak_bytes"] == 103_791_986_688
+    assert d["peak_bytes"] == 87_410_515_968
+    assert d["training_phase_bytes"] == 87_410_515_968 and d["notes"][0].startswith("rollout engine: hf, bfloat16")
     # A budget above the peak passes.
     assert main(["plan", "base", *BASE_8B, "--nodes", "4", "--gpu-mem-gb", "110"]) == 0
 
@@ -209,4 +216,66 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
 @pytest.mark.parametrize("conf, nodes", [("qwen3_8b", 4), ("qwen3_4b", 2)])
 def test_shipped_cluster_configs_fit(conf, nodes, capsys):
     assert main(["plan", conf, "--nodes", str(nodes), "--gpus-per-node", "8"]) == 0
-    assert "fits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fits" in out and "vllm sleep mode (level 1)" in out and "not their sum" in out
+    ro = load_config(conf).rollout
+    assert (ro.engine, ro.vllm_dtype, ro.vllm_tp, ro.vllm_sleep) == ("vllm", "bfloat16", 1, True)
+    # The transformers engine is one override away (the vllm_* keys are then unused), and still fits.
+    assert main(["plan", conf, "rollout.engine=hf", "--nodes", str(nodes)]) == 0
+
+
+# The 8B at TP=4 as in test_qwen3_8b_tp4_dp8_by_hand, with the vllm engine and a 0.4 share:
+#   trainer static (no engine) = 4,096,354,304 (weights) + 8,192,708,608 (grads) + 24,578,125,824 (Adam)
+#                                + 4,096,354,304 (teacher) + 4,000,000,000 (overhead) = 44,963,543,040
+#   training transient = 21,705,523,200 + 3,114,270,720 + 622,854,144 + 622,854,144 = 26,065,502,208
+#   share = 0.4 x 80e9 = 32,000,000,000 (0.4 x 80 rounds to exactly 32.0 in float64)
+TRAINER_STATIC = 44_963_543_040
+TRAIN = 26_065_502_208
+SHARE = 32_000_000_000
+
+
+def test_vllm_without_sleep_holds_its_share_the_whole_step():
+    cfg = cfg8b("rollout.engine=vllm", "rollout.gpu_memory_utilization=0.4")
+    p = plan(cfg, resolve_arch(cfg.model), 4, 8, PlanSettings(rollout_gpu_fraction=0.4))
+    # weights: 8,190,735,360 x 2 bytes (bf16) / vllm_tp 1; the KV cache fills the rest of the share:
+    #   32,000,000,000 - 16,381,470,720 = 15,618,529,280.
+    assert p.static["rollout engine weights"] == 16_381_470_720
+    assert p.static["rollout engine KV cache"] == pytest.approx(15_618_529_280, abs=1)
+    assert p.rollout_transient == {}
+    # peak = static (trainer + the whole share) + training = 44,963,543,040 + 32e9 + 26,065,502,208
+    assert p.total == pytest.approx(TRAINER_STATIC + SHARE + TRAIN, abs=1) == 103_029_045_248
+    assert not p.fits
+    assert "no vllm sleep mode" in p.notes[1]
+
+
+@pytest.mark.parametrize("vtp", [1, 2])
+def test_vllm_sleep_counts_the_larger_phase_not_the_sum(vtp):
+    cfg = cfg8b(
+        "rollout.engine=vllm", "rollout.gpu_memory_utilization=0.4", "rollout.vllm_sleep=true", f"rollout.vllm_tp={vtp}"
+    )
+    p = plan(cfg, resolve_arch(cfg.model), 4, 8, PlanSettings(rollout_gpu_fraction=0.4))
+    assert "rollout engine weights" not in p.static and "rollout engine KV cache" not in p.static
+    # weights 16,381,470,720 / vllm_tp (8,190,735,360 at 2); KV cache = the share's rest.
+    w = 16_381_470_720 // vtp
+    assert p.rollout_transient["rollout engine weights"] == w
+    assert p.rollout_transient["rollout engine KV cache"] == pytest.approx(SHARE - w, abs=1)
+    # training phase 44,963,543,040 + 26,065,502,208 = 71,029,045,248;
+    # generation phase 44,963,543,040 + 32,000,000,000 = 76,963,543,040 (the larger: the peak, fits 80 GB).
+    assert p.training_phase == pytest.approx(TRAINER_STATIC + TRAIN, abs=1) == 71_029_045_248
+    assert p.generation_phase == pytest.approx(TRAINER_STATIC + SHARE, abs=1) == 76_963_543_040
+    assert p.total == pytest.approx(76_963_543_040, abs=1) and p.fits
+    assert "not their sum" in p.notes[1]
+    # Each GPU's engine generates 32 / 4 = 8 rows (x vtp for a vLLM TP group); its KV need per GPU:
+    #   8 x vtp rows x 5120 x 36 x 2 x 8 x 128 x 2 bytes / vtp = 6,039,797,760 = 6.04 GB.
+    assert f"its {8 * vtp} rows of 5120 tokens need 6.04 GB" in p.notes[0]
+
+
+def test_vllm_share_must_hold_the_weights_and_vllm_tp_stays_in_a_node():
+    cfg = cfg8b("rollout.engine=vllm", "rollout.gpu_memory_utilization=0.2")
+    # 0.2 x 80 = 16 GB < 16.4 GB of bf16 weights.
+    with pytest.raises(ConfigError, match=r"'rollout.gpu_memory_utilization': vLLM's share 16\.0 GB .* 16\.4 GB"):
+        plan(cfg, resolve_arch(cfg.model), 4, 8, PlanSettings(rollout_gpu_fraction=0.2))
+    # vllm_tp=4 divides parallel.tp=4, but not 6 GPUs per node: a group would straddle two nodes.
+    cfg = cfg8b("rollout.engine=vllm", "rollout.vllm_tp=4")
+    with pytest.raises(ConfigError, match=r"rollout.vllm_tp=4 does not divide --gpus-per-node=6"):
+        make_layout(cfg, resolve_arch(cfg.model), 4, 6)
