@@ -5,7 +5,8 @@ fresh folder that holds only `conf/` and the inputs below), except lines marked 
 comment. The only adaptations, all through documented options, keep it short:
   egrsd train ...  + train.steps=2 (the README's step_00000004 paths become step_00000002)
   egrsd eval ...   + --limit 2 --max-new-tokens 16 --no-progress
-Input the README assumes the user has: gsm8k_test.jsonl (a downloaded GSM8K test file; two rows here).
+Inputs the README assumes the user has: gsm8k_test.jsonl (a downloaded GSM8K test file; two rows here) and
+my_exp.yaml (their own experiment file; here the quick experiment's tiny settings, out_dir runs/my_exp).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ MUST_COVER = {
     "curves",
     "plan",
     "config show",
+    "experiment",
+    "inspect",
 }
 TRAIN_STEPS = 2
 
@@ -77,6 +80,9 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
             f.write(
                 json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n"
             )
+    quick = open(os.path.join(REPO, "conf", "experiment_quick.yaml")).read()
+    quick = re.sub(r"(?ms)^per_method:.*?(?=^\S)", "", quick).replace("out_dir: runs/experiment_quick", "out_dir: runs/my_exp")
+    (tmp_path / "my_exp.yaml").write_text(quick)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for argv in readme_commands(open(README).read()):
         cmd = [sys.executable, "-m", "egrsd_megatron.cli", *adapt(argv)[1:]]
@@ -91,5 +97,6 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
         "results/tiny_egrsd/summary.json",
         "frontier.png",
         "curves.png",
+        "runs/my_exp/summary.json",
     ):
         assert (tmp_path / path).exists(), path
