@@ -39,7 +39,9 @@ TARGETS = {"grpo/trl": ("<=", 0.7), "cl_egrsd/trl": ("<=", 0.9), "engine/generat
 
 def _peak_rss_gb() -> float:
     # ru_maxrss is in KiB on Linux; the larger of this process and its waited-for children (our rank).
-    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    kib = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
     return kib / 2**20
 
 
@@ -290,8 +292,10 @@ def main() -> int:
         summary["cl_egrsd/trl"] = {"ratio": step["cl_egrsd"] / step["trl"]}
     if a.only in ("all", "gen"):
         med = {k: statistics.median(x for g in gen for x in g["tok_per_s"][k]) for k in ("engine", "generate")}
-        print(f"\ngeneration, 8 rows x {a.gen_tokens} new tokens: engine {med['engine']:.1f} tok/s, "
-              f"generate {med['generate']:.1f} tok/s")
+        print(
+            f"\ngeneration, 8 rows x {a.gen_tokens} new tokens: engine {med['engine']:.1f} tok/s, "
+            f"generate {med['generate']:.1f} tok/s"
+        )
         summary["generation_tok_per_s"] = med
         summary["engine/generate"] = {"ratio": med["engine"] / med["generate"]}
     print()
@@ -305,8 +309,17 @@ def main() -> int:
                 missed.append(key)
     print("targets missed: " + (", ".join(missed) if missed else "none"))
     with open(a.out, "w") as f:
-        json.dump({"args": {k: v for k, v in vars(a).items() if not k.startswith("_")}, "runs": runs,
-                   "generation": gen, "summary": summary, "missed": missed}, f, indent=2)
+        json.dump(
+            {
+                "args": {k: v for k, v in vars(a).items() if not k.startswith("_")},
+                "runs": runs,
+                "generation": gen,
+                "summary": summary,
+                "missed": missed,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {a.out}")
     return 0
 
