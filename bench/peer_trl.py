@@ -206,7 +206,9 @@ def worker_gen(a: argparse.Namespace) -> dict:
             with torch.no_grad():
                 fn(n)
             res[name].append(rows * n / (time.perf_counter() - t))
-    return {"tok_per_s": res, "rows": rows, "new_tokens": n, "prompt_tokens": len(prompt)}
+    import egrsd_megatron.rollout.sampling as sampling  # which checkout ran (before/after comparisons)
+
+    return {"tok_per_s": res, "rows": rows, "new_tokens": n, "prompt_tokens": len(prompt), "code": sampling.__file__}
 
 
 # ---------------------------------------------------------------- driver
