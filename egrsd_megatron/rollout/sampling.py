@@ -23,7 +23,10 @@ from .base import SamplingParams
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Scaled logits [B, V] with the tokens outside top-k / the top-p nucleus set to -inf."""
-    x = logits.float() / params.temperature
+    x = logits.float()
+    # x / 1.0 == x exactly (IEEE), so T = 1 skips a pass over [B, V] without changing a bit.
+    if params.temperature != 1.0:
+        x = x / params.temperature
     if params.top_k > 0 and params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -47,17 +50,35 @@ def select_next(
     The log-prob is of the distribution sampled from: log softmax(filter_logits(z)) = log softmax(z / T)
     restricted to the top-k / top-p survivors and renormalised over them. Greedy: log softmax(z) (T = 1, no
     truncation) at the argmax, the convention vLLM's processed logprobs follow for a greedy request.
+
+    The draw is the exponential-race form of a categorical sample: token = argmax_v p_v / q_v with
+    q_v ~ Exp(1) i.i.d. (P(argmax = v) = p_v). This is exactly what `torch.multinomial(p, 1, generator=g)`
+    computes for one sample (ATen's fast path: `q = empty_like(p).exponential_(1, g); argmax(p / q)`), so
+    each row still consumes its own generator in the same way and the tokens are bitwise those of a
+    per-row `torch.multinomial` (tested against it); only the division and argmax run once for the batch,
+    and multinomial's per-row validity checks (two host syncs per row) become one check on the result.
     """
     if params.greedy:
         tok = torch.argmax(logits, dim=-1)
         return tok, torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None]).squeeze(1)
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"select_next: {len(generators)} generators for {logits.shape[0]} rows: pass one per row")
     x = filter_logits(logits, params)
-    probs = torch.softmax(x, dim=-1)  # the draw is unchanged from before log-probs were returned
-    logp = torch.log_softmax(x, dim=-1)
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    probs = torch.softmax(x, dim=-1)
+    q = torch.empty_like(probs)
     for i, g in enumerate(generators):
-        out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-    return out, logp.gather(1, out[:, None]).squeeze(1)
+        q[i].exponential_(1.0, generator=g)
+    out = torch.argmax(probs / q, dim=-1)
+    lp = torch.log_softmax(x, dim=-1).gather(1, out[:, None]).squeeze(1)
+    # NaN logits (or a row whose every logit is -inf) give NaN probabilities; multinomial raised there, and
+    # the argmax would silently pick the NaN: the drawn token's log-prob is NaN exactly then.
+    if bool(torch.isnan(lp).any()):
+        rows = torch.nonzero(torch.isnan(lp)).flatten().tolist()
+        raise ValueError(
+            f"select_next: rows {rows} have no valid sampling distribution (NaN/inf logits, or every token "
+            f"filtered out); check the model outputs"
+        )
+    return out, lp
 
 
 def check_training_sampling(rollout_cfg: Any) -> None:

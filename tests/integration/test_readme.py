@@ -81,7 +81,8 @@ def test_readme_cpu_commands_run_as_written(tmp_path):
                 json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n"
             )
     quick = open(os.path.join(REPO, "conf", "experiment_quick.yaml")).read()
-    quick = re.sub(r"(?ms)^per_method:.*?(?=^\S)", "", quick).replace("out_dir: runs/experiment_quick", "out_dir: runs/my_exp")
+    quick = re.sub(r"(?ms)^per_method:.*?(?=^\S)", "", quick)  # the README picks methods and seeds itself
+    quick = quick.replace("out_dir: runs/experiment_quick", "out_dir: runs/my_exp")
     (tmp_path / "my_exp.yaml").write_text(quick)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for argv in readme_commands(open(README).read()):

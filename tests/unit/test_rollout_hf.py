@@ -10,7 +10,7 @@ import torch
 
 from egrsd_megatron.rollout import SamplingParams, make_engine
 from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
-from egrsd_megatron.rollout.sampling import filter_logits
+from egrsd_megatron.rollout.sampling import filter_logits, select_next
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -301,3 +301,33 @@ def test_check_training_sampling_refuses(key, over, why):
 def test_check_training_sampling_accepts_plain_sampling():
     for t in (0.7, 1.0, 1.3):
         check_training_sampling(SimpleNamespace(temperature=t, top_p=1.0, top_k=0))
+
+
+@pytest.mark.parametrize("over", [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8, "temperature": 1.3}])
+def test_select_next_draws_bitwise_what_per_row_multinomial_draws(over):
+    """The batched exponential race must give the very tokens (and leave the very generator states) of one
+    torch.multinomial(p_i, 1, generator=g_i) per row: the draw the engine made before, and the reference."""
+    params = SamplingParams(max_new_tokens=1, **over)
+    torch.manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(6, 4099) * (1 + trial % 4)
+        seeds = [1000 * trial + i for i in range(6)]
+        g_ref = [torch.Generator().manual_seed(s) for s in seeds]
+        g_new = [torch.Generator().manual_seed(s) for s in seeds]
+        x = filter_logits(logits, params)
+        probs = torch.softmax(x, dim=-1)
+        ref = torch.stack([torch.multinomial(probs[i], 1, generator=g_ref[i])[0] for i in range(6)])
+        tok, lp = select_next(logits, params, g_new)
+        assert torch.equal(tok, ref)
+        assert torch.equal(lp, torch.log_softmax(x, dim=-1)[torch.arange(6), ref])
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(g_ref, g_new))
+        # alone vs in the batch: row 3 with its own generator draws the same token
+        alone, _ = select_next(logits[3:4], params, [torch.Generator().manual_seed(seeds[3])])
+        assert int(alone[0]) == int(ref[3])
+
+
+def test_select_next_refuses_nan_rows():
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        select_next(logits, SamplingParams(max_new_tokens=1), [torch.Generator().manual_seed(i) for i in range(3)])
