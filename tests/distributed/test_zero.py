@@ -301,7 +301,7 @@ def bf16_runs(rank, world, data, out):
     res["rounded"] = all(torch.equal(res["a"][n], m.to(res["a"][n].dtype)) for n, m in masters.items())
     res["off_grid"] = sum(int((m != m.to(torch.bfloat16).float()).sum()) for m in masters.values())
     res["a"], res["b"] = ({n: w.float() for n, w in res[x].items()} for x in ("a", "b"))  # numpy has no bf16
-    ckpt = torch.load(os.path.join(_ckpt(a, 2), "optim", "mp_rank_00.pt"), weights_only=False)["optimizer"]
+    ckpt = torch.load(os.path.join(_ckpt(a, 2), "optim", "mp_rank_00.pt"), weights_only=True)["optimizer"]
     res["saved_master_dtypes"] = {str(st["master"].dtype) for st in ckpt["state"].values()}
     try:
         _run(_overrides(data, os.path.join(out, "zero"), True, **bf16))
