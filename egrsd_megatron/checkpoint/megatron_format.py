@@ -44,6 +44,7 @@ from .layout import (
 )
 from .metadata import META_FILE, read_metadata
 from .reshard import load_from_source, model_params_by_canonical_name
+from .safe_load import load_pt
 
 FORMAT = "megatron-lm-torch-per-rank"
 TOKENIZER_DIR = "tokenizer"
@@ -219,10 +220,7 @@ class MegatronSource:
 
     def load_rank(self, tp_rank: int, pp_rank: int) -> Dict[str, Any]:
         f = rank_file(self.dir, tp_rank, pp_rank, self.pp)
-        try:
-            obj = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise InputError(f"{f}: cannot be read as a Megatron rank file ({type(e).__name__}: {e})") from e
+        obj = load_pt(f, "a Megatron rank file", mmap=True)
         if not isinstance(obj, dict) or "model" not in obj:
             raise InputError(f"{f}: no 'model' state dict inside")
         return obj["model"]

@@ -14,10 +14,16 @@ Layout:
                                                           states, keyed by global parameter index
         rng/rank_<global:05d>.pt                          python, numpy, torch, Megatron tracker RNG
         trainer_state.json                                step, data sampler position, counters, config
+        manifest.json                                     every file above with its size and SHA-256, written
+                                                          last (manifest.py)
     <root>/latest                                         names the newest COMPLETE step folder
-Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N`, then
-rewrites `latest` (temp file + rename), then prunes to the last `keep_last`. A crash at any point
-leaves `latest` naming a complete checkpoint.
+Atomicity: every rank writes into `step_N.tmp/`; the ranks agree that every write succeeded (a failed
+rank removes nothing the previous checkpoints hold: only the temp folder is dropped), the manifest is
+written, then rank 0 renames the folder to `step_N`, rewrites `latest` (temp file + rename), and prunes
+to the last `keep_last`. A crash at any point leaves `latest` naming a complete checkpoint.
+Resume (`resolve_resume`): a folder is used only when its manifest verifies; `train.resume=auto` takes
+the newest step folder that does and warns about each newer damaged one it skips. Every `.pt` file is
+read with `safe_load.load_pt` (weights_only: no code from a checkpoint ever runs).
 Optimizer kinds: the full state and the ZeRO-1 shards use the same global parameter numbering, so a
 checkpoint resumes with either `parallel.distributed_optimizer` setting and any data-parallel size (each
 rank reads the shard files one at a time and keeps the states of the parameters it owns).
@@ -26,23 +32,32 @@ rank reads the shard files one at a time and keeps the states of the parameters 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..utils import atomic_write_json, atomic_write_text
-from ..utils.errors import MissingInputError
+from ..utils.errors import ConfigError, InputError, MissingInputError
 from .formats import load_checkpoint, save_checkpoint
+from .manifest import verify_manifest, write_manifest
 from .megatron_format import TOKENIZER_DIR, mp_rank_dir
 from .optimizer_state import is_sharded, owned_indices, param_groups_state, shard_state
+from .safe_load import load_pt
 
+log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
+TMP_RE = re.compile(r"^step_\d{8}\.tmp$")
+
+
+class DamagedCheckpointError(InputError):
+    """A checkpoint folder's files do not match its manifest (missing, truncated, altered)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -53,9 +68,18 @@ def _rng_state() -> Dict[str, Any]:
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import tensor_parallel
 
+    # numpy's state as a tensor and plain numbers (not numpy objects): loadable with weights_only=True and
+    # no allowlisted globals (safe_load.py).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -69,7 +93,10 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -81,19 +108,87 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def find_latest(root: str) -> Optional[str]:
-    """The folder named by `root/latest`, or None. A tracker naming a missing folder is an error."""
-    tracker = os.path.join(root, "latest")
-    if not os.path.isfile(tracker):
+def _tracked(root: str) -> Optional[str]:
+    """The folder name `root/latest` holds, or None (no tracker, or an unreadable one)."""
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    name = open(tracker).read().strip()
-    path = os.path.join(root, name)
-    if not STEP_RE.match(name) or not os.path.isdir(path):
-        raise MissingInputError(
-            f"{tracker} names {name!r}, which is not a complete checkpoint folder in {root}: "
-            f"point train.resume at a step_XXXXXXXX folder or remove the tracker"
+
+
+def step_folders(root: str) -> List[str]:
+    """The step folders under `root`, newest first (temp folders of unfinished saves excluded)."""
+    if not os.path.isdir(root):
+        return []
+    return [
+        os.path.join(root, n)
+        for n in sorted((n for n in os.listdir(root) if STEP_RE.match(n)), reverse=True)
+        if os.path.isdir(os.path.join(root, n))
+    ]
+
+
+def verify_checkpoint(path: str) -> None:
+    """Collective: raise DamagedCheckpointError naming every missing or damaged file of `path`."""
+    problems = verify_manifest(path)
+    if problems:
+        raise DamagedCheckpointError(f"checkpoint {path} is incomplete or damaged: " + "; ".join(problems))
+
+
+def find_latest(root: str) -> Optional[str]:
+    """Collective: the newest step folder under `root` whose manifest verifies, or None if there is none.
+
+    A newer folder that fails (a damaged file, a save killed before its manifest) is skipped with a
+    warning naming its problems; `latest` normally names the result, and a tracker that names something
+    else is reported too. Folders exist but none verifies: DamagedCheckpointError listing them all.
+    """
+    folders = step_folders(root)
+    skipped = []
+    for path in folders:
+        problems = verify_manifest(path)
+        if not problems:
+            tracked = _tracked(root)
+            if skipped or tracked != os.path.basename(path):
+                log.warning(
+                    "train.resume=auto: resuming from %s, the newest complete checkpoint (%s names %r)%s",
+                    path,
+                    os.path.join(root, "latest"),
+                    tracked,
+                    "".join(f"; skipped {p}: {'; '.join(why)}" for p, why in skipped),
+                )
+            return path
+        skipped.append((path, problems))
+    if skipped:
+        raise DamagedCheckpointError(
+            f"train.resume=auto: no complete checkpoint in {root}: "
+            + " | ".join(f"{p}: {'; '.join(why)}" for p, why in skipped)
+            + ". Set train.resume=none to start over, or train.resume=<folder> after repairing one"
         )
-    return path
+    return None
+
+
+def resolve_resume(resume: Optional[str], root: str) -> Optional[str]:
+    """Collective: the checkpoint folder `train.resume` selects, verified against its manifest, or None.
+
+    auto: the newest complete folder under `root` (find_latest; None when there is none). none / "":
+    None. A folder: that one, which must verify (no fallback: the user named it).
+    """
+    if resume == "auto":
+        return find_latest(root)
+    if resume in ("none", "", None):
+        return None
+    if not os.path.isdir(resume):
+        raise ConfigError(f"train.resume={resume}: no such checkpoint folder")
+    verify_checkpoint(resume)
+    return resume
+
+
+def _all_ok(ok: bool) -> bool:
+    """Collective: whether `ok` holds on every rank."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def save_train_state(
@@ -108,7 +203,11 @@ def save_train_state(
     teacher: Optional[torch.nn.Module] = None,
     tokenizer=None,
 ) -> str:
-    """Collective: every rank calls it. Returns the final step folder."""
+    """Collective: every rank calls it. Returns the final step folder.
+
+    Any rank failing (disk full, an exception) makes every rank raise after the temp folder is removed;
+    the existing checkpoints and `latest` are not touched until the new folder is complete.
+    """
     # lazy: megatron.core takes seconds to import (and warns without TE/Apex); plan/convert/eval import this module
     from megatron.core import parallel_state as ps
 
@@ -116,11 +215,47 @@ def save_train_state(
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        os.makedirs(root, exist_ok=True)
+        for n in os.listdir(root):  # temp folders of saves killed earlier (one run writes a root at a time)
+            if TMP_RE.match(n):
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
         os.makedirs(os.path.join(tmp, "optim"))
     _barrier()
+    err: Optional[BaseException] = None
+    try:
+        _write_rank_files(tmp, step, model, arch, optimizer, scheduler, trainer_state, teacher, tokenizer, ps, rank)
+    except BaseException as e:  # noqa: BLE001 - every rank must learn of it before anything is renamed
+        err = e
+    if not _all_ok(err is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if err is not None:
+            raise err
+        raise RuntimeError(f"saving {final} failed on another rank; the previous checkpoints are unchanged")
+    write_manifest(tmp)  # last: a folder with a matching manifest is complete
+    if rank == 0:
+        old = None
+        if os.path.exists(final):  # the same step saved again: moved aside, deleted once replaced
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), step_dir_name(step) + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        steps = sorted(n for n in os.listdir(root) if STEP_RE.match(n))
+        for name in steps[:-keep_last]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_rank_files(
+    tmp: str, step: int, model, arch, optimizer, scheduler, trainer_state, teacher, tokenizer, ps, rank: int
+) -> None:
+    """This rank's part of a checkpoint, into the temp folder (model shard, optimizer, RNG, trainer state)."""
     model_dir = save_checkpoint(model, arch, os.path.join(tmp, "model"), extra_meta={"iteration": step})
     if rank == 0 and tokenizer is not None and not os.path.isdir(os.path.join(model_dir, TOKENIZER_DIR)):
         tokenizer.save_pretrained(os.path.join(model_dir, TOKENIZER_DIR))
@@ -147,17 +282,6 @@ def save_train_state(
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
-    _barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), step_dir_name(step) + "\n")
-        steps = sorted(n for n in os.listdir(root) if STEP_RE.match(n))
-        for old in steps[:-keep_last]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier()
-    return final
 
 
 def _optim_file() -> str:
@@ -197,20 +321,30 @@ def _optimizer_state(path: str, payload: Dict[str, Any], optimizer) -> Dict[str,
                 f"data-parallel size {n} and needs all {n} optimizer shard files; the checkpoint is incomplete "
                 f"(resume from another step folder)"
             )
-        shard = torch.load(f, map_location="cpu", weights_only=False)
+        shard = load_pt(f, "a ZeRO-1 optimizer shard")
         state.update({i: st for i, st in shard["state"].items() if keep is None or i in keep})
         del shard
     return {**sd, "state": state}
 
 
 def load_train_state(
-    path: str, model: torch.nn.Module, arch, optimizer, scheduler, teacher: Optional[torch.nn.Module] = None
+    path: str,
+    model: torch.nn.Module,
+    arch,
+    optimizer,
+    scheduler,
+    teacher: Optional[torch.nn.Module] = None,
+    verified: bool = False,
 ) -> Dict[str, Any]:
-    """Restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
+    """Collective: restore this rank's model shard, optimizer, scheduler and RNG; return trainer_state.json.
+
+    The folder is checked against its manifest first unless `verified` (resolve_resume did it).
 
     The checkpoint must have been written at the same TP x PP (optimizer states are per model shard).
     The data-parallel size and `parallel.distributed_optimizer` may differ from the run that wrote it.
     """
+    if not verified:
+        verify_checkpoint(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = os.path.join(path, "optim", _optim_file())
     if not os.path.isfile(file):
@@ -218,7 +352,7 @@ def load_train_state(
             f"{file} is missing: the checkpoint {path} was written with a different "
             f"tensor/pipeline parallel layout (resume at the same parallel.tp / parallel.pp)"
         )
-    payload = torch.load(file, map_location="cpu", weights_only=False)
+    payload = load_pt(file, "optimizer and scheduler state")
     load_checkpoint(model, arch, os.path.join(path, "model"))
     optimizer.load_state_dict(_optimizer_state(path, payload, optimizer))
     if is_sharded(optimizer):
@@ -231,6 +365,6 @@ def load_train_state(
         teacher.load_state_dict(payload["teacher"])
     rng_file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        _set_rng_state(load_pt(rng_file, "RNG state"))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)

@@ -9,6 +9,11 @@ on a free localhost port. Its return value must be picklable; tensors are conver
 crossing the queue (torch tensors sent through a queue by an exiting child can arrive broken).
 Each rank's thread count and deterministic mode follow OMP_NUM_THREADS and EGRSD_DETERMINISTIC
 (`numerics.apply_numerics`; unset: cpu_count // world_size threads).
+
+Children are daemonic by default (they die with the parent). `daemon=False` is for code that starts
+processes of its own, which a daemonic process may not do: megatron.core.dist_checkpointing's torch_dist
+writer (`FileSystemWriterAsync.write_preloaded_data_multiproc`) forks one worker per write bucket even
+for a synchronous save. Non-daemonic children are still killed in `finally` when the parent gives up.
 """
 
 from __future__ import annotations
@@ -79,19 +84,25 @@ def _teardown() -> None:
 
 
 def run_distributed(
-    fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, env: dict | None = None
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    env: dict | None = None,
+    daemon: bool = True,
 ) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return results ordered by rank.
 
     Raises DistributedChildError with the failing child's traceback, or TimeoutError naming the ranks
     that did not finish within `timeout` seconds (the children are then killed).
-    `fn` must be importable at module level (spawn pickles it by reference).
+    `fn` must be importable at module level (spawn pickles it by reference). `daemon=False`: the
+    children may start processes of their own (see the module docstring).
     """
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(r, world_size, port, fn, args, env or {}, q), daemon=True)
+        ctx.Process(target=_child, args=(r, world_size, port, fn, args, env or {}, q), daemon=daemon)
         for r in range(world_size)
     ]
     for p in procs:

@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint.formats import load_checkpoint as load_model_checkpoint
 from ..checkpoint.hf_mapping import load_hf_weights
-from ..checkpoint.train_state import find_latest, load_train_state, save_train_state
+from ..checkpoint.train_state import load_train_state, resolve_resume, save_train_state
 from ..config import ConfigError, ExperimentConfig, load_config, to_dict
 from ..config.schema import LossConfig
 from ..data import PromptBuilder, PromptSampler, load_problems, load_tokenizer
@@ -145,14 +145,8 @@ class Trainer:
         return model
 
     def _resume(self) -> None:
-        r = self.cfg.train.resume
-        path = None
-        if r == "auto":
-            path = find_latest(self.ckpt_root)
-        elif r not in ("none", "", None):
-            path = r
-            if not os.path.isdir(path):
-                raise ConfigError(f"train.resume={r}: no such checkpoint folder")
+        # Verified against its manifest; auto skips damaged newer folders with a warning.
+        path = resolve_resume(self.cfg.train.resume, self.ckpt_root)
         if path is None:
             return
         state = load_train_state(
@@ -162,6 +156,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
+            verified=True,
         )
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])

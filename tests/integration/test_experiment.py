@@ -48,7 +48,7 @@ def _weights(run_dir):
     for root, _, files in os.walk(os.path.join(ckpt, step, "model")):
         for f in files:
             if f == "model_optim_rng.pt":
-                sd = torch.load(os.path.join(root, f), map_location="cpu", weights_only=False)["model"]
+                sd = torch.load(os.path.join(root, f), map_location="cpu", weights_only=True)["model"]
                 out.update({f"{os.path.basename(root)}/{k}": v for k, v in sd.items() if torch.is_tensor(v)})
     return out
 
@@ -129,6 +129,6 @@ def _weights_of_base(out):
     for root, _, files in os.walk(base):
         for f in files:
             if f == "model_optim_rng.pt":
-                m = torch.load(os.path.join(root, f), map_location="cpu", weights_only=False)["model"]
+                m = torch.load(os.path.join(root, f), map_location="cpu", weights_only=True)["model"]
                 sd.update({f"{os.path.basename(root)}/{k}": v for k, v in m.items() if torch.is_tensor(v)})
     return sd

@@ -71,7 +71,7 @@ def _losses(out):
 
 def _weights(out, step):
     f = os.path.join(out, "checkpoints", f"step_{step:08d}", "model", "release", "mp_rank_00", "model_optim_rng.pt")
-    return torch.load(f, map_location="cpu", weights_only=False)["model"]
+    return torch.load(f, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.mark.slow
