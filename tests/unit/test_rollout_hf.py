@@ -10,7 +10,7 @@ import torch
 
 from egrsd_megatron.rollout import SamplingParams, make_engine
 from egrsd_megatron.rollout.hf_engine import HFEngine, build_hf_model
-from egrsd_megatron.rollout.sampling import filter_logits, select_next
+from egrsd_megatron.rollout.sampling import filter_logits, inverse_cdf, select_next
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -304,26 +304,61 @@ def test_check_training_sampling_accepts_plain_sampling():
 
 
 @pytest.mark.parametrize("over", [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8, "temperature": 1.3}])
-def test_select_next_draws_bitwise_what_per_row_multinomial_draws(over):
-    """The batched exponential race must give the very tokens (and leave the very generator states) of one
-    torch.multinomial(p_i, 1, generator=g_i) per row: the draw the engine made before, and the reference."""
+def test_select_next_is_the_inverse_cdf_of_each_rows_uniform(over):
+    """Row i's token is the first v whose float64 cdf exceeds u_i * total, u_i the next double of row i's
+    generator (a plain-Python reference); its log-prob is log softmax of the filtered logits; each row
+    consumes exactly one double; a row alone draws what it draws in the batch; filtered tokens never."""
     params = SamplingParams(max_new_tokens=1, **over)
     torch.manual_seed(0)
     for trial in range(20):
         logits = torch.randn(6, 4099) * (1 + trial % 4)
         seeds = [1000 * trial + i for i in range(6)]
-        g_ref = [torch.Generator().manual_seed(s) for s in seeds]
-        g_new = [torch.Generator().manual_seed(s) for s in seeds]
         x = filter_logits(logits, params)
         probs = torch.softmax(x, dim=-1)
-        ref = torch.stack([torch.multinomial(probs[i], 1, generator=g_ref[i])[0] for i in range(6)])
-        tok, lp = select_next(logits, params, g_new)
-        assert torch.equal(tok, ref)
-        assert torch.equal(lp, torch.log_softmax(x, dim=-1)[torch.arange(6), ref])
-        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(g_ref, g_new))
-        # alone vs in the batch: row 3 with its own generator draws the same token
+        ref = []
+        for i, s in enumerate(seeds):
+            u = float(torch.rand((), dtype=torch.float64, generator=torch.Generator().manual_seed(s)))
+            row = probs[i].double().tolist()
+            target, acc = u * sum(row), 0.0
+            ref.append(next(v for v, p in enumerate(row) if (acc := acc + p) > target and p > 0))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        tok, lp = select_next(logits, params, gens)
+        assert tok.tolist() == ref
+        assert torch.equal(lp, torch.log_softmax(x, dim=-1)[torch.arange(6), tok])
+        assert bool(torch.isfinite(x[torch.arange(6), tok]).all())  # never a filtered token
+        after = [torch.Generator().manual_seed(s) for s in seeds]
+        for g in after:
+            torch.rand((), dtype=torch.float64, generator=g)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(gens, after))
         alone, _ = select_next(logits[3:4], params, [torch.Generator().manual_seed(seeds[3])])
-        assert int(alone[0]) == int(ref[3])
+        assert int(alone[0]) == ref[3]
+
+
+def test_select_next_frequencies_match_the_distribution():
+    """200k draws from a fixed 6-token distribution (one filtered to 0 by top-k): each frequency within 5
+    binomial standard deviations, sqrt(p (1 - p) / N), of softmax's p (fixed seeds: deterministic). 5 sd is
+    1% of the largest p (0.56) and 9% of the smallest (0.028): a sampler biased by more fails."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, -9.0])
+    params = SamplingParams(max_new_tokens=1, top_k=5)
+    p = torch.softmax(filter_logits(logits[None], params), dim=-1)[0].double()
+    rows, calls = 4000, 50
+    counts = torch.zeros(6, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    for _ in range(calls):
+        tok, _ = select_next(logits.expand(rows, -1), params, gens)
+        counts += torch.bincount(tok, minlength=6).double()
+    n = rows * calls
+    assert counts[5] == 0  # filtered out: probability exactly 0
+    sd = torch.sqrt(p * (1 - p) / n)
+    assert bool((torch.abs(counts / n - p)[:5] <= 5 * sd[:5]).all()), (counts / n, p)
+
+
+def test_inverse_cdf_never_returns_a_zero_probability_token_at_the_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0, 0.0]])  # exact in fp32
+    top = torch.tensor([1 - 2.0**-53, 1 - 2.0**-53], dtype=torch.float64)
+    assert inverse_cdf(probs, top).tolist() == [2, 2]
+    assert inverse_cdf(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [1, 0]
+    assert inverse_cdf(probs, torch.tensor([0.5, 0.25], dtype=torch.float64)).tolist() == [2, 2]
 
 
 def test_select_next_refuses_nan_rows():
