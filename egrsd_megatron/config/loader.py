@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, get_type_hints
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -144,20 +144,30 @@ def _lookup(data: Dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def build_typed(
+    cls: type,
+    layers: Sequence[Tuple[Dict[str, Any], str]],
+    check: Callable[[Dict[str, Any], type, str], None] = check_keys,
+    where: str = "",
+) -> Any:
+    """The dataclass `cls` from `layers` of (data, where it came from), later ones overriding earlier ones;
+    each layer's keys checked by `check` first. OmegaConf's own type errors become ConfigError (prefixed
+    with `where`, e.g. the file)."""
+    cfg = OmegaConf.structured(cls)
+    for data, src in layers:
+        check(data, cls, src)
+        cfg = merge(cfg, data, src)
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}{str(e).splitlines()[0]}") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load `path` (with its defaults chain), apply `overrides`, validate, return a typed config."""
-    cfg = OmegaConf.structured(ExperimentConfig)
-    if path is not None:
-        for file, data in _load_file(resolve_path(path, os.getcwd())):
-            check_keys(data, ExperimentConfig, file)
-            cfg = merge(cfg, data, file)
-    over = parse_overrides(overrides)
-    check_keys(over, ExperimentConfig, "command line")
-    cfg = merge(cfg, over, "command line")
-    try:
-        obj: ExperimentConfig = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    files = [] if path is None else _load_file(resolve_path(path, os.getcwd()))
+    layers = [(data, file) for file, data in files] + [(parse_overrides(overrides), "command line")]
+    obj: ExperimentConfig = build_typed(ExperimentConfig, layers)
     obj.validate()
     return obj
 

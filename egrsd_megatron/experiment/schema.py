@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from ..config.loader import check_keys, merge, parse_overrides, resolve_path
+from ..config.loader import build_typed, check_keys, parse_overrides, resolve_path
 from ..config.schema import ConfigError
 from ..data.phrasings import PHRASINGS
 from ..losses.registry import FAMILY
@@ -236,16 +234,8 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentSpec:
         raise ConfigError(f"{full}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{full}: an experiment file must be a mapping, got {type(data).__name__}")
-    cfg = OmegaConf.structured(ExperimentSpec)
-    _check_tree(data, ExperimentSpec, full)
-    cfg = merge(cfg, data, full)
-    over = parse_overrides(overrides)
-    _check_tree(over, ExperimentSpec, "command line")
-    cfg = merge(cfg, over, "command line")
-    try:
-        spec: ExperimentSpec = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{full}: {str(e).splitlines()[0]}") from None
+    layers = [(data, full), (parse_overrides(overrides), "command line")]
+    spec: ExperimentSpec = build_typed(ExperimentSpec, layers, check=_check_tree, where=f"{full}: ")
     spec.validate()
     check_training_configs(spec)
     return spec
