@@ -11,7 +11,15 @@ from egrsd_megatron.losses.factors import TokenFactors, TokenInputs
 from egrsd_megatron.losses.gate import entropy_gate, masked_quantile
 from egrsd_megatron.losses.lookahead import lookahead_entropy
 from egrsd_megatron.losses.policy_loss import policy_loss
-from egrsd_megatron.losses.registry import FAMILY, LossSpec, divergence_kind, loss_spec, reads_teacher
+from egrsd_megatron.losses.registry import (
+    FAMILY,
+    LossSpec,
+    divergence_kind,
+    loss_spec,
+    reads_teacher,
+    teacher_pass_needed,
+    weight_copies,
+)
 from egrsd_megatron.losses.token_weights import token_advantages
 
 __all__ = [
@@ -26,6 +34,8 @@ __all__ = [
     "loss_spec",
     "divergence_kind",
     "reads_teacher",
+    "teacher_pass_needed",
+    "weight_copies",
     "TokenInputs",
     "TokenFactors",
 ]

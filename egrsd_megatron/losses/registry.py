@@ -18,7 +18,7 @@ only under TYPE_CHECKING, and ConfigError comes from the bottom-level utils/erro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 from egrsd_megatron.losses import opsd
 from egrsd_megatron.losses.factors import AdvantageFn, Divergence
@@ -134,3 +134,20 @@ def reads_teacher(cfg: LossConfig) -> bool:
     none (grpo), the trainer runs no teacher pass at all (unless teacher.log_entropy asks for its metrics)."""
     spec = loss_spec(cfg.name)
     return spec.teacher_logprob(cfg) or spec.teacher_entropy or spec.divergence(cfg) is not None
+
+
+def teacher_pass_needed(cfg: LossConfig, log_entropy: bool) -> bool:
+    """Whether a step runs a teacher pass: the loss reads a teacher input, or teacher.log_entropy asks for
+    the teacher-entropy metrics of a loss that reads none (they never enter its loss)."""
+    return reads_teacher(cfg) or log_entropy
+
+
+def weight_copies(cfg: LossConfig, teacher_mode: str, log_entropy: bool) -> Tuple[bool, bool]:
+    """(teacher copy, reference copy): the extra model instances a run holds beside the student.
+
+    A frozen or sync teacher is a copy, but only when a teacher pass runs at all (grpo: none, so no copy).
+    The k3 KL's reference (loss.kl_coef > 0) is the initial weights: the frozen teacher's copy when there is
+    one, else a copy of its own. The trainer builds these and the planner counts them, both from here."""
+    teacher = teacher_mode in ("frozen", "sync") and teacher_pass_needed(cfg, log_entropy)
+    reference = cfg.kl_coef > 0 and not (teacher and teacher_mode == "frozen")
+    return teacher, reference

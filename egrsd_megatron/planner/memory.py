@@ -13,9 +13,10 @@ static (resident the whole step):
                  `.grad` is folded in and freed right after it is produced), or fp32 `.grad
   optimizer      P_s x 12 (fp32 master + Adam m + v) for bf16 params, P_s x 8 (m, v) for fp32 params;
                  / DP with the distributed optimizer
-  teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync (a live teacher IS the student)
-  reference copy P_s x 2 (bf16) when loss.kl_coef > 0 and teacher.mode is not frozen (a frozen teacher
-                 already holds the initial weights, which are the reference)
+  teacher copy   P_s x 2 (bf16) when teacher.mode is frozen or sync and a teacher pass runs (a live teacher
+                 IS the student; grpo runs none): losses.weight_copies
+  reference copy P_s x 2 (bf16) when loss.kl_coef > 0 and there is no frozen teacher copy (one already
+                 holds the initial weights, which are the reference)
   rollout engine weights
                  hf: the whole model unsharded, N_params x HF_WEIGHT_COPIES x bytes(engine dtype) = 1 x 2
                  (rollout.hf_dtype, unset: bf16 on a GPU, as rollout/hf_engine.py builds it; the refit streams
@@ -61,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..config.schema import ConfigError, ExperimentConfig
-from ..losses.registry import divergence_kind
+from ..losses.registry import divergence_kind, teacher_pass_needed, weight_copies
 from ..models.arch import ModelArch
 from ..rollout.footprint import (
     engine_dtype_name,
@@ -228,6 +229,7 @@ def plan(
             ),
         ]
 
+    teacher_copy, reference_copy = weight_copies(cfg.loss, cfg.teacher.mode, cfg.teacher.log_entropy)
     best: Optional[Plan] = None
     for stage in sorted({0, pp - 1}):
         P = stage_params(arch, tp, pp, stage)
@@ -236,8 +238,8 @@ def plan(
             "fp8 weight copies": P * 2.0 if cfg.model.precision == "fp8" else 0.0,
             "gradients (fp32)": P * 4.0,
             "optimizer states": P * (12.0 if wbytes == 2 else 8.0) / (dp if cfg.parallel.distributed_optimizer else 1),
-            "teacher copy": P * 2.0 if cfg.teacher.mode in ("frozen", "sync") else 0.0,
-            "reference copy": P * 2.0 if cfg.loss.kl_coef > 0 and cfg.teacher.mode != "frozen" else 0.0,
+            "teacher copy": P * 2.0 if teacher_copy else 0.0,
+            "reference copy": P * 2.0 if reference_copy else 0.0,
             **engine_static,
             "overhead": settings.overhead_gb * GB,
         }
@@ -251,7 +253,9 @@ def plan(
             # What trainer/loop.py keeps of the teacher: one micro-batch's response logits when each teacher
             # pass runs right before its student pass (PP=1, one PPO epoch); else every micro-batch's
             # per-token log-prob and entropy (fp32), or their full logits for a divergence loss (OPSD KL/JSD).
-            if pp == 1 and cfg.train.ppo_epochs == 1:
+            if not teacher_pass_needed(cfg.loss, cfg.teacher.log_entropy):
+                pass  # grpo: no teacher pass, nothing of it kept
+            elif pp == 1 and cfg.train.ppo_epochs == 1:
                 train["teacher logits (one micro-batch)"] = float(b * R * V / tp * compute_bytes)
             elif divergence_kind(cfg.loss):
                 train["teacher logits (all micro-batches)"] = float(

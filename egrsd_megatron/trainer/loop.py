@@ -40,7 +40,7 @@ from ..distributed import init_distributed, teardown
 from ..distributed.grads import attach_fp32_grad_accumulators
 from ..distributed.runtime import world_size
 from ..eval.validation import evaluate_problems
-from ..losses import group_advantages
+from ..losses import group_advantages, teacher_pass_needed, weight_copies
 from ..models import build_model, resolve_arch
 from ..models.layout import check_training_config as check_config
 from ..rollout import SamplingParams, make_engine
@@ -54,7 +54,7 @@ from .rollouts import Rollouts, collect_rollouts, refit, to_samples
 from .sample_fields import per_token_fields, sample_entropies
 from .signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from .teacher import Teacher, frozen_copy
-from .update import UpdateResult, local_denominator, run_update, teacher_pass_needed
+from .update import UpdateResult, local_denominator, run_update
 
 log = logging.getLogger(__name__)
 NONFINITE_EXIT_CODE = 3
@@ -88,14 +88,15 @@ class Trainer:
 
         self.model = self._init_model(build_model(self.arch, cfg.model))
         attach_fp32_grad_accumulators([self.model])  # bf16 params: gradients summed in fp32 (main_grad)
-        self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model))
+        teacher_copy, reference_copy = weight_copies(cfg.loss, cfg.teacher.mode, cfg.teacher.log_entropy)
+        self.teacher = Teacher(cfg.teacher, self.model, lambda: build_model(self.arch, cfg.model), teacher_copy)
         # The k3 KL's reference policy: the initial weights (built before _resume loads the student's).
         self.reference: Optional[torch.nn.Module] = None
         if cfg.loss.kl_coef > 0:
             self.reference = (
-                self.teacher.copy
-                if cfg.teacher.mode == "frozen"
-                else frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
+                frozen_copy(self.model, lambda: build_model(self.arch, cfg.model))
+                if reference_copy
+                else self.teacher.copy
             )
 
         # parallel.distributed_optimizer: ZeRO-1, the AdamW states sharded over the data-parallel group.

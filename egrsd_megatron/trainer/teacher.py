@@ -37,11 +37,20 @@ def copy_weights(dst_model: torch.nn.Module, src_model: torch.nn.Module) -> None
 
 
 class Teacher:
-    def __init__(self, cfg: TeacherConfig, student: torch.nn.Module, build: Callable[[], torch.nn.Module]):
+    """`holds_copy`: losses.weight_copies' verdict; False for a loss that runs no teacher pass (grpo), whose
+    frozen/sync teacher would be a copy never used."""
+
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        student: torch.nn.Module,
+        build: Callable[[], torch.nn.Module],
+        holds_copy: bool = True,
+    ):
         self.cfg = cfg
         self.student = student
         self.copy: Optional[torch.nn.Module] = None
-        if cfg.mode in ("frozen", "sync"):
+        if cfg.mode in ("frozen", "sync") and holds_copy:
             self.copy = frozen_copy(student, build)
 
     @property
@@ -50,7 +59,7 @@ class Teacher:
 
     @property
     def needs_checkpoint(self) -> bool:
-        return self.cfg.mode == "sync"
+        return self.cfg.mode == "sync" and self.copy is not None
 
     def sync(self) -> None:
         if self.copy is not None:

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ExperimentConfig, LossConfig
 from ..distributed.grads import clip_grads, finalize_grads, zero_grads
-from ..losses import divergence_kind, reads_teacher
+from ..losses import divergence_kind, teacher_pass_needed
 from .batch import MicroBatch, Sample
 from .metrics import Record
 from .passes import Scoring, reference_pass, student_pass, teacher_pass
@@ -42,12 +42,6 @@ class UpdateResult:
 def interleaved(pp_size: int, ppo_epochs: int) -> bool:
     """Whether each micro-batch's teacher pass runs right before its student pass (see the module docstring)."""
     return pp_size == 1 and ppo_epochs == 1
-
-
-def teacher_pass_needed(loss_cfg: LossConfig, log_entropy: bool) -> bool:
-    """Whether the step runs a teacher pass: the loss reads a teacher input, or teacher.log_entropy asks for
-    the teacher-entropy metrics of a loss that reads none (they never enter its loss)."""
-    return reads_teacher(loss_cfg) or log_entropy
 
 
 def local_denominator(samples: Sequence[Sample], aggregation: str) -> int:

@@ -159,6 +159,26 @@ def test_teacher_memory_follows_what_the_trainer_keeps(extra, key, per_rollout_t
     assert not any(k.startswith("teacher") and k != key for k in p.train_transient)
 
 
+@pytest.mark.parametrize(
+    "extra,teacher_copy,reference_copy,teacher_kept",
+    [
+        ([], True, False, True),  # cl_egrsd (the config's loss), frozen teacher
+        (["loss.name=grpo"], False, False, False),  # no teacher pass: no copy, nothing of it kept
+        (["loss.name=grpo", "teacher.log_entropy=true"], True, False, True),
+        (["loss.name=grpo", "loss.kl_coef=0.01"], False, True, False),  # the reference needs its own copy
+        (["loss.kl_coef=0.01"], True, False, True),  # the frozen teacher's copy is the reference
+        (["loss.kl_coef=0.01", "teacher.mode=live"], False, True, True),
+    ],
+)
+def test_weight_copies_follow_what_the_trainer_builds(extra, teacher_copy, reference_copy, teacher_kept):
+    cfg = cfg8b(*extra)
+    p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    P = p.params_per_gpu
+    assert p.static["teacher copy"] == (P * 2 if teacher_copy else 0)
+    assert p.static["reference copy"] == (P * 2 if reference_copy else 0)
+    assert any(k.startswith("teacher") for k in p.train_transient) == teacher_kept
+
+
 def test_padded_kv_groups_are_counted():
     """SmolLM2-135M (9 heads in 3 KV groups of 64) at TP=2: Megatron holds 4 groups = 12 heads."""
     from egrsd_megatron.planner.memory import layer_params
