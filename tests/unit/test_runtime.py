@@ -80,10 +80,12 @@ def test_spawn_harness_results_errors_and_timeouts():
     assert [r["rank"] for r in res] == [0, 1] and all(float(r["sum"][0]) == 3.0 for r in res)
     with pytest.raises(DistributedChildError, match=r"(?s)rank 1 of 2 failed.*_fails_on_rank_1.*deliberate failure"):
         run_distributed(_fails_on_rank_1, 2, timeout=120)
+    # The timeout counts from the start: ranks still importing torch when it expires (a loaded machine) have
+    # not finished either, so a short one tests the same path; the kill must follow it promptly.
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"did not finish within 20 s"):
-        run_distributed(_hangs, 2, timeout=20)
-    assert time.monotonic() - t0 < 60
+    with pytest.raises(TimeoutError, match=r"did not finish within 6 s"):
+        run_distributed(_hangs, 2, timeout=6)
+    assert time.monotonic() - t0 < 40
 
 
 def test_megatron_version_check(monkeypatch):
