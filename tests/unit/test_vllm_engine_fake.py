@@ -256,8 +256,11 @@ def test_tensor_parallel_uses_the_external_launcher_on_the_trainers_world(fake_v
 
     with pytest.raises(RuntimeError, match="needs the trainer's torch.distributed world"):
         _engine(tmp_path, tensor_parallel_size=2)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        # set, then deleted: the undo at teardown removes what the engine sets below (a bare delenv of an
+        # absent variable records nothing, and WORLD_SIZE=6 leaked into later tests' subprocesses)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 6)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 5)
