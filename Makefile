@@ -26,11 +26,16 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# pytest-xdist: one worker per core, each test FILE on one worker (module-scoped fixtures, e.g. a training
+# run several tests read, then run once; the Slurm tests share one cluster). Tolerances hold at any thread
+# count and test order (testing/numerics.py; tests/conftest.py restores launcher variables).
+PYTEST_ARGS ?= -n auto --dist loadfile --durations=15
+
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo.py $(if $(filter 1,$(QUICK)),--quick,)

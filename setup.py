@@ -34,7 +34,7 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "psutil", "ruff==0.17.5"],  # ruff: make lint (ruff.toml)
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "hypothesis", "psutil", "ruff==0.17.5"],  # ruff: make lint (ruff.toml)
         "wandb": ["wandb"],
         # GPU clusters only: never installed on CPU machines (Transformer Engine breaks a CPU install).
         "gpu": ["transformer-engine[pytorch]", "vllm"],
