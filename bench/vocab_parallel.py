@@ -178,8 +178,8 @@ def _verl_bounds(teacher: torch.Tensor, v: int, group, lp_max: float) -> Dict[st
     Log-probs: both sides do fp32 math on the same bf16/fp32 logits (Megatron's cross-entropy upcasts).
     log p(y) = (z_y - m) - log S, S = sum_v exp(z_v - m) over the V ids: each exp and each of the V - 1
     additions of positive terms adds at most eps32 relative error to S (naive order; pairwise is smaller),
-    i.e. (V + 1) eps32 absolute in log S; z_y - m is exact (two bf16 / fp32 values, one exponent apart at
-    most, or rounded once: eps32 |z_y - m|), and the final subtraction rounds once: eps32 |log p|. Both
+    i.e. (V + 1) eps32 absolute in log S; z_y - m rounds at most once (eps32 |z_y - m| <= 2 M eps32), and
+    the final subtraction rounds once: eps32 |log p|. Both
     implementations err independently: bound_lp = 2 eps32 (V + 1 + 2 M + |log p|max), M = max |z|.
 
     Teacher entropy: verl's _VocabParallelEntropy does NOT upcast; with bf16 logits its z - m, exp, the
