@@ -267,6 +267,8 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
     assert "over the 80 GB budget" in text.err
     d = json.loads(out.read_text())
     assert d["layout"]["dp"] == 8 and d["fits"] is False
+    assert d["micro_batch"] == {"packed": False, "rows": 2, "tokens": 10240, "sequences": 2, "count": 16}
+    assert "micro-batch: padded: 2 row(s) x 5,120 tokens (parallel.micro_batch_size), 16 micro-batch(es)" in text.out
     # A byte count: a sum of integer-valued terms below 2^53, exact in float64 and in JSON.
     assert d["peak_bytes"] == 87_410_515_968
     assert d["training_phase_bytes"] == 87_410_515_968 and d["notes"][0].startswith("rollout engine: hf, bfloat16")
