@@ -7,15 +7,15 @@ Two problems, two algorithms (as verl does; NeMo-RL packs with first-fit decreas
    k-way partitioning (verl's `get_seqlen_balanced_partitions`): its makespan is at most
    (4/3 - 1/(3k)) x OPT (Michiels et al., "Performance ratios of the Karmarkar-Karp differencing method",
    2007), and in practice far closer to OPT than greedy longest-first.
-2. Micro-batches: a HARD token budget per pack (activation memory; the fixed buffer shape of pipeline
-   parallelism), minimise the number of packs (each is one forward/backward). `pack_bins` is first-fit
+2. Micro-batches: a HARD token budget per pack (the activation memory of a micro-batch, which `egrsd plan`
+   counts), minimise the number of packs (each is one forward/backward). `pack_bins` is first-fit
    decreasing: at most 11/9 OPT + 6/9 bins (Dosa 2007, tight), and never two bins at most half full.
    Karmarkar-Karp cannot guarantee a budget, which is why the micro-batch step uses FFD.
 
 `plan_micro_batches` does 1 then 2 on each rank: plan[rank][micro_batch] = sequence indices.
 Ties are broken by index everywhere (sort key (-length, index)), so the plan is a pure function of the
 lengths. A sequence longer than the budget is a ConfigError: it cannot share a pack, and giving it an
-oversized pack of its own would break the memory bound and PP's fixed shape the budget exists for.
+oversized pack of its own would break the memory bound the budget exists for.
 """
 
 from __future__ import annotations

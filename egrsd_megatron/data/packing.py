@@ -10,9 +10,9 @@ sequence i (x_i[p_i + j]) is scored by the logits at resp_pos[i, j] = o_i + p_i 
 [n, R] layout (resp_pos, targets, mask) as the padded trainer's micro-batches, with n = sequences in the
 pack. `segment_ids` / `flat_*` give the flat layout (valid response tokens only) for the lookahead.
 
-Padding (`pad_to`, e.g. the token budget, for pipeline parallelism's fixed buffer shape): pad tokens form
-ONE extra segment of cu_seqlens, so they attend only to each other and nothing real reads them; no
-response position points into it.
+Padding (`pad_to`, for a caller that needs a fixed length; the trainer pads no pack, at any PP size): pad
+tokens form ONE extra segment of cu_seqlens, so they attend only to each other and nothing real reads them;
+no response position points into it.
 """
 
 from __future__ import annotations

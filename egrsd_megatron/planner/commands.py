@@ -7,6 +7,7 @@ budget (the table is still printed first, so the user sees which term to shrink)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -69,6 +70,7 @@ def _plan(args: argparse.Namespace) -> int:
                     "num_microbatches": lay.num_microbatches,
                     "rollouts_per_dp_rank": lay.rollouts_per_dp_rank,
                 },
+                "micro_batch": dataclasses.asdict(p.micro_batch) if p.micro_batch is not None else None,
                 "seq_len": p.seq_len,
                 "tokens_per_step": p.tokens_per_step,
                 "params_per_gpu": p.params_per_gpu,

@@ -6,6 +6,15 @@ tied embeddings and PP > 1 the last stage keeps its own copy, as Megatron does),
 padded to a multiple of 128 x t, S = sequence length (prompt + response), R = response length,
 b = micro-batch size, n_mb = micro-batches per step per DP rank, L_s = layers per stage.
 
+A micro-batch (`MicroBatchShape`) is Megatron's [b, s] input and the [n, R] response layout gathered from it:
+  padded (parallel.micro_batch_size): b rows of s = S tokens, n = b sequences, n_mb = rollouts / b;
+  packed (parallel.max_tokens_per_micro_batch = T, docs/packing.md): ONE row (b = 1) of at most s = T tokens,
+    the sequences concatenated (THD), every pack its own length, so T bounds the positions of a forward;
+    n = min(rollouts, floor(T / S)) sequences of the planned length S (shorter sequences pack more of them:
+    the [n, R] response terms grow with n, the activation and logits terms stay bounded by T),
+    n_mb = ceil(rollouts / n).
+Below, "b x S" is the positions of one forward, b x s (= T packed), and "b x R" the response slots n x R.
+
 static (resident the whole step):
   weights        P_s x 2 (bf16 params) or x 4 (fp32 params)
   fp8 copies     P_s x 2 when precision=fp8 (Transformer Engine caches an FP8 weight and its transpose)
@@ -85,6 +94,29 @@ class PlanSettings:
     overhead_gb: float = 4.0
 
 
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """One micro-batch of the student pass (see the module docstring): Megatron's [rows, tokens / rows] input,
+    the sequences of its [n, R] response layout, and how many micro-batches a DP rank runs."""
+
+    packed: bool
+    rows: int  # Megatron's micro_batch_size b (1 when packed)
+    tokens: int  # positions of one forward, b x s: what activations and logits scale with
+    sequences: int  # n: rows of the gathered [n, R] response logits
+    count: int  # micro-batches per DP rank and step
+
+    def describe(self) -> str:
+        if self.packed:
+            return (
+                f"packed: 1 row of <= {self.tokens:,} tokens (parallel.max_tokens_per_micro_batch), "
+                f"{self.sequences} sequence(s) of the planned length each, {self.count} micro-batch(es) per DP rank"
+            )
+        return (
+            f"padded: {self.rows} row(s) x {self.tokens // self.rows:,} tokens (parallel.micro_batch_size), "
+            f"{self.count} micro-batch(es) per DP rank"
+        )
+
+
 @dataclass
 class Plan:
     layout: Layout
@@ -100,6 +132,7 @@ class Plan:
     tokens_per_step: int = 0  # sequences x padded length, over all DP ranks
     response_tokens_per_step: int = 0
     notes: List[str] = field(default_factory=list)  # how the rollout engine was counted (printed, in the JSON)
+    micro_batch: Optional[MicroBatchShape] = None  # what one micro-batch holds
 
     @property
     def training_phase(self) -> float:
@@ -116,6 +149,23 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
+
+
+def micro_batch_shape(cfg: ExperimentConfig, lay: Layout, seq_len: int) -> MicroBatchShape:
+    """The micro-batch of `cfg` for sequences of `seq_len` tokens; packed, a ConfigError when one sequence
+    does not fit the token budget (the trainer refuses it at its first step: data/balance.py)."""
+    rollouts = lay.rollouts_per_dp_rank
+    if not cfg.parallel.packing:
+        b = lay.micro_batch_size
+        return MicroBatchShape(False, b, b * seq_len, b, lay.num_microbatches)
+    budget = cfg.parallel.max_tokens_per_micro_batch
+    if budget < seq_len:
+        raise ConfigError(
+            f"config key 'parallel.max_tokens_per_micro_batch': {budget} tokens cannot hold one sequence of "
+            f"{seq_len} (data.max_prompt_tokens + rollout.max_new_tokens, or --seq-len): raise it to at least {seq_len}"
+        )
+    n = min(rollouts, budget // seq_len)
+    return MicroBatchShape(True, 1, budget, n, math.ceil(rollouts / n))
 
 
 def layer_params(arch: ModelArch, tp: int) -> int:
@@ -176,7 +226,8 @@ def plan(
             f"sequence length {S} exceeds the model's max_position_embeddings="
             f"{arch.max_position_embeddings}: lower data.max_prompt_tokens / rollout.max_new_tokens"
         )
-    tp, pp, dp, b = lay.tp, lay.pp, lay.dp, lay.micro_batch_size
+    tp, pp, dp = lay.tp, lay.pp, lay.dp
+    mb = micro_batch_shape(cfg, lay, S)
     V = arch.padded_vocab_size(tp)
     # FP8 runs force bf16 params (models/precision.py); otherwise model.params_dtype decides.
     wbytes = 2 if cfg.model.precision == "fp8" else _bytes_per(cfg.model.params_dtype)
@@ -230,6 +281,12 @@ def plan(
         ]
 
     teacher_copy, reference_copy = weight_copies(cfg.loss, cfg.teacher.mode, cfg.teacher.log_entropy)
+    if mb.packed:
+        notes.append(
+            f"packed micro-batches: activations and logits counted for the budget's {mb.tokens:,} positions "
+            f"(one pack per forward, at any PP size); the response terms for {mb.sequences} sequence(s) of {S} "
+            f"tokens per pack (shorter sequences put more rows of R = {R} slots in one pack)"
+        )
     best: Optional[Plan] = None
     for stage in sorted({0, pp - 1}):
         P = stage_params(arch, tp, pp, stage)
@@ -243,20 +300,20 @@ def plan(
             **engine_static,
             "overhead": settings.overhead_gb * GB,
         }
-        inflight = min(pp - stage, lay.num_microbatches)  # 1F1B warm-up depth of this stage
-        act = inflight * b * S * L_s * act_tok_layer
+        inflight = min(pp - stage, mb.count)  # 1F1B warm-up depth of this stage
+        act = inflight * mb.tokens * L_s * act_tok_layer
         if cfg.model.recompute == "full":
-            act += b * S * activation_bytes_per_token_layer(arch, tp, S, "none", settings.flash_attention)
+            act += mb.tokens * activation_bytes_per_token_layer(arch, tp, S, "none", settings.flash_attention)
         train = {"activations": act}
         if stage == pp - 1:
-            train["student logits + grad (fp32)"] = 2.0 * b * S * V / tp * 4
+            train["student logits + grad (fp32)"] = 2.0 * mb.tokens * V / tp * 4
             # What trainer/loop.py keeps of the teacher: one micro-batch's response logits when each teacher
             # pass runs right before its student pass (PP=1, one PPO epoch); else every micro-batch's
             # per-token log-prob and entropy (fp32), or their full logits for a divergence loss (OPSD KL/JSD).
             if not teacher_pass_needed(cfg.loss, cfg.teacher.log_entropy):
                 pass  # grpo: no teacher pass, nothing of it kept
             elif pp == 1 and cfg.train.ppo_epochs == 1:
-                train["teacher logits (one micro-batch)"] = float(b * R * V / tp * compute_bytes)
+                train["teacher logits (one micro-batch)"] = float(mb.sequences * R * V / tp * compute_bytes)
             elif divergence_kind(cfg.loss):
                 train["teacher logits (all micro-batches)"] = float(
                     lay.rollouts_per_dp_rank * R * V / tp * compute_bytes
@@ -278,6 +335,7 @@ def plan(
             tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * S,
             response_tokens_per_step=cfg.train.prompts_per_step * cfg.rollout.group_size * R,
             notes=list(notes),
+            micro_batch=mb,
         )
         if best is None or p.total > best.total:
             best = p
@@ -287,11 +345,11 @@ def plan(
 
 def format_plan(p: Plan) -> str:
     """A human-readable table of the layout, the memory terms and the totals (GB = 1e9 bytes)."""
-    lay = p.layout
+    lay, mb = p.layout, p.micro_batch
     lines = [
         f"layout: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s) = {lay.world_size}: TP={lay.tp} PP={lay.pp} "
-        f"DP={lay.dp}; micro-batch {lay.micro_batch_size}, {lay.num_microbatches} micro-batch(es) of "
-        f"{lay.rollouts_per_dp_rank} rollouts per DP rank",
+        f"DP={lay.dp}; {lay.rollouts_per_dp_rank} rollouts per DP rank",
+        f"micro-batch: {mb.describe()}" if mb is not None else "micro-batch: not planned",
         f"sequence: {p.seq_len} tokens (response {p.response_len}); tokens per step {p.tokens_per_step:,} "
         f"(response tokens {p.response_tokens_per_step:,})",
         f"model: {p.arch.num_params() / 1e9:.2f} B parameters; {p.params_per_gpu / 1e9:.3f} B on the worst GPU "
@@ -332,9 +390,11 @@ def check_fits(p: Plan) -> None:
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
     # An engine held through the training phase: vLLM's sleep mode takes it out of that phase.
     sleep = "rollout.engine=vllm with rollout.vllm_sleep=true, " if "rollout engine weights" in p.static else ""
+    packed = p.micro_batch is not None and p.micro_batch.packed
+    size_key = "parallel.max_tokens_per_micro_batch" if packed else "parallel.micro_batch_size"
     raise ConfigError(
         f"needs {p.total / GB:.1f} GB per GPU, over the {p.budget / GB:.0f} GB budget; largest terms: "
         + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
         + f". Try {sleep}a larger parallel.tp / parallel.pp, parallel.distributed_optimizer=true, "
-        "model.recompute=full, a smaller parallel.micro_batch_size, fewer train.prompts_per_step, or more nodes"
+        f"model.recompute=full, a smaller {size_key}, fewer train.prompts_per_step, or more nodes"
     )

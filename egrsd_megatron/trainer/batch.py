@@ -11,13 +11,14 @@ sequences to data-parallel ranks and to micro-batches of at most that many token
 ONE row [1, T] per pass (data/packing.py: `Pack`, Megatron's THD layout with cu_seqlens), built from the
 SAME bins for student and teacher so the rows of `targets`, `mask`, `advantages` align. The response
 positions then point into the pack and the gathered logits have the same [n, R, V_local] layout as padded,
-so everything after the gather (token_stats, advantages, losses) is shared by both paths.
+so everything after the gather (token_stats, advantages, losses) is shared by both paths. Each pack keeps
+its own length at every pipeline-parallel size (PP > 1: Megatron's variable_seq_lengths, trainer/passes.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -54,6 +55,9 @@ class MicroBatch:
     # Row i holds sample sample_ids[i] of the list the micro-batches were made from (this rank's samples when
     # padded, the step's DP-gathered samples when packed): how per-token outputs find their sample.
     sample_ids: List[int] = field(default_factory=list)
+    # Real (unpadded) tokens of each row's sequence, per side ("student" / "teacher"): what `pass_token_metrics`
+    # compares with the computed positions.
+    seq_lengths: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +76,24 @@ class MicroBatch:
     def computed_tokens(self, side: str) -> int:
         """Token positions the `side` ("student" | "teacher") pass computes, padding included."""
         return int(getattr(self, f"{side}_ids").numel())
+
+    def real_tokens(self, side: str) -> int:
+        """Tokens of the `side` sequences themselves (no padding)."""
+        return sum(self.seq_lengths[side])
+
+
+def pass_token_metrics(mb: MicroBatch, teacher: bool) -> Dict[str, float]:
+    """The micro-batch's `computed_tokens_<side>` (positions its pass computes, padding included) and
+    `padding_frac_<side>` = 1 - real / computed, for the student pass and, when one ran, the teacher pass.
+    Reduced over micro-batches and DP ranks (trainer/metrics.py) the fraction is weighted by the computed
+    tokens: sum_r (1 - real_r / c_r) c_r / sum_r c_r = 1 - sum real / sum computed, the step's own fraction.
+    (The reference pass, loss.kl_coef > 0, runs the student sequences: the student's numbers.)"""
+    out: Dict[str, float] = {}
+    for side in ("student", "teacher") if teacher else ("student",):
+        computed = mb.computed_tokens(side)
+        out[f"computed_tokens_{side}"] = float(computed)
+        out[f"padding_frac_{side}"] = 1.0 - mb.real_tokens(side) / computed if computed else 0.0
+    return out
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, value: int = 0) -> torch.Tensor:
@@ -114,6 +136,10 @@ def make_micro_batches(samples: List[Sample], micro_batch_size: int, pad_id: int
                 advantages=torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
                 engine_logprobs=_engine_logprobs(chunk, r),
                 sample_ids=list(range(k, k + len(chunk))),
+                seq_lengths={
+                    "student": [len(s.student_prompt) + len(s.response) for s in chunk],
+                    "teacher": [len(s.teacher_prompt) + len(s.response) for s in chunk],
+                },
             )
         )
     return out
@@ -149,18 +175,15 @@ def sequence_lengths(samples: Sequence[Sample], teacher: bool = True) -> List[in
 def make_packed_micro_batches(
     samples: Sequence[Sample],
     bins: Sequence[Sequence[int]],
-    fixed_shape: bool = False,
     pad_id: int = 0,
     teacher: bool = True,
 ) -> List[MicroBatch]:
     """One packed MicroBatch per bin (indices into `samples`, data/balance.py); row r is samples[bin[r]].
 
-    `fixed_shape` (pipeline parallelism: the schedule sends fixed-shape activations): every student pack is
-    padded to the longest student pack of `bins`, every teacher pack to the longest teacher pack (each pass
-    is its own schedule, so the two lengths may differ; both are within the budget the bins were planned
-    for). Padding to the longest pack rather than to the budget: the bench's PP padding drops from 31% to 19%
-    of the computed tokens (bench/train_step.py --packing). `teacher=False`: no teacher packs (no teacher
-    pass will run; the budget then holds the student sequences only)."""
+    Every pack has its own length, its content's (no padding), at any pipeline-parallel size: with PP > 1
+    the schedule exchanges each activation's shape before sending it (variable_seq_lengths, passes.py).
+    `teacher=False`: no teacher packs (no teacher pass will run; the budget then holds the student
+    sequences only)."""
 
     def sides(b: Sequence[int], side: str):
         rows = [samples[i] for i in b]
@@ -168,15 +191,11 @@ def make_packed_micro_batches(
             len(getattr(s, f"{side}_prompt")) for s in rows
         ]
 
-    def longest(side: str) -> Optional[int]:
-        return max(sum(map(len, sides(b, side)[0])) for b in bins) if fixed_shape and bins else None
-
-    pad_s, pad_t = longest("student"), longest("teacher") if teacher else None
     out = []
     for k, b in enumerate(bins):
         rows = [samples[i] for i in b]
-        sp = pack_sequences(*sides(b, "student"), pad_s, pad_id)
-        tp = pack_sequences(*sides(b, "teacher"), pad_t, pad_id) if teacher else None
+        sp = pack_sequences(*sides(b, "student"), None, pad_id)
+        tp = pack_sequences(*sides(b, "teacher"), None, pad_id) if teacher else None
         out.append(
             MicroBatch(
                 index=k,
@@ -191,6 +210,7 @@ def make_packed_micro_batches(
                 student_pack=sp,
                 teacher_pack=tp,
                 sample_ids=list(b),
+                seq_lengths={"student": sp.lengths, **({"teacher": tp.lengths} if tp is not None else {})},
             )
         )
     return out
@@ -202,7 +222,6 @@ def packed_micro_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     *,
-    fixed_shape: bool = False,
     pad_id: int = 0,
     teacher: bool = True,
 ) -> List[MicroBatch]:
@@ -210,10 +229,10 @@ def packed_micro_batches(
     same order, on every DP rank): data/balance.py's plan (Karmarkar-Karp over the ranks, first-fit
     decreasing under `max_tokens`) is a pure function of the lengths, so every rank computes the same plan
     and keeps its own part. The loss does not depend on the plan: advantages are per sample (computed per
-    group before this), and the loss denominator is the global token or sequence count. `fixed_shape`:
-    PP > 1 (see make_packed_micro_batches; each DP rank's pipeline has its own shape)."""
+    group before this), and the loss denominator is the global token or sequence count. The same packs at
+    every PP size (see make_packed_micro_batches)."""
     plan = plan_micro_batches(sequence_lengths(samples, teacher), dp_size, max_tokens)
     mine = plan[dp_rank]
     if not mine:  # KK leaves a part empty only with fewer sequences than parts
         raise ValueError(f"packed_micro_batches: {len(samples)} sequences leave DP rank {dp_rank} of {dp_size} none")
-    return make_packed_micro_batches(samples, mine, fixed_shape, pad_id, teacher)
+    return make_packed_micro_batches(samples, mine, pad_id, teacher)

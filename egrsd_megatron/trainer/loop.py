@@ -250,8 +250,8 @@ class Trainer:
     def _micro_batches(self, samples: List[Sample], teacher: bool) -> List[MicroBatch]:
         """This rank's micro-batches: `parallel.micro_batch_size` padded rows of its own samples, or with
         `parallel.max_tokens_per_micro_batch` packs of the step's samples gathered over the data-parallel
-        group and balanced over its ranks (the same plan on every rank: trainer/batch.py). PP > 1 pads every
-        pack of a pass to that pass's longest pack (the pipeline schedule's fixed buffer shape)."""
+        group and balanced over its ranks (the same plan on every rank: trainer/batch.py), each pack its own
+        length at any PP size (variable_seq_lengths: trainer/passes.py)."""
         par, pad_id = self.cfg.parallel, self.tokenizer.pad_token_id or 0
         if not par.packing:
             return make_micro_batches(samples, par.micro_batch_size, pad_id=pad_id)
@@ -264,7 +264,6 @@ class Trainer:
             budget,
             self.info.dp_rank,
             self.dp,
-            fixed_shape=ps.get_pipeline_model_parallel_world_size() > 1,
             pad_id=pad_id,
             teacher=teacher,
         )

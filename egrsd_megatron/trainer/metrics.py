@@ -86,6 +86,12 @@ KINDS: Dict[str, Kind] = {
     "logprob_diff_max": MAX,
     # micro-batches whose logits held a NaN/+inf (their loss is NaN: the step is skipped)
     "nonfinite_logits": SUM,
+    # token positions each pass computed, padding included, and the padded share of them (batch.pass_token_metrics;
+    # weighted by the computed tokens, the mean is 1 - real / computed over the step)
+    "computed_tokens_student": SUM,
+    "computed_tokens_teacher": SUM,
+    "padding_frac_student": mean("computed_tokens_student"),
+    "padding_frac_teacher": mean("computed_tokens_teacher"),
 }
 
 

@@ -28,8 +28,9 @@ gathered into the same [n, R, V_local] layout, so the scoring and the losses bel
 The loss functions return (loss, num_tokens, metrics) with `config.calculate_per_token_loss = True`, so
 Megatron's schedule neither divides by the token count nor by the number of micro-batches: the loss is
 already normalised globally (data-parallel ranks x micro-batches sum to the global token mean). The
-student pass's metrics are one `metrics.Record` per micro-batch (scalars with their counts, and the
-teacher entropy per valid token for the global quantile); trainer/metrics.py reduces them.
+student pass's metrics are one `metrics.Record` per micro-batch (scalars with their counts, the teacher
+entropy per valid token for the global quantile, and the tokens each pass computed with their padding
+fraction, `batch.pass_token_metrics`); trainer/metrics.py reduces them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ..config.schema import LossConfig
 from ..losses import divergence_kind, policy_loss, token_advantages
 from ..models import causal_mask, packed_seq_params
 from ..ops.vocab_parallel import NonFiniteLogitsError, OneStats, TokenStats, token_stats, token_stats_one
-from .batch import MicroBatch, gather_positions
+from .batch import MicroBatch, gather_positions, pass_token_metrics
 from .metrics import Record
 
 
@@ -60,17 +61,23 @@ def _run_schedule(
 ) -> list:
     """Megatron's forward/backward schedule over `micro_batches`' `side` ("student" | "teacher") ids.
 
-    Padded: [b, L] ids with the explicit causal mask, L the same for every micro-batch. Packed: [1, T] ids,
-    no mask, PackedSeqParams (THD, cu_seqlens; RoPE positions restart per sequence); T is the same for
-    every micro-batch at PP > 1 (the schedule's fixed buffer shape: batch.packed_micro_batches(fixed_shape)),
-    else each pack's own (PP = 1 sends nothing between stages)."""
+    Padded: [b, L] ids with the explicit causal mask, L the same for every micro-batch (the schedule's fixed
+    [L, b, H] activation shape at PP > 1). Packed: [1, T] ids, no mask, PackedSeqParams (THD, cu_seqlens;
+    RoPE positions restart per sequence), T each pack's own. At PP > 1 that takes Megatron's
+    `variable_seq_lengths`: before every activation (or gradient) p2p send, the two stages exchange its
+    [3] int64 shape (p2p_communication._communicate_shapes, a batch_isend_irecv of its own; on gloo too)
+    and the receiver allocates that shape instead of [seq_length, micro_batch_size, H], so no pack is
+    padded (`seq_length` below is then unused). Nothing else needs a divisible length here: sequence
+    parallelism, which would need T % TP == 0, is off in this project."""
     device = next(model.parameters()).device
     ids0 = getattr(micro_batches[0], f"{side}_ids")
     lengths = {getattr(mb, f"{side}_ids").shape[1] for mb in micro_batches}
-    if len(lengths) > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+    packed = micro_batches[0].packed
+    pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+    if len(lengths) > 1 and pipelined and not packed:
         raise ValueError(f"{side} micro-batches of lengths {sorted(lengths)}: pipeline parallelism needs one length")
     seq_len = max(lengths)
-    mask = None if micro_batches[0].packed else causal_mask(seq_len, device)
+    mask = None if packed else causal_mask(seq_len, device)
     pos = torch.arange(seq_len, device=device)[None]
 
     def forward_step(data_iterator, chunk):
@@ -87,6 +94,9 @@ def _run_schedule(
         return out, partial(loss_func, mb)
 
     model.config.calculate_per_token_loss = True
+    # Per call: the same model runs packed and padded passes in the tests (the shape exchange costs two
+    # small messages per send, for nothing when every micro-batch has one shape).
+    model.config.variable_seq_lengths = packed and pipelined
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
@@ -336,6 +346,7 @@ def student_pass(
                 old_logprobs=old_logprobs,
                 ref_logprobs=ref_logprobs,
             )
+        record.values.update(pass_token_metrics(mb, teacher=teacher_logits is not None))
         return loss, torch.tensor(mb.num_tokens), record
 
     return _run_schedule(model, micro_batches, "student", loss_func, forward_only=forward_only)

@@ -1,9 +1,10 @@
 """Issue 16: the trainer's passes with packed micro-batches (parallel.max_tokens_per_micro_batch).
 
 One spawn of 2 gloo ranks runs TP=1 (x DP2: the balancer moves sequences between the ranks), TP=2 and PP=2
-(every pack padded to the longest: PP's fixed buffer shape). For every loss variant of test_trainer.VARIANTS
-(every loss name, the k3 KL to the reference, OPSD's JSD, two PPO epochs) it runs `run_update` (teacher,
-reference and student passes, optimizer) for 2 steps on the same 16 sequences from the same weights:
+(each pack its own length: Megatron's variable_seq_lengths exchanges the activation shapes). For every loss
+variant of test_trainer.VARIANTS (every loss name, the k3 KL to the reference, OPSD's JSD, two PPO epochs) it
+runs `run_update` (teacher, reference and student passes, optimizer) for 2 steps on the same 16 sequences
+from the same weights:
 padded (parallel.micro_batch_size=4, each DP rank its own 8 sequences), packed under a budget of 64 tokens
 and (`layouts_of`) packed under 32 (another assignment to ranks and micro-batches). The per-step losses and
 grad norms must agree to the tolerance derived in `tolerances`. The sequences mimic rollouts: many short
@@ -86,8 +87,8 @@ def _config(hf_dir: str, variant: dict, tp: int, pp: int):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def _step_loss(records) -> float:
-    """The step's loss as the trainer logs it: records of every rank's last stage (TP rank 0), summed."""
+def _step_metrics(records) -> Dict[str, float]:
+    """The step's metrics as the trainer logs them: records of every rank's last stage (TP rank 0), reduced."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -96,7 +97,7 @@ def _step_loss(records) -> float:
     mine = records if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else None
     gathered: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    return reduce_metrics([g for g in gathered if g is not None])["loss"]
+    return reduce_metrics([g for g in gathered if g is not None])
 
 
 def run_variant(
@@ -128,33 +129,51 @@ def run_variant(
     else:
         budget = BUDGETS[layout]
         with_teacher = teacher_pass_needed(cfg.loss, cfg.teacher.log_entropy)
-        mbs = packed_micro_batches(samples, budget, dp_rank, dp, fixed_shape=pp > 1, teacher=with_teacher)
+        mbs = packed_micro_batches(samples, budget, dp_rank, dp, teacher=with_teacher)
     scoring = scoring_for(cfg, _arch().vocab_size, ps.get_tensor_model_parallel_group())
+    # What the student model really computed: the [s, b, H] input of its first local layer, every forward, on
+    # every stage (a later stage's input is what the p2p exchange delivered).
+    forward_tokens: List[int] = []
+
+    def count(_module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        forward_tokens.append(int(hidden.shape[0] * hidden.shape[1]))
+
+    hook = model.decoder.layers[0].register_forward_pre_hook(count, with_kwargs=True)
 
     def all_reduce_max(v: float) -> float:
         t = torch.tensor([v], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
-    out: Dict[str, list] = {"loss": [], "grad_norm": [], "lr": []}
-    for _ in range(STEPS):
-        out["lr"].append(sched.get_last_lr()[0])
-        res = run_update(
-            cfg,
-            model,
-            teacher,
-            reference,
-            opt,
-            sched,
-            mbs,
-            denominator=None if local_norm else float(local_denominator(samples, cfg.loss.aggregation)),
-            scoring=scoring,
-            pp_size=pp,
-            all_reduce_max=all_reduce_max,
-        )
-        assert not res.skipped
-        out["loss"].append(_step_loss(res.records))
-        out["grad_norm"].append(res.grad_norm)
+    out: Dict[str, Any] = {"loss": [], "grad_norm": [], "lr": []}
+    try:
+        for _ in range(STEPS):
+            out["lr"].append(sched.get_last_lr()[0])
+            res = run_update(
+                cfg,
+                model,
+                teacher,
+                reference,
+                opt,
+                sched,
+                mbs,
+                denominator=None if local_norm else float(local_denominator(samples, cfg.loss.aggregation)),
+                scoring=scoring,
+                pp_size=pp,
+                all_reduce_max=all_reduce_max,
+            )
+            assert not res.skipped
+            logged = _step_metrics(res.records)
+            out["loss"].append(logged["loss"])
+            out["pass_tokens"] = {k: logged[k] for k in logged if k.startswith(("computed_tokens_", "padding_frac_"))}
+            out["grad_norm"].append(res.grad_norm)
+    finally:
+        hook.remove()
+    stages: List[Any] = [None] * pp
+    dist.all_gather_object(stages, forward_tokens, group=ps.get_pipeline_model_parallel_group())
+    out["forward_tokens_by_stage"] = stages
+    out["student_real_tokens"] = [mb.real_tokens("student") for mb in mbs]
     out["micro_batches"] = len(mbs)
     out["sequences_per_mb"] = [int(mb.mask.shape[0]) for mb in mbs]
     out["computed_tokens"] = sum(mb.computed_tokens("student") for mb in mbs)
@@ -219,7 +238,11 @@ def train_rows(overrides: list) -> dict:
     dist.barrier()
     with open(os.path.join(cfg.train.out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return {k: [r[k] for r in rows] for k in ("loss", "grad_norm", "lr", "response_length", "accuracy")}
+    keys = ("loss", "grad_norm", "lr", "response_length", "accuracy", *PASS_TOKEN_KEYS)
+    return {k: [r[k] for r in rows] for k in keys}
+
+
+PASS_TOKEN_KEYS = tuple(f"{m}_{side}" for m in ("computed_tokens", "padding_frac") for side in ("student", "teacher"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -324,10 +347,29 @@ def test_packing_really_packs_and_assignments_differ():
         assert main["micro_batches"] < alt["micro_batches"], (layout, main, alt)
     dp = [res[f"tp1pp1/cl_egrsd/packed/dp{r}"]["sequences_per_mb"] for r in (0, 1)]
     assert sum(map(sum, dp)) == GROUPS * G and all(dp), dp
-    # PP=2 pads every pack to one length <= the budget (the fixed buffer shape); PP=1 packs have their own.
-    pp2, pp1 = res["tp1pp2/cl_egrsd/packed/dp0"], res["tp1pp1/cl_egrsd/packed/dp0"]
-    assert len(pp2["student_lengths"]) == 1 and pp2["student_lengths"][0] <= BUDGETS["packed"]
-    assert pp2["student_lengths"][0] == max(pp1["student_lengths"]) and len(pp1["student_lengths"]) > 1
+    # No padding at PP=2 (variable_seq_lengths) as at PP=1: packs of several lengths, and what each stage's
+    # first layer computed, forward by forward (the student pass of each step; cl_egrsd's teacher is a frozen
+    # copy), is exactly each pack's real tokens: the sum of its sequence lengths.
+    for layout in ("tp1pp1", "tp1pp2"):
+        got = res[f"{layout}/cl_egrsd/packed/dp0"]
+        assert len(got["student_lengths"]) > 1, (layout, got["student_lengths"])
+        assert got["computed_tokens"] == sum(got["student_real_tokens"]), layout
+        assert len(got["forward_tokens_by_stage"]) == int(layout[-1])
+        for stage, seen in enumerate(got["forward_tokens_by_stage"]):
+            assert seen == got["student_real_tokens"] * STEPS, (layout, stage, seen, got["student_real_tokens"])
+        # The logged per-pass metrics of the step (batch.pass_token_metrics, reduced): packed 0 padding and
+        # the sequences' own tokens; padded (micro_batch_size=4, every row as long as the batch's longest)
+        # more positions, of which computed x (1 - padding_frac) are the same real tokens.
+        pad, pk = res[f"{layout}/cl_egrsd/padded/dp0"]["pass_tokens"], got["pass_tokens"]
+        samples, dp = make_samples(_arch().vocab_size, True), 2 if layout == "tp1pp1" else 1
+        per = len(samples) // dp
+        for side in ("student", "teacher"):
+            lengths = [len(getattr(s, f"{side}_prompt")) + len(s.response) for s in samples]
+            padded = sum(per * max(lengths[r * per : (r + 1) * per]) for r in range(dp))  # each rank's longest
+            assert pk[f"computed_tokens_{side}"] == sum(lengths) and pk[f"padding_frac_{side}"] == 0.0, (layout, pk)
+            assert pad[f"computed_tokens_{side}"] == padded and pad[f"padding_frac_{side}"] > 0, (layout, pad)
+            real = pad[f"computed_tokens_{side}"] * (1 - pad[f"padding_frac_{side}"])
+            assert real == pytest.approx(sum(lengths), rel=1e-12), (layout, side, pad, pk)
 
 
 @pytest.mark.slow
@@ -359,3 +401,13 @@ def test_trainer_packed_equals_padded():
     for step in range(STEPS):
         assert abs(got["loss"][step] - ref["loss"][step]) <= atol[step], (step, got, ref, atol)
         assert abs(got["grad_norm"][step] - ref["grad_norm"][step]) <= rtol[step] * ref["grad_norm"][step]
+    # The logged per-pass token counts (batch.pass_token_metrics): packed at PP=1 computes no padding; the
+    # padded run computes at least as many positions, of which the real ones, computed x (1 - padding_frac),
+    # are the packed run's (the same rollouts; this run's rollouts may all have one length, padding then 0
+    # on both sides). Float64 arithmetic on integers < 2^20: equal to ~1e-12 relative.
+    for side in ("student", "teacher"):
+        for step in range(STEPS):
+            c_pad, f_pad = ref[f"computed_tokens_{side}"][step], ref[f"padding_frac_{side}"][step]
+            c_pk, f_pk = got[f"computed_tokens_{side}"][step], got[f"padding_frac_{side}"][step]
+            assert f_pk == 0.0 and c_pk > 0 and c_pad >= c_pk, (side, step, ref, got)
+            assert c_pad * (1 - f_pad) == pytest.approx(c_pk, rel=1e-12), (side, step, ref, got)

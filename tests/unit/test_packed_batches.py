@@ -1,7 +1,8 @@
 """Packed micro-batches of the trainer (trainer/batch.py, issue 16), without a model.
 
 - every sample lands in exactly one pack of one DP rank, student and teacher packs row-aligned, the
-  response positions pointing at the token before each target, PP's padding to the budget;
+  response positions pointing at the token before each target, no padding (any PP size);
+- the per-pass computed tokens and padding fraction metrics, by hand;
 - the logged loss and metrics do not depend on the balancer's assignment (budgets, DP sizes), for every
   loss configuration of test_trainer_pieces.CONFIGS (the padded micro-batch-size test's twin);
 - the config: the key's checks, the refused per-micro-batch gate quantile, micro_batch_size unused.
@@ -22,9 +23,10 @@ from egrsd_megatron.trainer.batch import (
     gather_positions,
     make_micro_batches,
     packed_micro_batches,
+    pass_token_metrics,
     sequence_lengths,
 )
-from egrsd_megatron.trainer.metrics import KINDS, reduce_metrics, rollout_record
+from egrsd_megatron.trainer.metrics import KINDS, Record, reduce_metrics, rollout_record
 from egrsd_megatron.trainer.passes import micro_batch_loss
 from egrsd_megatron.trainer.rollouts import Rollout, Rollouts
 from egrsd_megatron.trainer.update import local_denominator
@@ -44,18 +46,17 @@ def _samples(n: int = 10, seed: int = 0):
     return out
 
 
-@pytest.mark.parametrize("fixed_shape", [False, True])
-def test_packs_cover_every_sample_once_and_align_student_and_teacher(fixed_shape):
+def test_packs_cover_every_sample_once_and_align_student_and_teacher():
     samples = _samples()
     seen = []
     for rank in range(2):
         bins = plan_micro_batches(sequence_lengths(samples), 2, 24)[rank]
-        mbs = packed_micro_batches(samples, 24, rank, 2, fixed_shape=fixed_shape)
+        mbs = packed_micro_batches(samples, 24, rank, 2)
         for side in ("student", "teacher"):
             lengths = [getattr(mb, f"{side}_ids").shape[1] for mb in mbs]
             content = [sum(getattr(mb, f"{side}_pack").lengths) for mb in mbs]
-            # fixed_shape (PP > 1): one length per pass, the longest pack's; else each pack its own content
-            assert lengths == ([max(content)] * len(mbs) if fixed_shape else content), (side, lengths, content)
+            # each pack its own content, no padding (at PP > 1 too: variable_seq_lengths)
+            assert lengths == content and len(set(lengths)) > 1, (side, lengths, content)
             assert max(lengths) <= 24
         assert len(mbs) == len(bins) and [mb.index for mb in mbs] == list(range(len(mbs)))
         for mb, b in zip(mbs, bins):
@@ -74,6 +75,29 @@ def test_packs_cover_every_sample_once_and_align_student_and_teacher(fixed_shape
                 assert mb.engine_logprobs[r, :n].tolist() == pytest.approx(samples[i].engine_logprobs)
             assert torch.equal(mb.segment_ids, torch.arange(len(b)).unsqueeze(1).expand_as(mb.mask))
     assert sorted(seen) == list(range(len(samples)))
+
+
+def test_pass_token_metrics_count_padding_per_pass():
+    """computed_tokens_<side> and padding_frac_<side> by hand, padded and packed, and their reduction over
+    micro-batches and ranks: 1 - real / computed of the whole step, whatever the split."""
+    mk = [Sample([1, 2], [1, 2, 3, 4], [5] * n, 0.0, 0.0, False, 0) for n in (1, 3, 6)]
+    # padded to the batch's longest: student 2 + 6 = 8, teacher 4 + 6 = 10 positions per row
+    mbs = make_micro_batches(mk, 3)
+    got = pass_token_metrics(mbs[0], teacher=True)
+    assert got["computed_tokens_student"] == 24 and got["computed_tokens_teacher"] == 30
+    # real: student 3 + 5 + 8 = 16 of 24, teacher 5 + 7 + 10 = 22 of 30
+    assert got["padding_frac_student"] == pytest.approx(8 / 24, abs=1e-15)
+    assert got["padding_frac_teacher"] == pytest.approx(8 / 30, abs=1e-15)
+    assert set(pass_token_metrics(mbs[0], teacher=False)) == {"computed_tokens_student", "padding_frac_student"}
+    # two padded micro-batches of 1 and 2 rows: per record its own fraction, reduced to the step's one
+    split = [pass_token_metrics(mb, teacher=True) for mb in make_micro_batches(mk, 1)]
+    red = reduce_metrics([[Record(v) for v in split]])
+    assert red["computed_tokens_student"] == 24 and red["padding_frac_student"] == pytest.approx(8 / 24, abs=1e-15)
+    # packed: each pack its own content, no padding
+    packed = [pass_token_metrics(mb, teacher=True) for mb in packed_micro_batches(mk, 12)]
+    red = reduce_metrics([[Record(v) for v in packed]])
+    assert red["computed_tokens_student"] == 16 and red["computed_tokens_teacher"] == 22
+    assert red["padding_frac_student"] == 0.0 and red["padding_frac_teacher"] == 0.0
 
 
 def test_gather_positions_of_a_pack_and_of_padded_rows():

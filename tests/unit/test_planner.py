@@ -16,7 +16,16 @@ from egrsd_megatron.cli import main
 from egrsd_megatron.config.loader import load_config
 from egrsd_megatron.config.schema import ConfigError
 from egrsd_megatron.models import resolve_arch
-from egrsd_megatron.planner import GB, PlanSettings, check_fits, make_layout, plan, stage_params
+from egrsd_megatron.planner import (
+    GB,
+    MicroBatchShape,
+    PlanSettings,
+    check_fits,
+    format_plan,
+    make_layout,
+    plan,
+    stage_params,
+)
 
 LAYER_MATRICES = 192_937_984
 LAYER_NORMS = 8_448
@@ -135,6 +144,38 @@ def test_pipeline_stages_and_in_flight_micro_batches():
         assert p.train_transient["activations"] == first / 2
 
 
+def test_packed_micro_batches_are_bounded_by_the_token_budget():
+    """parallel.max_tokens_per_micro_batch=T: one pack of <= T positions per forward (Megatron's b = 1), so the
+    activation and logits terms scale with T, not with micro_batch_size x S (micro_batch_size is unused)."""
+    packed = ["parallel.max_tokens_per_micro_batch=16384"]
+    cfg = cfg8b(*packed, "parallel.micro_batch_size=3")  # 3 divides no 32 rollouts: unused when packing
+    p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    # S = 5120: a pack of 16384 holds floor(16384 / 5120) = 3 sequences; 32 rollouts per DP rank -> 11 packs.
+    assert p.micro_batch == MicroBatchShape(packed=True, rows=1, tokens=16384, sequences=3, count=11)
+    t = p.train_transient
+    # 58,880 bytes per token per layer (test_qwen3_8b_tp4_dp8_by_hand) x 16384 positions x 36 layers, 1 in flight.
+    assert t["activations"] == 58_880 * 16384 * 36 == 34_728_837_120
+    # Logits and their gradient of the whole pack: 2 x 16384 x 38,016 x 4 bytes.
+    assert t["student logits + grad (fp32)"] == 2 * 16384 * 38_016 * 4 == 4_982_833_152
+    # The pack's gathered response logits [n = 3, R = 4096, V/TP = 38,016] in bf16.
+    assert t["teacher logits (one micro-batch)"] == 3 * 4096 * 38_016 * 2 == 934_281_216
+    assert t["token_stats chunk"] == 622_854_144  # unchanged
+    text = format_plan(p)
+    assert "micro-batch: packed: 1 row of <= 16,384 tokens" in text and "11 micro-batch(es)" in text
+    assert "3 sequence(s) of 5120 tokens per pack" in text
+    # PP=2 at TP=2: the first stage holds min(PP = 2, 11 packs) in flight, 84,992 bytes per token per layer.
+    cfg = cfg8b(*packed, "parallel.tp=2", "parallel.pp=2")
+    p = plan(cfg, resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    first = 2 * 16384 * 18 * 84_992
+    assert p.train_transient["activations"] == (first if p.stage == "0 of 2" else first / 2)
+    # A budget below one planned sequence: the error names the key (the trainer would refuse its first step).
+    with pytest.raises(ConfigError, match=r"'parallel.max_tokens_per_micro_batch': 4096 tokens cannot hold .* 5120"):
+        plan(cfg8b("parallel.max_tokens_per_micro_batch=4096"), resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    # The padded plan reports its own shape: 2 rows x 5120, 16 micro-batches.
+    padded = plan(cfg8b(), resolve_arch(cfg.model), nodes=4, gpus_per_node=8)
+    assert padded.micro_batch == MicroBatchShape(packed=False, rows=2, tokens=10240, sequences=2, count=16)
+
+
 @pytest.mark.parametrize(
     "extra, key, per_rollout_token",
     [
@@ -226,6 +267,8 @@ def test_cli_prints_table_and_fails_when_over_budget(tmp_path, capsys):
     assert "over the 80 GB budget" in text.err
     d = json.loads(out.read_text())
     assert d["layout"]["dp"] == 8 and d["fits"] is False
+    assert d["micro_batch"] == {"packed": False, "rows": 2, "tokens": 10240, "sequences": 2, "count": 16}
+    assert "micro-batch: padded: 2 row(s) x 5,120 tokens (parallel.micro_batch_size), 16 micro-batch(es)" in text.out
     # A byte count: a sum of integer-valued terms below 2^53, exact in float64 and in JSON.
     assert d["peak_bytes"] == 87_410_515_968
     assert d["training_phase_bytes"] == 87_410_515_968 and d["notes"][0].startswith("rollout engine: hf, bfloat16")
