@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.utils import narrow_tensor_by_index
@@ -80,8 +80,6 @@ class _SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md = load_dcp_metadata(os.path.join(str(self.path), DCP_METADATA))
         if getattr(md, "storage_meta", None) is None:  # what FileSystemReader.read_metadata does too
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
         return md
