@@ -32,6 +32,7 @@ KV groups added when TP does not divide them change the attention shapes, which 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -330,7 +331,10 @@ class DistSource:
         if layer is not None:
             shape, offsets = (1,) + shape[1:], (layer,) + offsets[1:]
         dest = torch.empty(shape, dtype=md.properties.dtype)
-        dcp_load({key: dest}, storage_reader=self._reader, planner=_RegionPlanner({key: (offsets, dest)}), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            planner = _RegionPlanner({key: (offsets, dest)})
+            dcp_load({key: dest}, storage_reader=self._reader, planner=planner, no_dist=True)
         return dest[0] if layer is not None else dest
 
     def fetch(self, hf_names: Sequence[str]) -> List[torch.Tensor]:
