@@ -4,6 +4,7 @@ protocol that resharding reads from."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -60,7 +61,31 @@ def test_dispatch_on_the_format_field(meg, tmp_path, monkeypatch):
 
 def test_unknown_format_names_the_known_ones(tmp_path):
     (tmp_path / META_FILE).write_text(json.dumps({"format": "zarr-v9"}))
-    with pytest.raises(InputError, match=rf"format 'zarr-v9' is not a known checkpoint format \(known: {FORMAT}\)"):
+    known = ", ".join(sorted(formats.FORMATS))  # the per-rank torch layout and Megatron-Core's torch_dist
+    assert FORMAT in known and "megatron-core-torch-dist" in known
+    with pytest.raises(InputError, match=rf"format 'zarr-v9' is not a known checkpoint format \(known: {known}\)"):
         formats.load_checkpoint(None, None, str(tmp_path))
     with pytest.raises(InputError, match="checkpoint format 'zarr-v9' is not known"):
         formats.save_checkpoint(None, None, str(tmp_path / "o"), fmt="zarr-v9")
+
+
+def test_ckpt_format_is_validated_and_the_cluster_configs_use_torch_dist():
+    from egrsd_megatron.config import ConfigError, load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(ConfigError, match="train.ckpt_format.*torch, torch_dist"):
+        load_config(None, ["train.ckpt_format=zarr"])
+    assert load_config(os.path.join(root, "conf", "tiny_cpu.yaml"), []).train.ckpt_format == "torch"
+    for name in ("qwen3_8b.yaml", "qwen3_4b.yaml"):
+        assert load_config(os.path.join(root, "conf", name), []).train.ckpt_format == "torch_dist", name
+
+
+def test_torch_dist_refuses_to_reshard_padded_attention_groups():
+    """Zero KV groups added at the written TP change the attention tensors' global shapes: named, not read."""
+    from egrsd_megatron.checkpoint.dist_format import check_reshardable
+    from egrsd_megatron.models import PRESETS
+
+    arch = PRESETS["qwen3_tiny"]  # 2 KV heads: no padding at TP 1 or 2
+    check_reshardable({"tp": 2, "megatron_query_groups": arch.megatron_groups(2)}, arch, 1, "ck")
+    with pytest.raises(InputError, match=r"ck: written at TP=4 with 4 query groups .* cannot reshard"):
+        check_reshardable({"tp": 4, "megatron_query_groups": 4, "padded_kv_groups": 2}, arch, 2, "ck")
