@@ -21,8 +21,10 @@ obstacle: with torch 2.13, gloo does run `dist.reduce_scatter_tensor` and `dist.
 all_gather_single). ZeroRedundancyOptimizer uses only broadcast, which every backend has.
 bf16 parameters (model.params_dtype=bf16, the cluster configs) get `MasterWeightAdamW`: fp32 master
 weights and moments in the optimizer state, so small updates are not rounded away.
-Checkpoints: `checkpoint.train_state` saves each DP rank's shard (`checkpoint.optimizer_state`) with
-global parameter indices, so a checkpoint can be resumed with either optimizer kind and any DP size.
+Checkpoints: `checkpoint.train_state` saves each DP rank's shard, in the torch format with global
+parameter indices (`checkpoint.optimizer_state`), in torch_dist as tensors sharded like their parameters
+(`checkpoint.dist_train_state`), so a checkpoint resumes with either optimizer kind and any DP size
+(torch_dist: any TP/PP too).
 """
 
 from __future__ import annotations
