@@ -425,6 +425,9 @@ class TrainConfig:
     eval_every: int = 0  # validation on data.eval_path every N steps (0: never)
     eval_samples: int = 32
     max_nonfinite_in_row: int = 3
+    # Asynchronous checkpoint save (torch_dist only; checkpoint/async_save.py): the save call returns once the
+    # state is staged, the write goes on in a forked process; the next save and the end of the run wait for it.
+    async_save: bool = False
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
