@@ -18,7 +18,7 @@ import torch
 
 from ..models.arch import ModelArch
 from ..utils.errors import InputError
-from . import megatron_format
+from . import dist_format, megatron_format
 from .metadata import META_FILE, read_metadata
 
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckpointFormat", "load_checkpoint", "open_source", "save_checkpoint"]
@@ -38,6 +38,13 @@ FORMATS: Dict[str, CheckpointFormat] = {
         megatron_format.save_model_checkpoint,
         megatron_format.load_model_checkpoint,
         megatron_format.MegatronSource,
+    ),
+    # Megatron-Core dist_checkpointing (torch_dist): training checkpoints with train.ckpt_format=torch_dist.
+    dist_format.FORMAT: CheckpointFormat(
+        dist_format.FORMAT,
+        dist_format.save_model_checkpoint,
+        dist_format.load_model_checkpoint,
+        dist_format.DistSource,
     ),
 }
 DEFAULT_FORMAT = megatron_format.FORMAT

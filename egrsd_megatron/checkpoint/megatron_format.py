@@ -12,10 +12,11 @@ Layout written (what Megatron-LM's `load_checkpoint` reads with `--ckpt-format t
 State-dict keys are GPTModel's local-spec names (per-stage layer numbering, `_extra_state` entries None),
 checked in the tests by `GPTModel.load_state_dict(..., strict=True)`, which is the call Megatron-LM makes.
 
-Why this format and not Megatron-Core dist_checkpointing (torch_dist): writing a torch_dist checkpoint
-needs the model's sharded_state_dict and a process group of TP x PP ranks, so a converter would have to
-build the model on N spawned ranks; the per-rank layout can be written from the mapping alone, in one
-process, rank file by rank file, with at most one rank's shard in memory. Resharding on load (any TP/PP)
+Why the converter writes this format and not Megatron-Core dist_checkpointing (torch_dist, dist_format.py,
+which training checkpoints use with train.ckpt_format=torch_dist): writing a torch_dist checkpoint needs
+the model's sharded_state_dict and a process group of TP x PP ranks, so a converter would have to build
+the model on N spawned ranks; the per-rank layout can be written from the mapping alone, in one process,
+rank file by rank file, with at most one rank's shard in memory. Resharding on load (any TP/PP)
 is done here: each target parameter is rebuilt from the source TP shards (files memory-mapped, one
 parameter at a time) through the Hugging Face layout, then cut for the target rank.
 """

@@ -10,18 +10,26 @@ are stored as tensors and plain ints, not numpy objects: `train_state._rng_state
 `SAFE_GLOBALS` is empty: nothing beyond torch's defaults is trusted. A future entry must be a class
 whose construction runs no user code (e.g. a dataclass of numbers), with the reason beside it.
 Every `.pt` read of the project goes through `load_pt`.
+
+torch_dist checkpoints (dist_format.py) add one more pickle: torch.distributed.checkpoint's `.metadata`,
+which torch unpickles with plain `pickle.load`. `load_dcp_metadata` reads it with an unpickler that
+resolves only `DCP_METADATA_GLOBALS`: the metadata dataclasses of torch.distributed.checkpoint and the
+torch types their fields hold (the exact list found by listing the GLOBAL opcodes of the files
+Megatron-Core 0.16.1 writes with torch 2.13: tests/unit/test_checkpoint_safety.py keeps it exact).
+Constructing any of them runs no user code (dataclass fields, an Enum lookup, torch.Size of ints).
 """
 
 from __future__ import annotations
 
+import io
 import pickle
-from typing import Any, Tuple
+from typing import Any, FrozenSet, Tuple
 
 import torch
 
 from ..utils.errors import InputError
 
-__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "load_pt"]
+__all__ = ["DCP_METADATA_GLOBALS", "SAFE_GLOBALS", "UnsafeCheckpointError", "load_dcp_metadata", "load_pt"]
 
 # Globals the checkpoints need beyond torch's weights_only defaults (see the module docstring): none.
 SAFE_GLOBALS: Tuple[Any, ...] = ()
@@ -64,4 +72,58 @@ def load_pt(path: str, what: str, mmap: bool = False) -> Any:
         raise InputError(
             f"{path}: cannot be read as {what} ({type(e).__name__}: {e}); the file is damaged or is "
             f"not a torch checkpoint file"
+        ) from None
+
+
+_DCP = "torch.distributed.checkpoint.metadata"
+# (module, name) a torch.distributed.checkpoint `.metadata` file may name (module docstring).
+DCP_METADATA_GLOBALS: FrozenSet[Tuple[str, str]] = frozenset(
+    {
+        (_DCP, "Metadata"),
+        (_DCP, "TensorStorageMetadata"),
+        (_DCP, "BytesStorageMetadata"),
+        (_DCP, "ChunkStorageMetadata"),
+        (_DCP, "TensorProperties"),
+        (_DCP, "_MEM_FORMAT_ENCODING"),
+        (_DCP, "MetadataIndex"),
+        (_DCP, "StorageMeta"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch", "strided"),
+        *(("torch", d) for d in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")),
+    }
+)
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: str) -> None:
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in DCP_METADATA_GLOBALS:
+            raise UnsafeCheckpointError(
+                f"{self.path}: refused to load torch_dist checkpoint metadata: it names {module}.{name}, which "
+                f"is not one of torch.distributed.checkpoint's metadata types. egrsd and Megatron-Core never "
+                f"write such objects; the file was altered or not written by them. Unpickling it would run "
+                f"code from the file: delete the checkpoint, or resume from another one"
+            )
+        return super().find_class(module, name)
+
+
+def load_dcp_metadata(path: str) -> Any:
+    """A torch.distributed.checkpoint `.metadata` file, unpickled through DCP_METADATA_GLOBALS only.
+
+    A foreign global raises UnsafeCheckpointError naming it (before anything is constructed); a
+    truncated or non-pickle file raises InputError naming the file.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _DCPMetadataUnpickler(io.BytesIO(data), path).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or not a pickle: named, not a traceback from pickle
+        raise InputError(
+            f"{path}: cannot be read as torch_dist checkpoint metadata ({type(e).__name__}: {e}); the file is damaged"
         ) from None

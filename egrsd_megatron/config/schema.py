@@ -420,6 +420,10 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     resume: str = "auto"  # auto | none | <checkpoint folder>
+    # Training checkpoint layout (checkpoint/train_state.py): torch = Megatron-LM's per-rank files (one
+    # process can read them; resume at the same TP/PP); torch_dist = Megatron-Core dist_checkpointing
+    # (sharded; resumes at another TP/PP/DP, model and Adam states resharded). Resume reads either.
+    ckpt_format: Literal["torch", "torch_dist"] = "torch"
     log_every: int = 1
     sample_every: int = 10  # write sampled rollouts to jsonl every N steps (0: never)
     eval_every: int = 0  # validation on data.eval_path every N steps (0: never)
@@ -434,6 +438,7 @@ class TrainConfig:
         _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        check_literals(self, "train")
 
 
 @dataclass

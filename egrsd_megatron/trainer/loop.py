@@ -188,6 +188,7 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
             teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
             tokenizer=self.tokenizer,
+            fmt=self.cfg.train.ckpt_format,
             async_saver=self.saver,
         )
 

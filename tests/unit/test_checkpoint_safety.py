@@ -1,16 +1,18 @@
 """checkpoint/safe_load.py and checkpoint/manifest.py: a foreign pickled object is refused without running
-it; every kind of damage to a checkpoint file (delete, truncate, flip a byte, append) is named."""
+it (in a `.pt` file and in torch_dist's `.metadata`); every kind of damage to a checkpoint file (delete,
+truncate, flip a byte, append) is named."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pytest
 import torch
 
 from egrsd_megatron.checkpoint.manifest import MANIFEST_FILE, verify_manifest, write_manifest
-from egrsd_megatron.checkpoint.safe_load import UnsafeCheckpointError, load_pt
+from egrsd_megatron.checkpoint.safe_load import DCP_METADATA_GLOBALS, UnsafeCheckpointError, load_dcp_metadata, load_pt
 from egrsd_megatron.utils.errors import InputError
 
 
@@ -116,3 +118,63 @@ def test_damaged_or_missing_manifest_is_named(tmp_path, how):
     assert len(problems) == 1 and str(root / MANIFEST_FILE) in problems[0], problems
     if how == "flip":  # a flipped byte in JSON either breaks it or alters an entry: named either way
         assert "damaged" in problems[0] or "does not match" in problems[0] or "bytes" in problems[0], problems
+
+
+# ------------------------------------------------------------ torch_dist: torch.distributed.checkpoint's .metadata
+def _dcp_folder(root):
+    """A torch.distributed.checkpoint folder written in one process (what each torch_dist rank writes)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(
+        {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)},
+        checkpoint_id=str(root),
+        no_dist=True,
+    )
+    return root
+
+
+class _Recorder(pickle.Unpickler):
+    def __init__(self, f):
+        super().__init__(f)
+        self.names = set()
+
+    def find_class(self, module, name):
+        self.names.add((module, name))
+        return super().find_class(module, name)
+
+
+def test_dcp_metadata_loads_and_allowlist_covers_it(tmp_path):
+    root = _dcp_folder(tmp_path / "dcp")
+    md = load_dcp_metadata(str(root / ".metadata"))
+    assert sorted(md.state_dict_metadata) == ["b", "w"] and tuple(md.state_dict_metadata["w"].size) == (3, 4)
+    with open(root / ".metadata", "rb") as f:
+        rec = _Recorder(f)
+        rec.load()
+    assert rec.names <= DCP_METADATA_GLOBALS, rec.names - DCP_METADATA_GLOBALS
+
+
+@pytest.mark.parametrize("kind", ["os_system", "custom_class"])
+def test_dcp_metadata_with_a_foreign_object_is_refused_and_never_runs(tmp_path, kind):
+    from egrsd_megatron.checkpoint.dist_format import stored_tensors
+
+    root = _dcp_folder(tmp_path / "dcp")
+    marker = tmp_path / "pwned"
+    md = load_dcp_metadata(str(root / ".metadata"))
+    md.planner_data = Payload(str(marker)) if kind == "os_system" else Custom()
+    with open(root / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    for load in (lambda: load_dcp_metadata(str(root / ".metadata")), lambda: stored_tensors(str(root))):
+        with pytest.raises(UnsafeCheckpointError) as e:
+            load()
+        msg = str(e.value)
+        assert str(root / ".metadata") in msg and "refused to load torch_dist checkpoint metadata" in msg, msg
+        assert ("system" in msg) if kind == "os_system" else ("Custom" in msg), msg
+        assert not marker.exists()
+
+
+def test_damaged_dcp_metadata_is_named(tmp_path):
+    root = _dcp_folder(tmp_path / "dcp")
+    p = root / ".metadata"
+    p.write_bytes(p.read_bytes()[:50])
+    with pytest.raises(InputError, match=r"cannot be read as torch_dist checkpoint metadata"):
+        load_dcp_metadata(str(p))
