@@ -439,6 +439,12 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         check_literals(self, "train")
+        _check(
+            not self.async_save or self.ckpt_format == "torch_dist",
+            "train.async_save",
+            f"true needs train.ckpt_format=torch_dist (got {self.ckpt_format!r}: the torch format is written "
+            "synchronously); set train.ckpt_format=torch_dist or train.async_save=false",
+        )
 
 
 @dataclass

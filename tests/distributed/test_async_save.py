@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from egrsd_megatron.checkpoint.manifest import verify_manifest
-from egrsd_megatron.config import load_config
+from egrsd_megatron.config import ConfigError, load_config
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
 from tests.distributed.test_trainer import tiny_overrides, write_data
@@ -272,3 +272,10 @@ def test_async_training_run_matches_sync_and_resumes(tmp_path):
         ]
         # Trainer.run returned only once the last checkpoint was complete.
         assert r["latest_at_return"] == "step_00000003" and r["problems_at_return"] == []
+
+
+def test_async_save_needs_torch_dist():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.async_save=true", "train.ckpt_format=torch"])
+    assert "train.async_save" in str(e.value) and "train.ckpt_format=torch_dist" in str(e.value)
+    assert load_config(None, ["train.async_save=true", "train.ckpt_format=torch_dist"]).train.async_save
