@@ -93,10 +93,8 @@ def _worker(rank: int, world: int, preset: str, repeats: int, work_dir: str, kee
             times["call"].append(time.perf_counter() - t)
             if saver is not None:
                 t = time.perf_counter()
-                for call in list(saver._queue.async_calls):  # the forked writer (TemporalAsyncCaller.process)
-                    if call.async_caller.process is not None:
-                        while call.async_caller.process.is_alive():
-                            time.sleep(0.01)
+                while saver.writer_running():
+                    time.sleep(0.01)
                 times["write"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 saver.wait()

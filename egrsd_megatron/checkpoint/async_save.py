@@ -157,6 +157,12 @@ class AsyncCheckpointSaver:
                 f"(the next save removes it) and `latest` still names the previous complete checkpoint"
             ) from e
 
+    def writer_running(self) -> bool:
+        """Local: whether this rank's writer process (of the save in flight) is still running."""
+        return any(
+            c.async_caller.process is not None and c.async_caller.process.is_alive() for c in self._queue.async_calls
+        )
+
     def abandon(self) -> None:
         """Local (no collective): wait for this rank's writer process to exit, finalize nothing.
 

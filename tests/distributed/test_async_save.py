@@ -29,12 +29,12 @@ from tests.distributed.test_trainer import tiny_overrides, write_data
 WRITER_DELAY_S = 2.0  # a gated writer sleeps this long: long enough that an unwaited finalize would be seen
 
 
-def _tiny_model(seed: int = 3):
+def _tiny_model(seed: int = 3, tp: int = 1):
     from egrsd_megatron.config.schema import ModelConfig
     from egrsd_megatron.distributed.runtime import init_distributed
     from egrsd_megatron.models import PRESETS, build_model
 
-    init_distributed(1, 1, seed=seed)
+    init_distributed(tp, 1, seed=seed)
     return lambda: build_model(PRESETS["qwen3_tiny"], ModelConfig())
 
 
@@ -104,21 +104,28 @@ def snapshot(rank, world, out):
         gate.set()
         saver.wait()
         saved = _load_weights(fresh, folder)
-        res[f"{name}_equal_before"] = all(torch.equal(saved[n], before[n]) for n in before)
-        res[f"{name}_equal_after"] = all(torch.equal(saved[n], p.detach()) for n, p in model.named_parameters())
+        # Per parameter: written as it was at the save call, or as changed afterwards.
+        res[f"{name}_before"] = sum(torch.equal(saved[n], before[n]) for n in before)
+        res[f"{name}_after"] = sum(torch.equal(saved[n], p.detach()) for n, p in model.named_parameters())
+    res["n"] = len(before)
     return res
 
 
 def test_async_snapshot_is_consistent(tmp_path):
     res = run_distributed(snapshot, 1, str(tmp_path), daemon=False, timeout=300)[0]
-    # The aliasing exists: every staged tensor of this model is a live parameter's storage.
-    assert res["staged_aliases_live"] == 1.0
-    # Private memory: the fork's copy-on-write image keeps the weights as of the save call.
-    assert res["private_equal_before"] and not res["private_equal_after"]
-    # Negative control: shared-memory weights without the redirect are written as changed afterwards.
-    assert res["shared_no_redirect_equal_after"] and not res["shared_no_redirect_equal_before"]
+    # The aliasing exists: most staged tensors are a live parameter's own storage (the others are copies
+    # megatron-core made: views of a larger storage are cloned, SwiGLU's fc1 is split into gate and up halves).
+    assert res["staged_aliases_live"] > 0.5, res["staged_aliases_live"]
+    n = res["n"]
+    # Private memory: the fork's copy-on-write image keeps every weight as it was at the save call.
+    assert (res["private_before"], res["private_after"]) == (n, 0), res
+    # Negative control: shared-memory weights without the redirect: the aliased ones are written as changed
+    # afterwards (the check above can fail), the ones megatron-core copied are not.
+    assert (
+        res["shared_no_redirect_after"] > 0 and res["shared_no_redirect_before"] + res["shared_no_redirect_after"] == n
+    )
     # The redirect clones shared-memory tensors at staging time.
-    assert res["shared_equal_before"] and not res["shared_equal_after"]
+    assert (res["shared_before"], res["shared_after"]) == (n, 0), res
 
 
 def _slow_writer(request, delay: float, marker: str, fail: bool = False):
@@ -147,7 +154,7 @@ def ordering(rank, world, out):
 
     from egrsd_megatron.checkpoint.async_save import AsyncCheckpointSaver, AsyncSaveError
 
-    fresh = _tiny_model()
+    fresh = _tiny_model(tp=world)  # TP: both ranks write a shard (with DP only the main replica writes)
     model = fresh()
     saver = AsyncCheckpointSaver()
     res = {}
@@ -162,9 +169,8 @@ def ordering(rank, world, out):
         request.add_finalize_fn(lambda done=finalized: done.append(time.time()))
         delay = WRITER_DELAY_S if rank == 1 else 0.0
         saver.schedule(_slow_writer(request, delay, marker, fail=fail and rank == 1), folder)
-        own = saver._queue.async_calls[0].async_caller.process
-        if own is not None:
-            own.join()  # this rank's own writer is done; rank 1's is still sleeping
+        while saver.writer_running():  # until this rank's own writer is done; rank 1's is still sleeping
+            time.sleep(0.01)
         res[f"{name}_finalized_before_wait"] = bool(finalized)
         try:
             saver.wait()
