@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.utils import narrow_tensor_by_index
 
 from ..models.arch import ModelArch
 from ..utils.atomic import atomic_write_json
@@ -56,6 +55,7 @@ __all__ = [
     "FORMAT",
     "DistSource",
     "safe_common_strategy",
+    "check_arch",
     "check_reshardable",
     "load_model_checkpoint",
     "model_template",
@@ -196,7 +196,8 @@ def read_dist_metadata(ckpt_dir: str) -> Dict[str, Any]:
     return meta
 
 
-def _arch_of(ckpt_dir: str, meta: Dict[str, Any], arch: Optional[ModelArch]) -> ModelArch:
+def check_arch(ckpt_dir: str, meta: Dict[str, Any], arch: Optional[ModelArch]) -> ModelArch:
+    """The checkpoint's architecture; InputError naming the differences when `arch` is given and differs."""
     try:
         saved = ModelArch.from_dict(meta["arch"])
     except TypeError as e:
@@ -241,7 +242,7 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
     from megatron.core import parallel_state as ps  # lazy: see _megatron
 
     meta = read_dist_metadata(ckpt_dir)
-    _arch_of(ckpt_dir, meta, arch)
+    check_arch(ckpt_dir, meta, arch)
     check_reshardable(meta, arch, ps.get_tensor_model_parallel_world_size(), ckpt_dir)
     loaded = safe_dist_load(model_template(model), ckpt_dir)
     model.load_state_dict(fill_extra_state(model, loaded), strict=True)
@@ -265,17 +266,31 @@ class _RegionPlanner(DefaultLoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         dest = self.regions[read_item.dest_index.fqn][1]
-        return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            dest = dest.narrow(dim, start, length)
+        return dest
 
     def load_bytes(self, read_item, value) -> None:  # never requested (module docstring)
         raise InputError(f"refusing to unpickle byte entry {read_item.dest_index.fqn}")
+
+
+# The local spec stores its norms under the Transformer Engine spec's keys (Megatron's
+# sharded_state_dict_keys_map for get_gpt_layer_local_spec), so either spec loads the other's checkpoints.
+_SHARDED_KEY_MAP = (
+    ("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
+)
 
 
 def _sharded_key(pm: ParamMap) -> Tuple[str, Optional[int]]:
     """(global key, layer index on the stacked leading axis) of a parameter in GPTModel's sharded state dict."""
     if pm.layer is None:
         return pm.mname, None
-    return pm.mname.replace(f"decoder.layers.{pm.layer}.", "decoder.layers.", 1), pm.layer
+    rest = pm.mname[len(f"decoder.layers.{pm.layer}.") :]
+    for local, te in _SHARDED_KEY_MAP:
+        if rest.startswith(local):
+            rest = te + rest[len(local) :]
+    return "decoder.layers." + rest, pm.layer
 
 
 class DistSource:
@@ -294,7 +309,7 @@ class DistSource:
     def __init__(self, ckpt_dir: str, arch: Optional[ModelArch] = None) -> None:
         self.dir = os.path.abspath(ckpt_dir)
         self.meta = read_dist_metadata(self.dir)
-        self.arch = _arch_of(self.dir, self.meta, arch)
+        self.arch = check_arch(self.dir, self.meta, arch)
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         self.tensors = stored_tensors(self.dir)
         self._reader = _SafeReader(self.dir)

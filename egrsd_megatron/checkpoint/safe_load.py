@@ -13,10 +13,12 @@ Every `.pt` read of the project goes through `load_pt`.
 
 torch_dist checkpoints (dist_format.py) add one more pickle: torch.distributed.checkpoint's `.metadata`,
 which torch unpickles with plain `pickle.load`. `load_dcp_metadata` reads it with an unpickler that
-resolves only `DCP_METADATA_GLOBALS`: the metadata dataclasses of torch.distributed.checkpoint and the
-torch types their fields hold (the exact list found by listing the GLOBAL opcodes of the files
-Megatron-Core 0.16.1 writes with torch 2.13: tests/unit/test_checkpoint_safety.py keeps it exact).
-Constructing any of them runs no user code (dataclass fields, an Enum lookup, torch.Size of ints).
+resolves only `DCP_METADATA_GLOBALS`: the metadata and save-plan dataclasses of torch.distributed.checkpoint
+and the torch types their fields hold: the list is what unpickling the files Megatron-Core 0.16.1 and
+torch 2.13 write asks for (recorded; tests/unit/test_checkpoint_safety.py checks that a file torch writes
+needs nothing else, tests/distributed/test_torch_dist_ckpt.py loads Megatron's). Constructing any of them
+runs no user code (dataclass fields, an Enum lookup, torch.Size of ints, torch's layout-table lookup, a
+pathlib path).
 """
 
 from __future__ import annotations
@@ -88,8 +90,16 @@ DCP_METADATA_GLOBALS: FrozenSet[Tuple[str, str]] = frozenset(
         (_DCP, "MetadataIndex"),
         (_DCP, "StorageMeta"),
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        # Metadata.all_local_plans: every rank's save plan (torch 2.13 keeps them in the metadata).
+        ("torch.distributed.checkpoint.planner", "SavePlan"),
+        ("torch.distributed.checkpoint.planner", "WriteItem"),
+        ("torch.distributed.checkpoint.planner", "WriteItemType"),
+        ("torch.distributed.checkpoint.planner", "TensorWriteData"),
         ("torch", "Size"),
-        ("torch", "strided"),
+        # StorageMeta.checkpoint_id as torch's own FileSystemWriter records it (a path object: no I/O on creation).
+        ("pathlib", "PosixPath"),
+        # torch pickles a torch.layout as _get_layout("torch.strided"): a lookup in a table of torch's layouts.
+        ("torch.serialization", "_get_layout"),
         *(("torch", d) for d in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")),
     }
 )
