@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -208,8 +209,8 @@ def _slow_saver(root: str, delay: float):
             super().__init__()
             self.seen = []
 
-        def schedule(self, request, folder):
-            super().schedule(_slow_writer(request, delay, os.devnull), folder)
+        def schedule(self, request, folder, **kwargs):
+            super().schedule(_slow_writer(request, delay, os.devnull), folder, **kwargs)
             latest = os.path.join(root, "latest")
             tracked = open(latest).read().strip() if os.path.exists(latest) else None
             self.seen.append((os.path.basename(folder), tracked, os.path.isdir(folder)))
@@ -217,13 +218,24 @@ def _slow_saver(root: str, delay: float):
     return SlowSaver()
 
 
-def _run(overrides, saver_delay=None):
+def _run(overrides, saver_delay=None, stop_after=None):
+    """Train; with `stop_after`, preempted (SIGUSR1) after that many steps: it saves and returns 42."""
     from egrsd_megatron.trainer.loop import Trainer
 
     trainer = Trainer(load_config(None, overrides))
     if saver_delay is not None:
         trainer.saver = _slow_saver(trainer.ckpt_root, saver_delay)
-    assert trainer.run() == 0
+    if stop_after is not None:
+        step = trainer.train_step
+
+        def step_then_stop():
+            metrics = step()
+            if trainer.step + 1 == stop_after:
+                trainer.preempt.signum = signal.SIGUSR1
+            return metrics
+
+        trainer.train_step = step_then_stop
+    assert trainer.run() == (0 if stop_after is None else 42)
     return trainer
 
 
@@ -233,24 +245,33 @@ def _rows(out):
 
 
 def train_runs(rank, world, data, out):
-    """sync: 4 steps, synchronous torch_dist saves. async: 3 steps with async saves whose writers are slow
-    (step 3 runs while step 2's checkpoint is being written). resumed: from async's step-2 checkpoint to 4."""
-    common = {"train.save_every": 1, "train.keep_last": 3, "train.ckpt_format": "torch_dist", "parallel.tp": world}
+    """sync: 4 steps, synchronous torch_dist saves. async: the same run with async saves whose writers first sleep
+    WRITER_DELAY_S (so step 3's update usually lands while step 2's checkpoint is being written; the snapshot
+    test above forces that order), preempted after step 3 (the SIGUSR1 exit path). resumed: from async's step-2
+    checkpoint to step 4."""
+    common = {
+        "loss.name": "opsd",  # a loss that trains from step 1 (no reward needed)
+        "train.steps": 4,
+        "train.save_every": 1,
+        "train.keep_last": 3,
+        "train.ckpt_format": "torch_dist",
+        "parallel.tp": world,
+    }
     sync, asy = os.path.join(out, "sync"), os.path.join(out, "async")
-    res = {"sync": _weights(_run(tiny_overrides(data, sync, **common, **{"train.steps": 4})))}
+    res = {"sync": _weights(_run(tiny_overrides(data, sync, **common)).model)}
     trainer = _run(
-        tiny_overrides(data, asy, **common, **{"train.steps": 3, "train.async_save": "true"}),
-        saver_delay=WRITER_DELAY_S,
+        tiny_overrides(data, asy, **common, **{"train.async_save": "true"}), saver_delay=WRITER_DELAY_S, stop_after=3
     )
-    # Right as run() returns: the last checkpoint is finalized, complete and named by `latest`.
+    # Right as run() returns (42, preempted): the last checkpoint is finalized, complete and named by `latest`.
     root = trainer.ckpt_root
     res["latest_at_return"] = open(os.path.join(root, "latest")).read().strip()
     res["problems_at_return"] = verify_manifest(os.path.join(root, res["latest_at_return"]))
     res["seen"] = trainer.saver.seen
+    res["rows_async"] = _rows(asy)
     step2 = os.path.join(root, "step_00000002")
-    extra = {"train.steps": 4, "train.save_every": 0, "train.async_save": "true", "train.resume": step2}
-    res["resumed"] = _weights(_run(tiny_overrides(data, asy, **{**common, **extra})))
-    res["rows"] = {"sync": _rows(sync), "async": _rows(asy)}
+    extra = {"train.save_every": 0, "train.async_save": "true", "train.resume": step2}
+    res["resumed"] = _weights(_run(tiny_overrides(data, asy, **{**common, **extra})).model)
+    res["rows_sync"], res["rows_resumed"] = _rows(sync), _rows(asy)
     return res
 
 
@@ -260,14 +281,16 @@ def test_async_training_run_matches_sync_and_resumes(tmp_path):
     save_tiny_hf_model(str(tmp_path / "tiny_hf"))  # once, before the ranks start
     results = run_distributed(train_runs, 2, data, str(tmp_path), daemon=False, timeout=900)
     for r in results:
-        rows = r["rows"]
-        assert [x["step"] for x in rows["sync"]] == [1, 2, 3, 4]
-        assert [x["step"] for x in rows["async"]] == [1, 2, 3, 3, 4]  # the run, then the resume from step 2
+        sync, asy, resumed = r["rows_sync"], r["rows_async"], r["rows_resumed"]
+        # (metrics.jsonl of a resumed run keeps the rows up to the resumed step, then the new ones)
+        assert [x["step"] for x in sync] == [x["step"] for x in resumed] == [1, 2, 3, 4]
+        assert [x["step"] for x in asy] == [1, 2, 3]
+        assert all(x["grad_norm"] > 0 for x in sync)  # a run that trains nothing would make this vacuous
         # Bitwise: async saves change nothing the run computes ...
-        assert rows["async"][:3] == rows["sync"][:3]
+        assert asy == sync[:3]
         # ... and the step-2 checkpoint, written while step 3 ran, holds step 2's state: the resumed steps
         # and final weights are the synchronous run's.
-        assert rows["async"][3:] == rows["sync"][2:]
+        assert resumed[2:] == sync[2:]
         assert all(np.array_equal(r["resumed"][n], r["sync"][n]) for n in r["sync"])
         # `latest` never named a folder being written: after each save call it named the previous step,
         # and the new step folder did not exist yet.
