@@ -47,7 +47,6 @@ def _folder_bytes(path: str) -> int:
 
 def _worker(rank: int, world: int, preset: str, repeats: int, work_dir: str, keep: bool) -> dict:  # noqa: ARG001
     import torch
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
 
     from egrsd_megatron.checkpoint.async_save import AsyncCheckpointSaver
     from egrsd_megatron.checkpoint.train_state import load_train_state, save_train_state
@@ -57,6 +56,22 @@ def _worker(rank: int, world: int, preset: str, repeats: int, work_dir: str, kee
     from egrsd_megatron.trainer.optim import build_optimizer, build_scheduler
 
     init_distributed(1, 1, seed=0)
+    # Warm-up, untimed: one save of every case with the tiny model pays the one-time costs of the process (lazy
+    # imports of torch.distributed.checkpoint, dist_checkpointing's writer-results queue: a Manager process),
+    # which would otherwise land on whichever case runs first (~3-5 s here).
+    t0 = time.perf_counter()
+    tiny = build_model(PRESETS["qwen3_tiny"], ModelConfig())
+    tiny_opt = build_optimizer([tiny], OptimConfig())
+    tiny_sched = build_scheduler(tiny_opt, 100, OptimConfig())
+    for name, fmt, is_async in CASES:
+        saver = AsyncCheckpointSaver() if is_async else None
+        warm = os.path.join(work_dir, "warmup_" + name.replace(" ", "_"))
+        save_train_state(warm, 1, tiny, PRESETS["qwen3_tiny"], tiny_opt, tiny_sched, {}, 1, fmt=fmt, async_saver=saver)
+        if saver is not None:
+            saver.wait()
+        shutil.rmtree(warm, ignore_errors=True)
+    del tiny, tiny_opt, tiny_sched
+    warmup_s = time.perf_counter() - t0
     arch = PRESETS[preset]
     t0 = time.perf_counter()
     model = build_model(arch, ModelConfig())
@@ -73,12 +88,10 @@ def _worker(rank: int, world: int, preset: str, repeats: int, work_dir: str, kee
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)
     )
-    # dist_checkpointing's writer-results queue (a Manager process, started once per process by the first
-    # torch_dist save): started here so that no case pays it.
-    _get_write_results_queue()
     setup_s = time.perf_counter() - t0
     trainer_state = {"step": 1, "note": "bench"}
-    out = {"preset": preset, "parameters": n_params, "state_bytes": state_bytes, "setup_s": setup_s, "cases": []}
+    out = {"preset": preset, "parameters": n_params, "state_bytes": state_bytes, "cases": []}
+    out.update(setup_s=setup_s, warmup_s=warmup_s)
     for name, fmt, is_async in CASES:
         root = os.path.join(work_dir, name.replace(" ", "_"))
         times = {"call": [], "write": [], "finalize": [], "load": []}
@@ -105,6 +118,7 @@ def _worker(rank: int, world: int, preset: str, repeats: int, work_dir: str, kee
             times["load"].append(time.perf_counter() - t)
         res = {"case": name, "format": fmt, "async": is_async, "bytes": size, "repeats": repeats}
         res.update({f"{k}_s": statistics.median(v) for k, v in times.items() if v})
+        res["each_s"] = times
         res["loop_s"] = res["call_s"] + res.get("finalize_s", 0.0)
         out["cases"].append(res)
         if not keep:

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.multiprocessing as mp
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint import CheckpointException
 
@@ -168,11 +170,19 @@ class AsyncCheckpointSaver:
 
         For an exception, when the other ranks may be anywhere: a collective here could hang. The save in
         flight stays an unfinished step_N.tmp folder (never named by `latest`; the next save removes it).
+        The abandoned writer's result is drained from megatron-core's process-wide results queue (a later save
+        of this process would otherwise read it as its own).
         """
         while self._queue.async_calls:
             call = self._queue.async_calls.popleft()
             call.async_caller.close()  # TemporalAsyncCaller.close: joins the writer process
             log.warning("checkpoint %s: the asynchronous save was not finalized (the run is failing)", self.pending)
+        results = filesystem_async._results_queue  # None until a torch_dist save made it
+        while results is not None:
+            try:
+                results.get_nowait()
+            except queue.Empty:
+                break
         self.pending = None
 
     def close(self) -> None:

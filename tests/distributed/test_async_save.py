@@ -149,9 +149,10 @@ def _slow_writer(request, delay: float, marker: str, fail: bool = False):
 
 def ordering(rank, world, out):
     """Two ranks: rank 1's writer is slow. The finalize must wait for it on rank 0 too; a failed write raises
-    AsyncSaveError on every rank and runs no finalize function."""
+    AsyncSaveError on every rank and runs no finalize function; abandon waits for this rank's writer only."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from egrsd_megatron.checkpoint.async_save import AsyncCheckpointSaver, AsyncSaveError
 
@@ -185,6 +186,26 @@ def ordering(rank, world, out):
             if os.path.exists(os.path.join(out, f"{name}_write_end_1"))
             else None
         )
+    # abandon (an exception's exit path) is local: rank 0 calls it while rank 1 waits in a barrier (a collective
+    # inside would hang); it returns once rank 0's (slow) writer has written, and finalizes nothing.
+    folder, marker, finalized = os.path.join(out, "abandoned"), os.path.join(out, f"abandoned_{rank}"), []
+    if rank == 0:
+        os.makedirs(folder)
+    dist.barrier()
+    request = dist_checkpointing.save(model.sharded_state_dict(), folder, async_sharded_save=True)
+    request.add_finalize_fn(lambda done=finalized: done.append(time.time()))
+    saver.schedule(_slow_writer(request, WRITER_DELAY_S if rank == 0 else 0.0, marker), folder)
+    if rank == 0:
+        saver.abandon()
+        res["abandoned_written"] = os.path.exists(marker)
+    dist.barrier()
+    if rank == 1:
+        saver.abandon()
+    saver.wait()  # nothing left in flight: returns at once
+    res["abandoned_finalized"] = bool(finalized)
+    res["abandoned_left"] = saver._queue.get_num_unfinalized_calls()
+    # ... and no result of the abandoned writer is left for a later save to take as its own.
+    res["abandoned_results_left"] = filesystem_async._results_queue.qsize()
     return res
 
 
@@ -197,6 +218,8 @@ def test_async_finalize_waits_for_every_rank(tmp_path):
         # Rank 1's write failed: every rank raises, naming the folder, and nothing was finalized.
         assert r["broken_error"] is not None and "broken" in r["broken_error"] and r["broken_finalized_at"] is None
         assert r["broken_rank1_write_end"] is None
+        assert not r["abandoned_finalized"] and r["abandoned_left"] == 0 and r["abandoned_results_left"] == 0
+    assert res[0]["abandoned_written"]
 
 
 def _slow_saver(root: str, delay: float):
