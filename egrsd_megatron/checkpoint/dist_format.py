@@ -175,7 +175,8 @@ def write_model_metadata(
     """egrsd_checkpoint.json (this FORMAT) and tokenizer/ (a tokenizer object or a folder to copy from)."""
     meta = build_metadata(arch, tp, pp, dtype, extra)
     meta["format"] = FORMAT
-    meta["megatron_lm_args"] = [("torch_dist" if a == "torch" else a) for a in meta["megatron_lm_args"]]
+    args = meta["megatron_lm_args"]
+    args[args.index("--ckpt-format") + 1] = "torch_dist"
     tok = None
     if isinstance(tokenizer, str):
         tok = TOKENIZER_DIR if copy_tokenizer_files(tokenizer, os.path.join(out_dir, TOKENIZER_DIR)) else None

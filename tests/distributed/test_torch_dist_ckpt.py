@@ -45,6 +45,33 @@ def _hf_weights(trainer) -> dict:
     return {n: t.clone() for n, t in gather_hf_state_dict(trainer.model, trainer.arch)}
 
 
+def _hf_adam_states(trainer) -> dict:
+    """Collective: {state name: full Hugging Face-named tensors} of the (non-sharded) AdamW states, gathered
+    like the weights (each parameter's .data swapped for its state tensor of the same shape meanwhile)."""
+    out = {}
+    params = list(trainer.model.parameters())
+    data = [p.data for p in params]
+    for name in ("exp_avg", "exp_avg_sq"):
+        try:
+            for p in params:
+                p.data = trainer.optimizer.state[p][name]
+            out[name] = _hf_weights(trainer)
+        finally:
+            for p, d in zip(params, data):
+                p.data = d
+    return out
+
+
+def _run_from(overrides, before=None):
+    """Build a Trainer (resuming as its config says), call `before(trainer)`, then train; returns both."""
+    from egrsd_megatron.trainer.loop import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    seen = before(trainer) if before is not None else None
+    assert trainer.run() == 0
+    return trainer, seen
+
+
 def _read_hf(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -72,8 +99,14 @@ def tp_runs(rank, world, data, out):
     res["a"], res["a_hf"] = _weights(ta), _hf_weights(ta)
     torch_dir = os.path.join(out, "a_torch_format")  # the same weights in the per-rank torch format
     save_checkpoint(ta.model, ta.arch, torch_dir, fmt=TORCH_FORMAT)
-    res["b"] = _weights(_run(_overrides(data, b, False, **DIST, **tp2, **{"train.resume": _ckpt(a, 2)})))
-    t1 = _run(_overrides(data, r1, False, **DIST, **pp2, **{"train.save_every": 1, "train.resume": _ckpt(a, 2)}))
+    tb, res["b_adam"] = _run_from(
+        _overrides(data, b, False, **DIST, **tp2, **{"train.resume": _ckpt(a, 2)}), _hf_adam_states
+    )
+    res["b"] = _weights(tb)
+    t1, res["r1_adam"] = _run_from(
+        _overrides(data, r1, False, **DIST, **pp2, **{"train.save_every": 1, "train.resume": _ckpt(a, 2)}),
+        _hf_adam_states,
+    )
     res["r1_hf"] = _hf_weights(t1)
     t2 = _run(_overrides(data, r2, False, **DIST, **tp2, **{"train.resume": _ckpt(r1, 3)}))
     res["r2_hf"] = _hf_weights(t2)
@@ -99,7 +132,7 @@ def tp_runs(rank, world, data, out):
     if rank == 0:
         res["rows"] = {x: _rows(os.path.join(out, x)) for x in ("a", "b", "r1", "r2")}
         step2 = _ckpt(a, 2)
-        res["files"] = sorted(os.path.relpath(p, step2) for p in glob.glob(os.path.join(step2, "**"), recursive=True))
+        res["files"] = sorted(os.path.relpath(os.path.join(d, f), step2) for d, _, fs in os.walk(step2) for f in fs)
         hf_dist, hf_torch = os.path.join(out, "hf_dist"), os.path.join(out, "hf_torch")
         megatron_to_hf(os.path.join(_ckpt(a, 4), "model"), hf_dist)
         megatron_to_hf(torch_dir, hf_torch)
@@ -184,6 +217,15 @@ def test_torch_dist_tp2_resume_reshard_interop_convert(tmp_path):
     for res in results:
         for name, w in res["a"].items():
             assert np.array_equal(w, res["b"][name]), name
+
+    # The Adam states as loaded at TP=1 x PP=2 (R1) are A's step-2 states as loaded at TP=2 (B, which then
+    # repeats A bitwise): resharding copies them bit for bit, like the weights.
+    for name in ("exp_avg", "exp_avg_sq"):
+        b_st, r1_st = r0["b_adam"][name], r0["r1_adam"][name]
+        assert set(b_st) == set(r1_st) == set(r0["a_hf"])
+        assert all(np.abs(t).max() > 0 for t in b_st.values()), name  # real states, not zeros
+        for n, t in b_st.items():
+            assert np.array_equal(t, r1_st[n]), (name, n)
 
     # Reshard TP=2 -> TP=1 x PP=2 (R1, steps 3-4) and back (R2 from R1's step 3: step 4).
     # The resumed step starts from the saved weights exactly (resharding copies bits): its loss differs

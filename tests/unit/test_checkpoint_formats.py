@@ -4,6 +4,7 @@ protocol that resharding reads from."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -66,3 +67,14 @@ def test_unknown_format_names_the_known_ones(tmp_path):
         formats.load_checkpoint(None, None, str(tmp_path))
     with pytest.raises(InputError, match="checkpoint format 'zarr-v9' is not known"):
         formats.save_checkpoint(None, None, str(tmp_path / "o"), fmt="zarr-v9")
+
+
+def test_ckpt_format_is_validated_and_the_cluster_configs_use_torch_dist():
+    from egrsd_megatron.config import ConfigError, load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(ConfigError, match="train.ckpt_format.*torch, torch_dist"):
+        load_config(None, ["train.ckpt_format=zarr"])
+    assert load_config(os.path.join(root, "conf", "tiny_cpu.yaml"), []).train.ckpt_format == "torch"
+    for name in ("qwen3_8b.yaml", "qwen3_4b.yaml"):
+        assert load_config(os.path.join(root, "conf", name), []).train.ckpt_format == "torch_dist", name
