@@ -120,6 +120,14 @@ def gather_hf_state_dict(
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else None
     shapes = hf_shapes(arch)
     n_per = arch.num_layers // pp
+    # Each Megatron parameter's dtype, known on every stage (a stage that does not hold a tensor receives it
+    # into a buffer of the owner's dtype): bf16 models keep fp32 norm weights with Megatron's torch norms.
+    dtypes: Dict[str, torch.dtype] = {}
+    if pp > 1:
+        mine = {pm.mname: str(params[local].dtype) for local, pm in stage_params(arch, pp, pp_rank)}
+        parts: List[Dict[str, str]] = [{} for _ in range(pp)]
+        dist.all_gather_object(parts, mine, group=pp_group)
+        dtypes = {k: getattr(torch, v.replace("torch.", "")) for part in parts for k, v in part.items()}
 
     def local_full(pm: ParamMap) -> List[torch.Tensor]:
         """Full HF tensors of pm from this stage's TP shards (call only on the owning stage)."""
@@ -145,7 +153,7 @@ def gather_hf_state_dict(
         full = (
             local_full(pm)
             if pp_rank == owner
-            else [torch.empty(shapes[n], dtype=dtype, device=device) for n in pm.hf_names]
+            else [torch.empty(shapes[n], dtype=dtypes.get(pm.mname, dtype), device=device) for n in pm.hf_names]
         )
         if pp > 1:
             for t in full:

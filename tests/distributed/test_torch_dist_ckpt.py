@@ -354,3 +354,72 @@ def test_torch_dist_zero1_dp2_resume_bitwise_kinds_and_dp1(tmp_path):
         assert all(abs(x - y) <= t for x, y, t in zip(got, want, tol[k])), (k, got, want, tol[k])
     wdiff = max(float(np.abs(w - res["w"][n]).max()) for n, w in results[0]["a"].items())
     assert wdiff <= tol["weights"], (wdiff, tol["weights"])
+
+
+# ------------------------------------------------------------------ bf16 parameters: fp32 masters reshard
+def _hf_masters(model, arch, optimizer) -> dict:
+    """Collective: MasterWeightAdamW's fp32 masters as full Hugging Face-named tensors (swapped in as .data)."""
+    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict
+
+    params = list(model.parameters())
+    data = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = optimizer.state[p]["master"]
+        return {n: t.clone() for n, t in gather_hf_state_dict(model, arch)}
+    finally:
+        for p, d in zip(params, data):
+            p.data = d
+
+
+def bf16_reshard(rank, world, out):
+    """bf16 parameters with MasterWeightAdamW at TP=2: two steps, a torch_dist save, a load at TP=1 x PP=2."""
+    import torch
+
+    from egrsd_megatron.checkpoint import train_state as ts
+    from egrsd_megatron.checkpoint.reshard import gather_hf_state_dict
+    from egrsd_megatron.config.schema import ModelConfig, OptimConfig
+    from egrsd_megatron.distributed.runtime import init_distributed
+    from egrsd_megatron.models import PRESETS, build_model
+    from egrsd_megatron.trainer.optim import MasterWeightAdamW, build_optimizer, build_scheduler
+
+    arch, mcfg, ocfg = PRESETS["qwen3_tiny"], ModelConfig(params_dtype="bf16"), OptimConfig(lr=1e-2)
+
+    def fresh():
+        model = build_model(arch, mcfg)
+        opt = build_optimizer([model], ocfg)
+        return model, opt, build_scheduler(opt, 10, ocfg)
+
+    init_distributed(2, 1, seed=3)
+    model, opt, sched = fresh()
+    assert type(opt) is MasterWeightAdamW
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)  # the same on both TP ranks: replicated norms stay equal
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype)
+        opt.step()
+        sched.step()
+    path = ts.save_train_state(os.path.join(out, "ck"), 2, model, arch, opt, sched, {"step": 2}, 3, fmt="torch_dist")
+    res = {"masters": _hf_masters(model, arch, opt)}
+    res["weights"] = {n: t.float() for n, t in gather_hf_state_dict(model, arch)}
+    init_distributed(1, 2, seed=5)
+    m2, o2, s2 = fresh()
+    ts.load_train_state(path, m2, arch, o2, s2)
+    res["masters2"] = _hf_masters(m2, arch, o2)
+    res["weights2"] = {n: t.float() for n, t in gather_hf_state_dict(m2, arch)}
+    res["dtypes"] = sorted({str(t.dtype) for st in o2.state.values() for t in st.values()})
+    res["sched"] = (s2.last_epoch, sched.last_epoch)
+    return res
+
+
+def test_torch_dist_bf16_fp32_masters_reshard(tmp_path):
+    res = run_distributed(bf16_reshard, 2, str(tmp_path), timeout=600, daemon=False)[0]
+    assert res["dtypes"] == ["torch.float32"] and res["sched"] == (2, 2)
+    off_grid = 0
+    for n, m in res["masters"].items():
+        assert m.dtype == np.float32
+        assert np.array_equal(m, res["masters2"][n]), n  # the fp32 masters, resharded bit for bit
+        assert np.array_equal(res["weights"][n], res["weights2"][n]), n
+        # The bf16 weights (as fp32) differ from the fp32 masters where a master is off the bf16 grid.
+        off_grid += int((m != res["weights"][n]).sum())
+    assert off_grid > 0  # the masters hold more than the bf16 weights: they were really saved and restored
