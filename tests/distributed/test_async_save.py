@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from egrsd_megatron.checkpoint.manifest import verify_manifest
+from egrsd_megatron.checkpoint.manifest import file_entry, verify_manifest
 from egrsd_megatron.config import ConfigError, load_config
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
@@ -170,7 +171,9 @@ def ordering(rank, world, out):
         request = dist_checkpointing.save(model.sharded_state_dict(), folder, async_sharded_save=True)
         request.add_finalize_fn(lambda done=finalized: done.append(time.time()))
         delay = WRITER_DELAY_S if rank == 1 else 0.0
-        saver.schedule(_slow_writer(request, delay, marker, fail=fail and rank == 1), folder)
+        entries = []  # what the writer hashed: handed to the finalize (the manifest need not read it again)
+        slow = _slow_writer(request, delay, marker, fail=fail and rank == 1)
+        saver.schedule(slow, folder, finalize=entries.append, root=out)
         while saver.writer_running():  # until this rank's own writer is done; rank 1's is still sleeping
             time.sleep(0.01)
         res[f"{name}_finalized_before_wait"] = bool(finalized)
@@ -180,6 +183,9 @@ def ordering(rank, world, out):
         except AsyncSaveError as e:
             res[f"{name}_error"] = str(e)
         res[f"{name}_finalized_at"] = finalized[0] if finalized else None
+        res[f"{name}_entries_ok"] = bool(entries) and entries[0] == {
+            rel: file_entry(os.path.join(out, rel)) for rel in entries[0]
+        } == {os.path.relpath(p, out): file_entry(p) for p in glob.glob(os.path.join(folder, f"__{rank}_*.distcp"))}
         dist.barrier()
         res[f"{name}_rank1_write_end"] = (
             float(open(os.path.join(out, f"{name}_write_end_1")).read())
@@ -212,7 +218,7 @@ def ordering(rank, world, out):
 def test_async_finalize_waits_for_every_rank(tmp_path):
     res = run_distributed(ordering, 2, str(tmp_path), daemon=False, timeout=300)
     for r in res:
-        assert not r["ok_finalized_before_wait"] and r["ok_error"] is None
+        assert not r["ok_finalized_before_wait"] and r["ok_error"] is None and r["ok_entries_ok"]
         # Rank 0's finalize ran after rank 1's (slow) write ended, though rank 0's own writer was long done.
         assert r["ok_finalized_at"] >= r["ok_rank1_write_end"]
         # Rank 1's write failed: every rank raises, naming the folder, and nothing was finalized.
