@@ -1,6 +1,7 @@
 """Megatron-Core `dist_checkpointing` (torch_dist) model checkpoints: sharded, resharded on load.
 
-Layout (one folder, what Megatron-LM writes with `--ckpt-format torch_dist` and reads back):
+Layout (one folder, as Megatron-LM's `--ckpt-format torch_dist` iteration folders are; Megatron-LM's own
+loader would also want its tracker file and `args` in the common state, which are not written):
     <dir>/metadata.json, common.pt, .metadata, __<rank>_<i>.distcp   dist_checkpointing's own files
     <dir>/egrsd_checkpoint.json                                    our metadata (megatron_format.build_metadata
                                                                    with this FORMAT and the TP/PP written)
@@ -13,12 +14,15 @@ load(model.sharded_state_dict(), dir)`); `DistSource` reads full tensors in one 
 
 Safe loading (no code from a checkpoint runs): torch.distributed.checkpoint unpickles `.metadata` with
 plain pickle and torch's load planner unpickles every byte entry with `torch.load(weights_only=False)`;
-Megatron's common strategy reads common.pt with `torch.load` and torch's default weights_only. So every
-load here (1) unpickles `.metadata` with safe_load.load_dcp_metadata (an allowlist of torch's checkpoint
+Megatron-Core 0.16.1's common strategy reads common.pt with `torch.load(path, map_location="cpu")`, safe
+only through torch >= 2.6's default weights_only=True (which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns
+off). So every load here (1) unpickles `.metadata` with safe_load.load_dcp_metadata (an allowlist of torch's checkpoint
 metadata classes) before dist_checkpointing sees the folder, (2) reads common.pt through safe_load.load_pt
 (`safe_common_strategy`, passed to `dist_checkpointing.load`), and (3) never asks for a byte entry:
 the `_extra_state` ShardedObjects (None for the local spec) are dropped from the template and set to
-None, so the planner's `torch.load(weights_only=False)` is never reached.
+None, so the planner's `torch.load(weights_only=False)` is never reached. (Someone calling Megatron's
+`dist_checkpointing.load(model.sharded_state_dict(), dir)` directly, as the interop test does, asks for
+those byte entries and gets torch's weights_only=False unpickling of them: only for folders one trusts.)
 Padded shapes: the vocabulary is padded to 128 x TP (embedding and output layer are
 `allow_shape_mismatch` ShardedTensors: the rows both layouts hold are read, the rest stay zero); zero
 KV groups added when TP does not divide them change the attention shapes, which cannot be resharded
@@ -28,6 +32,7 @@ KV groups added when TP does not divide them change the attention shapes, which 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -326,7 +331,10 @@ class DistSource:
         if layer is not None:
             shape, offsets = (1,) + shape[1:], (layer,) + offsets[1:]
         dest = torch.empty(shape, dtype=md.properties.dtype)
-        dcp_load({key: dest}, storage_reader=self._reader, planner=_RegionPlanner({key: (offsets, dest)}), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            planner = _RegionPlanner({key: (offsets, dest)})
+            dcp_load({key: dest}, storage_reader=self._reader, planner=planner, no_dist=True)
         return dest[0] if layer is not None else dest
 
     def fetch(self, hf_names: Sequence[str]) -> List[torch.Tensor]:

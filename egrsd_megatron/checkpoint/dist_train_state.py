@@ -178,8 +178,9 @@ def load_sharded(model_dir: str, model, arch, optimizer, teacher, small: Dict[st
         template["teacher"] = model_template(teacher, prefix=TEACHER_PREFIX)
     loaded = safe_dist_load(template, model_dir)
     model.load_state_dict(fill_extra_state(model, loaded["model"]), strict=True)
-    if with_teacher:
-        teacher.load_state_dict(fill_extra_state(teacher, loaded["teacher"]), strict=True)
+    if with_teacher:  # its state-dict keys carry the prefix too
+        own = {k[len(TEACHER_PREFIX) :]: v for k, v in loaded["teacher"].items()}
+        teacher.load_state_dict(fill_extra_state(teacher, own), strict=True)
     step = small.get("step")
     state = {
         i: {**st, **({"step": torch.tensor(step, dtype=torch.float32)} if step is not None else {})}

@@ -373,7 +373,8 @@ def _hf_masters(model, arch, optimizer) -> dict:
 
 
 def bf16_reshard(rank, world, out):
-    """bf16 parameters with MasterWeightAdamW at TP=2: two steps, a torch_dist save, a load at TP=1 x PP=2."""
+    """bf16 parameters with MasterWeightAdamW at TP=2 (and a sync teacher): two steps, a torch_dist save, a
+    load at TP=1 x PP=2."""
     import torch
 
     from egrsd_megatron.checkpoint import train_state as ts
@@ -399,12 +400,18 @@ def bf16_reshard(rank, world, out):
             p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype)
         opt.step()
         sched.step()
-    path = ts.save_train_state(os.path.join(out, "ck"), 2, model, arch, opt, sched, {"step": 2}, 3, fmt="torch_dist")
+    teacher = build_model(arch, mcfg)  # a sync teacher (other random weights) travels in the same folder
+    path = ts.save_train_state(
+        os.path.join(out, "ck"), 2, model, arch, opt, sched, {"step": 2}, 3, teacher=teacher, fmt="torch_dist"
+    )
     res = {"masters": _hf_masters(model, arch, opt)}
     res["weights"] = {n: t.float() for n, t in gather_hf_state_dict(model, arch)}
+    res["teacher"] = {n: t.float() for n, t in gather_hf_state_dict(teacher, arch)}
     init_distributed(1, 2, seed=5)
     m2, o2, s2 = fresh()
-    ts.load_train_state(path, m2, arch, o2, s2)
+    t2 = build_model(arch, mcfg)
+    ts.load_train_state(path, m2, arch, o2, s2, teacher=t2)
+    res["teacher2"] = {n: t.float() for n, t in gather_hf_state_dict(t2, arch)}
     res["masters2"] = _hf_masters(m2, arch, o2)
     res["weights2"] = {n: t.float() for n, t in gather_hf_state_dict(m2, arch)}
     res["dtypes"] = sorted({str(t.dtype) for st in o2.state.values() for t in st.values()})
@@ -412,7 +419,7 @@ def bf16_reshard(rank, world, out):
     return res
 
 
-def test_torch_dist_bf16_fp32_masters_reshard(tmp_path):
+def test_torch_dist_bf16_fp32_masters_and_teacher_reshard(tmp_path):
     res = run_distributed(bf16_reshard, 2, str(tmp_path), timeout=600, daemon=False)[0]
     assert res["dtypes"] == ["torch.float32"] and res["sched"] == (2, 2)
     off_grid = 0
@@ -423,3 +430,6 @@ def test_torch_dist_bf16_fp32_masters_reshard(tmp_path):
         # The bf16 weights (as fp32) differ from the fp32 masters where a master is off the bf16 grid.
         off_grid += int((m != res["weights"][n]).sum())
     assert off_grid > 0  # the masters hold more than the bf16 weights: they were really saved and restored
+    for n, t in res["teacher"].items():  # the sync teacher, resharded too (and not the student's weights)
+        assert np.array_equal(t, res["teacher2"][n]), n
+    assert any(not np.array_equal(t, res["weights"][n]) for n, t in res["teacher"].items())

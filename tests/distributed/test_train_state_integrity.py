@@ -1,4 +1,5 @@
-"""Training checkpoints (checkpoint/train_state.py) on one gloo rank with a tiny GPTModel:
+"""Training checkpoints (checkpoint/train_state.py) on one gloo rank with a tiny GPTModel, in both formats
+(train.ckpt_format torch and torch_dist: for torch_dist every dist_checkpointing file is damaged in turn too):
 
 - each file of the newest checkpoint damaged in turn (delete, truncate, flip a byte): train.resume=auto
   falls back to the previous complete checkpoint with a warning naming the file; naming the damaged
@@ -58,7 +59,7 @@ DAMAGE = {
 }
 
 
-def integrity(rank, world, out):
+def integrity(rank, world, out, fmt):
     from egrsd_megatron.checkpoint import train_state as ts
     from egrsd_megatron.checkpoint.manifest import MANIFEST_FILE, write_manifest
     from egrsd_megatron.checkpoint.safe_load import UnsafeCheckpointError
@@ -67,10 +68,10 @@ def integrity(rank, world, out):
     root = os.path.join(out, "checkpoints")
     model, opt, sched = fresh()
     _step(model, opt, sched, 1)
-    ts.save_train_state(root, 1, model, arch, opt, sched, {"step": 1}, keep_last=5)
+    ts.save_train_state(root, 1, model, arch, opt, sched, {"step": 1}, keep_last=5, fmt=fmt)
     _step(model, opt, sched, 2)
     rng_at_save = torch.get_rng_state()
-    s2 = ts.save_train_state(root, 2, model, arch, opt, sched, {"step": 2}, keep_last=5)
+    s2 = ts.save_train_state(root, 2, model, arch, opt, sched, {"step": 2}, keep_last=5, fmt=fmt)
     res = {"latest": open(os.path.join(root, "latest")).read().strip()}
     want = {n: p.detach().clone() for n, p in model.named_parameters()}
     want_opt = opt.state_dict()
@@ -125,7 +126,7 @@ def integrity(rank, world, out):
 
     torch.save = failing
     try:
-        ts.save_train_state(root, 3, model, arch, opt, sched, {"step": 3}, keep_last=5)
+        ts.save_train_state(root, 3, model, arch, opt, sched, {"step": 3}, keep_last=5, fmt=fmt)
         res["failed_save"] = None
     except OSError as e:
         res["failed_save"] = str(e)
@@ -139,7 +140,7 @@ def integrity(rank, world, out):
 
     # A foreign object in the optimizer file, the manifest rewritten to match: refused by name.
     marker = os.path.join(out, "pwned")
-    optim = os.path.join(s2, "optim", "mp_rank_00.pt")
+    optim = os.path.join(s2, "optim", OPTIM_FILE[fmt])
     payload = torch.load(optim, weights_only=True)
     payload["opt_param_scheduler"]["evil"] = _Evil(marker)
     torch.save(payload, optim)
@@ -162,9 +163,15 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+# The file holding the scheduler state, per train.ckpt_format (where the foreign object goes).
+OPTIM_FILE = {"torch": "mp_rank_00.pt", "torch_dist": "state.pt"}
+
+
 @pytest.mark.slow
-def test_damage_fallback_failed_save_and_foreign_objects(tmp_path):
-    res = run_distributed(integrity, 1, str(tmp_path), timeout=600)[0]
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_damage_fallback_failed_save_and_foreign_objects(tmp_path, fmt):
+    # daemon=False: dist_checkpointing's torch_dist writer forks worker processes.
+    res = run_distributed(integrity, 1, str(tmp_path), fmt, timeout=600, daemon=False)[0]
     root = str(tmp_path / "checkpoints")
     s1, s2 = (os.path.join(root, f"step_{i:08d}") for i in (1, 2))
     assert res["latest"] == "step_00000002"
@@ -172,6 +179,9 @@ def test_damage_fallback_failed_save_and_foreign_objects(tmp_path):
     assert res["sched"][0] == res["sched"][1] == 2
     kinds = {f.split("/")[0] for f in res["files"]}
     assert {"model", "optim", "rng", "trainer_state.json", "manifest.json"} <= kinds, res["files"]
+    if fmt == "torch_dist":  # dist_checkpointing's own files are damaged in turn too
+        assert {"model/.metadata", "model/common.pt", "model/metadata.json"} <= set(res["files"]), res["files"]
+        assert any(f.endswith(".distcp") for f in res["files"]), res["files"]
     for (rel, how), (picked, warning, explicit) in res["damage"].items():
         where = os.path.join(s2, rel)
         assert picked == s1, (rel, how, picked)  # never the damaged one: the previous complete checkpoint
@@ -180,5 +190,5 @@ def test_damage_fallback_failed_save_and_foreign_objects(tmp_path):
     assert res["failed_save"] and "No space left" in res["failed_save"]
     names, latest, picked = res["after_failure"]
     assert names == ["latest", "step_00000001", "step_00000002"] and latest == "step_00000002" and picked == s2
-    assert res["foreign"] and os.path.join(s2, "optim", "mp_rank_00.pt") in res["foreign"], res["foreign"]
+    assert res["foreign"] and os.path.join(s2, "optim", OPTIM_FILE[fmt]) in res["foreign"], res["foreign"]
     assert "system" in res["foreign"] and not res["pwned"]

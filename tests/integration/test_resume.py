@@ -3,7 +3,8 @@
 One uninterrupted run A is compared with run B, which is SIGKILLed after its step-2 checkpoint, resumed,
 preempted with SIGUSR1 (it must save and exit 42), and resumed again to the end. B's per-step losses and
 final weights must equal A's bitwise: everything a step depends on (weights, optimizer, scheduler, data
-position, RNG) is restored from the checkpoint.
+position, RNG) is restored from the checkpoint. In both checkpoint formats (train.ckpt_format torch and
+torch_dist: the SIGKILL also takes dist_checkpointing's forked writer processes).
 """
 
 from __future__ import annotations
@@ -70,12 +71,20 @@ def _losses(out):
 
 
 def _weights(out, step):
-    f = os.path.join(out, "checkpoints", f"step_{step:08d}", "model", "release", "mp_rank_00", "model_optim_rng.pt")
-    return torch.load(f, map_location="cpu", weights_only=True)["model"]
+    """The saved weights of a step folder, Hugging Face-named, whatever its format (formats.open_source)."""
+    from egrsd_megatron.checkpoint.formats import open_source
+    from egrsd_megatron.checkpoint.layout import emitters
+
+    src = open_source(os.path.join(out, "checkpoints", f"step_{step:08d}", "model"))
+    try:
+        return {n: t for pm in emitters(src.arch) for n, t in zip(pm.hf_names, src.fetch(pm.hf_names))}
+    finally:
+        src.close()
 
 
 @pytest.mark.slow
-def test_kill_preempt_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_kill_preempt_resume_is_bitwise(tmp_path, fmt):
     data = write_data(str(tmp_path / "train.jsonl"))
     over = lambda out: tiny_overrides(
         data,
@@ -85,6 +94,7 @@ def test_kill_preempt_resume_is_bitwise(tmp_path):
             "train.save_every": 2,  # noqa: E731
             "train.resume": "auto",
             "loss.name": "cl_egrsd",
+            "train.ckpt_format": fmt,
         },
     )
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

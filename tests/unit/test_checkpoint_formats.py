@@ -78,3 +78,14 @@ def test_ckpt_format_is_validated_and_the_cluster_configs_use_torch_dist():
     assert load_config(os.path.join(root, "conf", "tiny_cpu.yaml"), []).train.ckpt_format == "torch"
     for name in ("qwen3_8b.yaml", "qwen3_4b.yaml"):
         assert load_config(os.path.join(root, "conf", name), []).train.ckpt_format == "torch_dist", name
+
+
+def test_torch_dist_refuses_to_reshard_padded_attention_groups():
+    """Zero KV groups added at the written TP change the attention tensors' global shapes: named, not read."""
+    from egrsd_megatron.checkpoint.dist_format import check_reshardable
+    from egrsd_megatron.models import PRESETS
+
+    arch = PRESETS["qwen3_tiny"]  # 2 KV heads: no padding at TP 1 or 2
+    check_reshardable({"tp": 2, "megatron_query_groups": arch.megatron_groups(2)}, arch, 1, "ck")
+    with pytest.raises(InputError, match=r"ck: written at TP=4 with 4 query groups .* cannot reshard"):
+        check_reshardable({"tp": 4, "megatron_query_groups": 4, "padded_kv_groups": 2}, arch, 2, "ck")
