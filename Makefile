@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 QUICK  ?= 0
 
-.PHONY: setup lint test test-fast demo experiment bench clean vllm-env test-vllm peers-env bench-peers
+.PHONY: setup lint test test-fast demo experiment bench clean vllm-env test-vllm peers-env bench-peers bench-checkpoint
 
 setup: $(STAMP)
 
@@ -93,6 +93,13 @@ $(PEERS_STAMP): setup.py Makefile
 
 bench-peers: peers-env
 	HF_HUB_OFFLINE=1 $(PEERS_PY) bench/peer_trl.py $(BENCH_PEERS_ARGS)
+
+# Training-checkpoint save (sync vs async) and load time, disk size, both formats (bench/checkpoint.py; a
+# Qwen3-0.6B shape needs ~15 GB free in /tmp and ~8 GB of memory). E.g. BENCH_CHECKPOINT_ARGS="--preset qwen3_tiny".
+BENCH_CHECKPOINT_ARGS ?=
+
+bench-checkpoint: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/checkpoint.py $(BENCH_CHECKPOINT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,7 +10,8 @@ i mod world), so each rank reads ~1/world of the bytes. Cost: hashlib's SHA-256 
 core. An 8B model with AdamW and fp32 masters is ~8e9 x (2 + 4 + 8) B = 112 GB of checkpoint: over 64
 ranks ~1.8 GB each, ~1-4 s of hashing, but the shared filesystem's aggregate read bandwidth then bounds
 it (~10-20 s at 5-10 GB/s; on save the files were just written and are usually still in page cache).
-Cheaper later: hash while writing (a hashing file object given to torch.save) to avoid the read back.
+An asynchronous save (train.async_save) has its writer process hash the sharded files right after writing
+them, in the background (`write_manifest(known=...)`, checkpoint/async_save.py); the finalize hashes the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from ..utils.atomic import atomic_write_json
 
-__all__ = ["MANIFEST_FILE", "file_digest", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST_FILE", "file_digest", "file_entry", "verify_manifest", "write_manifest"]
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -38,6 +39,11 @@ def file_digest(path: str) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_entry(path: str) -> Dict[str, object]:
+    """A manifest entry: the file's size and SHA-256."""
+    return {"size": os.path.getsize(path), "sha256": file_digest(path)}
 
 
 def _rank_world() -> tuple:
@@ -72,19 +78,21 @@ def _list_files(root: str) -> List[str]:
     return sorted(files)
 
 
-def write_manifest(root: str) -> Dict[str, Dict[str, object]]:
+def write_manifest(root: str, known: Optional[Dict[str, Dict[str, object]]] = None) -> Dict[str, Dict[str, object]]:
     """Collective: hash every file under `root` (split over the ranks); rank 0 writes root/manifest.json.
 
     Call after every rank finished writing its files (a barrier) and before the folder becomes visible.
+    `known`: entries (file_entry) this rank already has for files it wrote, keyed by path relative to `root`
+    (an asynchronous save's writer hashes its files right after writing them: checkpoint/async_save.py); the
+    files known on any rank are not read again.
     """
     rank, world = _rank_world()
     files = _broadcast(_list_files(root) if rank == 0 else None)
-    mine = {
-        rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": file_digest(os.path.join(root, rel))}
-        for i, rel in enumerate(files)
-        if i % world == rank
-    }
     entries: Dict[str, Dict[str, object]] = {}
+    for part in _gather(known or {}):
+        entries.update(part)
+    todo = [rel for rel in files if rel not in entries]
+    mine = {rel: file_entry(os.path.join(root, rel)) for i, rel in enumerate(todo) if i % world == rank}
     for part in _gather(mine):
         entries.update(part)
     entries = {rel: entries[rel] for rel in files}

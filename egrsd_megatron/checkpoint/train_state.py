@@ -229,6 +229,7 @@ def save_train_state(
     teacher: Optional[torch.nn.Module] = None,
     tokenizer=None,
     fmt: str = "torch",
+    async_saver=None,
 ) -> str:
     """Collective: every rank calls it. Returns the final step folder. `fmt`: train.ckpt_format.
 
@@ -239,6 +240,9 @@ def save_train_state(
     """
     if fmt not in WRITERS:
         raise ConfigError(f"train.ckpt_format={fmt!r}: expected one of {', '.join(sorted(WRITERS))}")
+    if async_saver is not None:
+        state = (model, arch, optimizer, scheduler, trainer_state, teacher, tokenizer)
+        return _save_async(root, step, keep_last, async_saver, fmt, state)
     tmp = prepare_save(root, step)
     err: Optional[BaseException] = None
     try:
@@ -247,6 +251,30 @@ def save_train_state(
         err = e
     check_written(tmp, err)
     return finalize_save(root, step, tmp, keep_last)
+
+
+def _save_async(root: str, step: int, keep_last: int, saver, fmt: str, state: tuple) -> str:
+    """save_train_state with `async_saver` (train.async_save; checkpoint/async_save.py): returns step_N's path
+    once the tensors are staged and the writer runs; the saver finalizes it once written on every rank.
+
+    The previous save is finalized first, before prepare_save drops unfinished temp folders. A failure while
+    staging raises on every rank like a synchronous save (a writer already started is then abandoned by the
+    trainer, which is failing).
+    """
+    if fmt != "torch_dist":
+        raise ConfigError(f"train.async_save=true needs train.ckpt_format=torch_dist, not {fmt!r}")
+    saver.wait()
+    tmp = prepare_save(root, step)
+    final = os.path.join(root, step_dir_name(step))
+    err: Optional[BaseException] = None
+    try:
+        request = write_torch_dist_files(tmp, step, *state, async_save=True)
+        finalize = lambda entries: finalize_save(root, step, tmp, keep_last, known=entries)
+        saver.schedule(request, final, finalize=finalize, root=tmp)
+    except BaseException as e:  # noqa: BLE001 - as in save_train_state
+        err = e
+    check_written(tmp, err)
+    return final
 
 
 def prepare_save(root: str, step: int) -> str:
@@ -281,11 +309,12 @@ def check_written(tmp: str, err: Optional[BaseException]) -> None:
     raise RuntimeError(f"saving {tmp[: -len('.tmp')]} failed on another rank; the previous checkpoints are unchanged")
 
 
-def finalize_save(root: str, step: int, tmp: str, keep_last: int) -> str:
+def finalize_save(root: str, step: int, tmp: str, keep_last: int, known: Optional[Dict] = None) -> str:
     """Collective, after check_written: the manifest, then rank 0 renames `step_N.tmp` to `step_N`, moves
-    `latest` (temp file + rename) and prunes to the newest `keep_last` step folders. Returns step_N."""
+    `latest` (temp file + rename) and prunes to the newest `keep_last` step folders. Returns step_N.
+    `known`: manifest entries this rank already has (write_manifest; an async save's writer hashed them)."""
     final = os.path.join(root, step_dir_name(step))
-    write_manifest(tmp)  # last: a folder with a matching manifest is complete
+    write_manifest(tmp, known=known)  # last: a folder with a matching manifest is complete
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         old = None
         if os.path.exists(final):  # the same step saved again: moved aside, deleted once replaced

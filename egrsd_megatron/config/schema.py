@@ -429,6 +429,9 @@ class TrainConfig:
     eval_every: int = 0  # validation on data.eval_path every N steps (0: never)
     eval_samples: int = 32
     max_nonfinite_in_row: int = 3
+    # Asynchronous checkpoint save (torch_dist only; checkpoint/async_save.py): the save call returns once the
+    # state is staged, the write goes on in a forked process; the next save and the end of the run wait for it.
+    async_save: bool = False
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -436,6 +439,12 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         check_literals(self, "train")
+        _check(
+            not self.async_save or self.ckpt_format == "torch_dist",
+            "train.async_save",
+            f"true needs train.ckpt_format=torch_dist (got {self.ckpt_format!r}: the torch format is written "
+            "synchronously); set train.ckpt_format=torch_dist or train.async_save=false",
+        )
 
 
 @dataclass

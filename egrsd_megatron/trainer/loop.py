@@ -11,6 +11,8 @@ Each step (`Trainer.train_step`), on every rank:
   5. metrics (trainer/metrics.py): every micro-batch of every data-parallel rank reduced by its kind;
   6. sampled rollouts to samples.jsonl when due.
 `run()` logs each step, validates and checkpoints when due, and stops on preemption or non-finite steps.
+With train.async_save a save returns once its state is staged (checkpoint/async_save.py); the next save and every
+return of `run()` wait for the write in flight and finalize it (an exception only waits for this rank's writer).
 
 On-policy: every log-prob the update computes is of softmax(z / rollout.temperature), the distribution the
 engine sampled from, and each step logs the engine-vs-trainer mismatch of the sampled tokens' log-probs
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..checkpoint.async_save import AsyncCheckpointSaver
 from ..checkpoint.formats import load_checkpoint as load_model_checkpoint
 from ..checkpoint.hf_mapping import load_hf_weights
 from ..checkpoint.train_state import load_train_state, resolve_resume, save_train_state
@@ -112,6 +115,8 @@ class Trainer:
 
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        # train.async_save: the checkpoint write in flight, finished at the next save and when run() returns.
+        self.saver = AsyncCheckpointSaver() if cfg.train.async_save else None
         self.step = 0
         self.counters = {"nonfinite_skipped": 0, "nonfinite_in_row": 0, "truncated_total": 0, "reward_timeouts": 0}
         self._resume()
@@ -185,6 +190,7 @@ class Trainer:
             teacher=self.teacher.copy if self.teacher.needs_checkpoint else None,
             tokenizer=self.tokenizer,
             fmt=self.cfg.train.ckpt_format,
+            async_saver=self.saver,
         )
 
     # ---------------------------------------------------------------- one step
@@ -423,9 +429,17 @@ class Trainer:
                 self.save()
             self.logger.message(f"done: {self.step} steps; checkpoints in {self.ckpt_root}")
             return 0
+        except BaseException:
+            if self.saver is not None:  # the other ranks may be anywhere: wait for this rank's writer only
+                self.saver.abandon()
+            raise
         finally:
-            self.logger.close()
-            self.engine.close()
+            try:
+                if self.saver is not None:  # every return: the last checkpoint is complete before run() returns
+                    self.saver.wait()
+            finally:
+                self.logger.close()
+                self.engine.close()
 
 
 def train_main(config_path: Optional[str], overrides: List[str]) -> int:
