@@ -49,7 +49,7 @@ from ..utils.atomic import atomic_write_json
 from ..utils.errors import InputError, MissingInputError
 from .layout import ParamMap, emitters, hf_from_shards
 from .megatron_format import TOKENIZER_DIR, build_metadata, copy_tokenizer_files
-from .metadata import META_FILE, read_metadata
+from .metadata import META_FILE, checkpoint_arch, read_format_metadata
 from .safe_load import load_dcp_metadata, load_pt
 
 FORMAT = "megatron-core-torch-dist"
@@ -60,7 +60,6 @@ __all__ = [
     "FORMAT",
     "DistSource",
     "safe_common_strategy",
-    "check_arch",
     "check_reshardable",
     "load_model_checkpoint",
     "model_template",
@@ -192,28 +191,7 @@ def write_model_metadata(
 
 
 def read_dist_metadata(ckpt_dir: str) -> Dict[str, Any]:
-    meta = read_metadata(ckpt_dir)
-    p = os.path.join(ckpt_dir, META_FILE)
-    for k in ("format", "tp", "pp", "arch", "dtype"):
-        if k not in meta:
-            raise InputError(f"{p}: key {k!r} is missing")
-    if meta["format"] != FORMAT:
-        raise InputError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
-    return meta
-
-
-def check_arch(ckpt_dir: str, meta: Dict[str, Any], arch: Optional[ModelArch]) -> ModelArch:
-    """The checkpoint's architecture; InputError naming the differences when `arch` is given and differs."""
-    try:
-        saved = ModelArch.from_dict(meta["arch"])
-    except TypeError as e:
-        raise InputError(f"{os.path.join(ckpt_dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
-    if arch is not None and arch != saved:
-        diff = {k: (v, getattr(arch, k)) for k, v in saved.to_dict().items() if getattr(arch, k) != v}
-        raise InputError(
-            f"{ckpt_dir}: checkpoint architecture differs from the model's in {diff} (checkpoint value, model value)"
-        )
-    return saved
+    return read_format_metadata(ckpt_dir, FORMAT)
 
 
 def save_model_checkpoint(
@@ -248,7 +226,7 @@ def load_model_checkpoint(model: torch.nn.Module, arch: ModelArch, ckpt_dir: str
     from megatron.core import parallel_state as ps  # lazy: see _megatron
 
     meta = read_dist_metadata(ckpt_dir)
-    check_arch(ckpt_dir, meta, arch)
+    checkpoint_arch(ckpt_dir, meta, arch)
     check_reshardable(meta, arch, ps.get_tensor_model_parallel_world_size(), ckpt_dir)
     loaded = safe_dist_load(model_template(model), ckpt_dir)
     model.load_state_dict(fill_extra_state(model, loaded), strict=True)
@@ -315,7 +293,7 @@ class DistSource:
     def __init__(self, ckpt_dir: str, arch: Optional[ModelArch] = None) -> None:
         self.dir = os.path.abspath(ckpt_dir)
         self.meta = read_dist_metadata(self.dir)
-        self.arch = check_arch(self.dir, self.meta, arch)
+        self.arch = checkpoint_arch(self.dir, self.meta, arch)
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         self.tensors = stored_tensors(self.dir)
         self._reader = _SafeReader(self.dir)

@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from ..utils.errors import InputError
 from .dist_format import (
-    check_arch,
     check_reshardable,
     fill_extra_state,
     model_template,
@@ -46,6 +45,7 @@ from .dist_format import (
     stored_tensors,
     write_model_metadata,
 )
+from .metadata import checkpoint_arch
 from .optimizer_state import is_sharded, owned_indices, shard_state
 
 STATE_FILE = "state.pt"  # optim/state.pt: param groups' hyper-parameters, the Adam step, the scheduler
@@ -168,7 +168,7 @@ def load_sharded(model_dir: str, model, arch, optimizer, teacher, small: Dict[st
     from megatron.core import parallel_state as ps  # lazy: see optimizer_sharded_state
 
     meta = read_dist_metadata(model_dir)
-    check_arch(model_dir, meta, arch)
+    checkpoint_arch(model_dir, meta, arch)
     check_reshardable(meta, arch, ps.get_tensor_model_parallel_world_size(), model_dir)
     stored = stored_tensors(model_dir)
     template: Dict[str, Any] = {"model": model_template(model)}

@@ -43,7 +43,7 @@ from .layout import (
     stage_of,
     stage_params,
 )
-from .metadata import META_FILE, read_metadata
+from .metadata import META_FILE, checkpoint_arch, read_format_metadata
 from .reshard import load_from_source, model_params_by_canonical_name
 from .safe_load import load_pt
 
@@ -141,14 +141,7 @@ def build_metadata(
 
 def read_checkpoint_metadata(ckpt_dir: str) -> Dict[str, Any]:
     """This format's metadata of a checkpoint folder; errors name the file and what is wrong."""
-    meta = read_metadata(ckpt_dir)
-    p = os.path.join(ckpt_dir, META_FILE)
-    for k in ("format", "tp", "pp", "arch", "dtype"):
-        if k not in meta:
-            raise InputError(f"{p}: key {k!r} is missing")
-    if meta["format"] != FORMAT:
-        raise InputError(f"{p}: format {meta['format']!r} is not {FORMAT!r}")
-    return meta
+    return read_format_metadata(ckpt_dir, FORMAT)
 
 
 def rank_state_dict(arch: ModelArch, pp: int, pp_rank: int, tensor_of) -> Dict[str, Any]:
@@ -196,16 +189,7 @@ class MegatronSource:
     def __init__(self, ckpt_dir: str, arch: Optional[ModelArch] = None) -> None:
         self.dir = os.path.abspath(ckpt_dir)
         self.meta = read_checkpoint_metadata(self.dir)
-        try:
-            self.arch = ModelArch.from_dict(self.meta["arch"])
-        except TypeError as e:
-            raise InputError(f"{os.path.join(self.dir, META_FILE)}: 'arch' is not a model architecture ({e})") from e
-        if arch is not None and arch != self.arch:
-            diff = {k: (v, getattr(arch, k)) for k, v in self.arch.to_dict().items() if getattr(arch, k) != v}
-            raise InputError(
-                f"{self.dir}: checkpoint architecture differs from the model's in {diff} "
-                f"(checkpoint value, model value)"
-            )
+        self.arch = checkpoint_arch(self.dir, self.meta, arch)
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         for pr in range(self.pp):
             for tr in range(self.tp):
