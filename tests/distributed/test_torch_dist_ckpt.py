@@ -34,6 +34,7 @@ from tests.distributed.test_zero import (
     _run,
     _weights,
 )
+from tests.unit.test_checkpoint_safety import Payload  # a pickled object whose load would run os.system
 
 DIST = {"train.ckpt_format": "torch_dist"}
 
@@ -142,14 +143,6 @@ def tp_runs(rank, world, data, out):
     return res
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def foreign_objects(rank, trainer, src, out):
     """Copies of a step folder with a foreign object in `.metadata`, then in common.pt (each manifest
     rewritten to match): load_train_state refuses each by name before dist_checkpointing unpickles it."""
@@ -172,11 +165,11 @@ def foreign_objects(rank, trainer, src, out):
             f = os.path.join(bad, "model", what)
             if what == ".metadata":
                 md = load_dcp_metadata(f)
-                md.planner_data = _Evil(marker)
+                md.planner_data = Payload(marker)
                 with open(f, "wb") as fh:
                     pickle.dump(md, fh)
             else:
-                torch.save({"evil": _Evil(marker)}, f)
+                torch.save({"evil": Payload(marker)}, f)
             os.remove(os.path.join(bad, MANIFEST_FILE))
         dist.barrier()
         write_manifest(bad)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from egrsd_megatron.testing import run_distributed
+from tests.unit.test_checkpoint_safety import Payload  # a pickled object whose load would run os.system
 
 
 def _setup():
@@ -142,7 +143,7 @@ def integrity(rank, world, out, fmt):
     marker = os.path.join(out, "pwned")
     optim = os.path.join(s2, "optim", OPTIM_FILE[fmt])
     payload = torch.load(optim, weights_only=True)
-    payload["opt_param_scheduler"]["evil"] = _Evil(marker)
+    payload["opt_param_scheduler"]["evil"] = Payload(marker)
     torch.save(payload, optim)
     os.remove(os.path.join(s2, MANIFEST_FILE))
     write_manifest(s2)
@@ -153,14 +154,6 @@ def integrity(rank, world, out, fmt):
         res["foreign"] = str(e)
     res["pwned"] = os.path.exists(marker)
     return res
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 # The file holding the scheduler state, per train.ckpt_format (where the foreign object goes).
