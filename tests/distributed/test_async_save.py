@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ from egrsd_megatron.config import ConfigError, load_config
 from egrsd_megatron.testing import run_distributed
 from egrsd_megatron.testing.tiny import save_tiny_hf_model
 from tests.distributed.test_trainer import tiny_overrides, write_data
+from tests.distributed.test_zero import run_trainer
 
 WRITER_DELAY_S = 2.0  # a gated writer sleeps this long: long enough that an unwaited finalize would be seen
 
@@ -254,18 +254,7 @@ def _run(overrides, saver_delay=None, stop_after=None):
     trainer = Trainer(load_config(None, overrides))
     if saver_delay is not None:
         trainer.saver = _slow_saver(trainer.ckpt_root, saver_delay)
-    if stop_after is not None:
-        step = trainer.train_step
-
-        def step_then_stop():
-            metrics = step()
-            if trainer.step + 1 == stop_after:
-                trainer.preempt.signum = signal.SIGUSR1
-            return metrics
-
-        trainer.train_step = step_then_stop
-    assert trainer.run() == (0 if stop_after is None else 42)
-    return trainer
+    return run_trainer(trainer, stop_after)
 
 
 def _rows(out):

@@ -62,11 +62,8 @@ def _overrides(data, out, zero, **extra):
     )
 
 
-def _run(overrides, stop_after=None):
-    """Train; with `stop_after`, ask for preemption after that many steps (it saves and returns 42)."""
-    from egrsd_megatron.trainer.loop import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
+def run_trainer(trainer, stop_after=None):
+    """Run `trainer`; with `stop_after`, ask for preemption after that many steps (it saves and returns 42)."""
     if stop_after is not None:
         step = trainer.train_step
 
@@ -80,6 +77,12 @@ def _run(overrides, stop_after=None):
     code = trainer.run()
     assert code == (0 if stop_after is None else 42), code
     return trainer
+
+
+def _run(overrides, stop_after=None):
+    from egrsd_megatron.trainer.loop import Trainer
+
+    return run_trainer(Trainer(load_config(None, overrides)), stop_after)
 
 
 def _rows(out):
