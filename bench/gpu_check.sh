@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh [--out FILE.json] [--fast]
 # Records the card (nvidia-smi), then bench/gpu_check.py: token_stats on CUDA vs float64 (values and
 # gradient), Qwen3 tiny and 0.6B-shaped models with Transformer Engine in bf16 and FP8 (forward + backward,
-# tokens/s, peak memory), the optimizer, the vllm engine with sleep mode (when vllm is installed). Ends in a
+# tokens/s, peak memory), the optimizer, an async torch_dist checkpoint save of the 0.6B shape (snapshot,
+# loop-visible time; ~17 GB in $TMPDIR), the vllm engine with sleep mode (when vllm is installed). Ends in a
 # few minutes; a hard limit of 9 minutes stops it well inside 10. With two GPUs (and vllm) it then runs
 # bench/gpu_check_vllm_tp.py under torchrun (vLLM TP=2; up to 5 more minutes).
 # Run it inside the training image (it needs torch with CUDA, megatron-core and transformer-engine), e.g.
