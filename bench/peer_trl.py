@@ -31,6 +31,8 @@ import tempfile
 import time
 from typing import Dict, List
 
+from bench_common import timed_run_overrides
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -68,15 +70,7 @@ def worker_ours(a: argparse.Namespace, loss: str, tmp: str) -> dict:
         for r in _problems(64):
             f.write(json.dumps(r) + "\n")
     out_dir = os.path.join(tmp, f"ours_{loss}")
-    over = [
-        f"data.train_path={data}",
-        f"train.steps={a.steps}",
-        "train.save_every=0",
-        "train.sample_every=0",
-        "train.resume=none",
-        "logging.tensorboard=false",
-        "reward.name=final_number",
-        "reward.num_workers=1",
+    over = timed_run_overrides(data, a.steps) + [
         "model.preset=hf",
         f"model.hf_path={smollm2_hf_dir()}",
         "model.init_from=hf",

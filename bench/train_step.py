@@ -28,6 +28,8 @@ import statistics
 import sys
 import tempfile
 
+from bench_common import timed_run_overrides
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -236,16 +238,7 @@ def main() -> int:
     with open(data, "w") as f:
         for r in generate_problems(64, seed=1, min_steps=1, max_steps=1):
             f.write(json.dumps(r) + "\n")
-    common = [
-        f"data.train_path={data}",
-        f"train.steps={args.steps}",
-        "train.save_every=0",
-        "train.sample_every=0",
-        "train.resume=none",
-        "logging.tensorboard=false",
-        "reward.name=final_number",
-        "reward.num_workers=1",
-    ]
+    common = timed_run_overrides(data, args.steps)
     tiny = save_tiny_hf_model(os.path.join(tmp, "tiny_hf"))
     tiny_over = common + [
         "model.preset=hf",
