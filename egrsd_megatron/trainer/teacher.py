@@ -37,21 +37,15 @@ def copy_weights(dst_model: torch.nn.Module, src_model: torch.nn.Module) -> None
 
 
 class Teacher:
-    """`holds_copy`: losses.weight_copies' verdict; False for a loss that runs no teacher pass (grpo), whose
-    frozen/sync teacher would be a copy never used."""
+    """`holds_copy`: losses.weight_copies' verdict (a frozen or sync teacher, and a teacher pass that runs:
+    not for grpo); otherwise the teacher is the student itself."""
 
     def __init__(
-        self,
-        cfg: TeacherConfig,
-        student: torch.nn.Module,
-        build: Callable[[], torch.nn.Module],
-        holds_copy: bool = True,
+        self, cfg: TeacherConfig, student: torch.nn.Module, build: Callable[[], torch.nn.Module], holds_copy: bool
     ):
         self.cfg = cfg
         self.student = student
-        self.copy: Optional[torch.nn.Module] = None
-        if cfg.mode in ("frozen", "sync") and holds_copy:
-            self.copy = frozen_copy(student, build)
+        self.copy: Optional[torch.nn.Module] = frozen_copy(student, build) if holds_copy else None
 
     @property
     def model(self) -> torch.nn.Module:
